@@ -1,0 +1,318 @@
+"""The `unembed` command line. argparse lives here and only here; each command is a thin call
+into the library, and library errors become one stderr line and an exit code:
+
+    0  everything succeeded
+    1  some inputs failed (each named on stderr); the others were processed and written
+    2  nothing could be done: bad usage, a model that cannot load, mismatched embedder, bad data
+  130  interrupted (what was already written is kept)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _err(message: str) -> None:
+    print(f"unembed: {message}", file=sys.stderr, flush=True)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _ErrorCounter:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, error) -> None:
+        self.count += 1
+        _err(f"skipped {error}")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def cmd_data_scenes(args) -> int:
+    from unembed.data.scenes import write_scenes
+
+    t0 = time.time()
+    counts = write_scenes(args.out, n=args.n, seed=args.seed, n_eval=args.n_eval, image_size=args.image_size,
+                          text_only=args.text_only)
+    _log(f"wrote scenes to {args.out} in {time.time() - t0:.1f}s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return EXIT_OK
+
+
+# --- train --------------------------------------------------------------------------------------
+
+def _train_config(args, defaults: dict):
+    from unembed.training.loop import TrainConfig
+
+    values = dict(defaults)
+    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return TrainConfig(**values)
+
+
+def cmd_train_clip(args) -> int:
+    from unembed.training.clip import CLIP_DEFAULTS, train_clip
+
+    report = train_clip(args.data, args.out, _train_config(args, CLIP_DEFAULTS), resume=args.resume)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_train_retrieval(args) -> int:
+    from unembed.data.captions import load_captions
+    from unembed.decoders.retrieval import RetrievalDecoder
+    from unembed.embedders import load_embedder
+
+    embedder = load_embedder(args.embedder, args.device)
+    captions = [c for path in args.captions for c in load_captions(path)]
+    t0 = time.time()
+    decoder = RetrievalDecoder.build(embedder, captions)
+    decoder.save(args.out)
+    _log(f"retrieval decoder with {decoder.config.memory_size} distinct captions saved to {args.out} "
+         f"({time.time() - t0:.1f}s)")
+    return EXIT_OK
+
+
+# --- embed / caption ----------------------------------------------------------------------------
+
+def cmd_embed(args) -> int:
+    import torch
+
+    from unembed.embedders import Embedded, load_embedder
+    from unembed.pipeline import iter_image_batches
+
+    embedder = load_embedder(args.embedder, args.device)
+    errors = _ErrorCounter()
+    parts = []
+    for paths, images in iter_image_batches(args.paths, args.batch_size, errors):
+        parts.append(embedder.embed(images, paths, with_tokens=args.tokens, batch_size=args.batch_size))
+    if not parts:
+        _err("no image could be embedded")
+        return EXIT_FAILED
+    tokens = torch.cat([p.tokens for p in parts]) if args.tokens else None
+    Embedded(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], embedder.id, embedder.spec,
+             "image", tokens).save(args.out)
+    _log(f"embedded {sum(len(p) for p in parts)} images ({embedder.dim}-d) into {args.out}")
+    return EXIT_PARTIAL if errors.count else EXIT_OK
+
+
+class _ResultWriter:
+    """Streams JSON Lines (flushed per batch, so an interruption keeps every finished batch), or
+    collects COCO results and writes them atomically at the end."""
+
+    def __init__(self, out: str | None, fmt: str):
+        self.fmt, self.out, self.records = fmt, out, []
+        self.stream = sys.stdout if out is None or fmt == "coco" else open(out, "w", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        if self.fmt == "coco":
+            self.records += [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
+            return
+        for r in records:
+            self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "coco":
+            from unembed.io import write_json
+
+            if self.out:
+                write_json(self.out, self.records)
+            else:
+                print(json.dumps(self.records, indent=2, ensure_ascii=False))
+        elif self.stream is not sys.stdout:
+            self.stream.close()
+
+
+def _load_decoder_and_embedder(args):
+    from unembed.decoders import load_decoder, read_decoder_config
+    from unembed.embedders import load_embedder
+    from unembed.pipeline import resolve_embedder_spec
+
+    saved = read_decoder_config(args.decoder)
+    spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
+    embedder = load_embedder(spec, args.device) if not args.embeddings else None
+    decoder = load_decoder(args.decoder, device=str(embedder.device) if embedder else "cpu", embedder=embedder)
+    return decoder, embedder
+
+
+def cmd_caption(args) -> int:
+    from tqdm.auto import tqdm
+
+    from unembed.pipeline import caption_embeddings, caption_images, count_inputs
+
+    if not args.paths and not args.embeddings:
+        _err("give image files/folders/globs, or --embeddings FILE.safetensors")
+        return EXIT_FAILED
+    decoder, embedder = _load_decoder_and_embedder(args)
+    generation = {"max_length": args.max_length} if args.max_length else {}
+    errors = _ErrorCounter()
+    writer = _ResultWriter(args.out, args.format)
+    done = 0
+    try:
+        if args.embeddings:
+            from unembed.embedders import Embedded
+
+            batches = caption_embeddings(Embedded.load(args.embeddings), decoder, args.batch_size, **generation)
+            total = None
+        else:
+            batches = caption_images(args.paths, decoder, embedder, args.batch_size, errors, **generation)
+            total = count_inputs(args.paths)
+        with tqdm(total=total, unit="img", desc="caption", disable=None, file=sys.stderr) as bar:
+            for records in batches:
+                writer.write(records)
+                done += len(records)
+                bar.update(len(records))
+    finally:
+        writer.close()
+    _log(f"captioned {done} item(s)" + (f"; {errors.count} failed" if errors.count else "")
+         + (f"; wrote {args.out}" if args.out else ""))
+    if done == 0:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if errors.count else EXIT_OK
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from unembed.eval.metrics import coco_caption_metrics, format_table, load_references, load_results
+    from unembed.io import write_json
+
+    predictions = load_results(args.results)
+    references = load_references(args.refs)
+    scores = coco_caption_metrics(predictions, references, spice=not args.no_spice)
+    if args.embedder:
+        scores.update(_clip_scores(args, predictions, references))
+    name = args.name or Path(args.results).stem
+    print(format_table({name: scores}))
+    for metric, reason in scores.get("unavailable", {}).items():
+        _log(f"{metric} unavailable: {reason}")
+    if args.out:
+        write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
+    return EXIT_OK
+
+
+def _clip_scores(args, predictions: dict, references: dict) -> dict:
+    """CLIPScore / RefCLIPScore need the images: found through the refs file's images[].file_name."""
+    from unembed.data.images import load_image
+    from unembed.embedders import load_embedder
+    from unembed.errors import BadInputError
+    from unembed.eval.metrics import clip_scores
+    from unembed.io import read_json
+
+    coco = read_json(args.refs)
+    files = {im["id"]: Path(args.refs).parent / im["file_name"] for im in coco.get("images", []) if "file_name" in im}
+    ids = [i for i in predictions if i in files and i in references]
+    if not ids:
+        raise BadInputError(args.refs, "its images[] give no file_name for the scored image ids, so CLIPScore cannot run")
+    embedder = load_embedder(args.embedder, args.device)
+    image_vecs = embedder.embed_images([load_image(files[i]) for i in ids])
+    result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
+    result.pop("per_image", None)
+    return result
+
+
+# --- the parser ---------------------------------------------------------------------------------
+
+def _add_train_flags(p, resume: bool = True) -> None:
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unembed import __version__
+
+    parser = argparse.ArgumentParser(prog="unembed", description="Turn joint (CLIP-style) embeddings back into text.",
+                                     epilog="exit codes: 0 ok, 1 some inputs failed, 2 failed, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"unembed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption images (files, folders, globs) or precomputed embeddings")
+    p.add_argument("paths", nargs="*", help="image files, folders or glob patterns")
+    p.add_argument("--decoder", required=True, help="a decoder directory")
+    p.add_argument("--embedder", help="embedder spec (default: the one the decoder was built for)")
+    p.add_argument("--embeddings", help="caption the vectors of this .safetensors file instead of images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="longest caption in tokens (generative decoders)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output file (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("embed", help="embed images once into a .safetensors file for reuse")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tokens", action="store_true", help="also store image token embeddings (CoCa)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("eval", help="score captions with COCO metrics (and CLIPScore with --embedder)")
+    p.add_argument("--results", required=True, help="COCO results JSON or caption JSON Lines")
+    p.add_argument("--refs", required=True, help="COCO caption annotation file")
+    p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder")
+    p.add_argument("--name", help="row name in the table")
+    p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train an embedder or a decoder")
+    train = p.add_subparsers(dest="what", required=True)
+    t = train.add_parser("clip", help="train a small joint embedder from scratch (contrastive loss)")
+    t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
+    t.add_argument("--out", required=True)
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train_clip)
+    t = train.add_parser("retrieval", help="build the nearest-caption baseline from a caption corpus")
+    t.add_argument("--captions", required=True, nargs="+", help="text, JSON, JSONL or COCO annotation files")
+    t.add_argument("--embedder", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_train_retrieval)
+
+    p = sub.add_parser("data", help="make datasets")
+    data = p.add_subparsers(dest="what", required=True)
+    d = data.add_parser("scenes", help="the procedural scenes world (offline stand-in for COCO)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, default=20000, help="training images")
+    d.add_argument("--n-eval", type=int, help="images in each of val, test, compositional (default n/20)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--text-only", action="store_true", help="captions and scene descriptions only, no images")
+    d.set_defaults(func=cmd_data_scenes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unembed.errors import UnembedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err("interrupted; output written so far is kept")
+        return EXIT_INTERRUPTED
+    except UnembedError as e:
+        _err(str(e))
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

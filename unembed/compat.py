@@ -1,0 +1,48 @@
+"""Import open_clip on torch builds whose torchvision wheel does not match.
+
+PyPI's torchvision fails to import beside some CPU builds of torch with
+"operator torchvision::nms does not exist": its Python side registers fake kernels for
+C++ ops that the mismatched binary never defined. open_clip imports torchvision, so
+unembed would not import at all. Defining the two op schemas that torchvision's import
+looks up lets it load; unembed never calls those ops. Applied only when the import fails.
+"""
+from __future__ import annotations
+
+import sys
+
+_MISSING_OP = "torchvision::nms does not exist"
+_schemas_defined = None  # keeps the torch.library.Library alive: dropping it unregisters the ops
+
+
+def _define_torchvision_op_schemas() -> None:
+    global _schemas_defined
+    import torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _schemas_defined = lib
+
+
+def import_torchvision():
+    try:
+        import torchvision
+    except RuntimeError as e:
+        if _MISSING_OP not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        _define_torchvision_op_schemas()
+        import torchvision
+    return torchvision
+
+
+def import_open_clip():
+    import_torchvision()
+    import open_clip
+
+    return open_clip
+
+
+def torchvision_was_patched() -> bool:
+    return _schemas_defined is not None

@@ -1,0 +1,60 @@
+"""The decoder registry: every decoder kind by name, created from a config or loaded from a directory.
+
+Built-in decoders are imported when first asked for (not at package import), so listing or
+loading one never imports the others' dependencies.
+"""
+from __future__ import annotations
+
+import importlib
+
+from pathlib import Path
+
+from unembed.decoders.base import (DECODER_FORMAT, Decoder, DecoderConfig, build_saved_decoder, read_decoder_config,
+                                   register_decoder, registered)
+from unembed.errors import ModelLoadError
+
+BUILTIN_DECODERS = {
+    "retrieval": "unembed.decoders.retrieval",
+}
+
+
+def decoder_class(name: str) -> type[Decoder]:
+    if name not in registered() and name in BUILTIN_DECODERS:
+        importlib.import_module(BUILTIN_DECODERS[name])
+    try:
+        return registered()[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown decoder kind {name!r} (known: {', '.join(list_decoders())})") from None
+
+
+def list_decoders() -> list[str]:
+    return sorted(set(BUILTIN_DECODERS) | set(registered()))
+
+
+def create_decoder(name: str, **config) -> Decoder:
+    cls = decoder_class(name)
+    return cls(cls.config_class(**config))
+
+
+def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
+    """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder."""
+    saved = read_decoder_config(path)
+    cls = decoder_class(saved.get("kind", ""))
+    if embedder is not None:
+        check_embedder(saved["config"], embedder, path)
+    return build_saved_decoder(cls, saved, Path(path), device)
+
+
+def check_embedder(config: dict, embedder, where) -> None:
+    from unembed.errors import MismatchError
+
+    if config.get("embedder_id") and config["embedder_id"] != embedder.id:
+        raise MismatchError(f"decoder {where} was built for embedder {config.get('embedder_spec')!r} "
+                            f"(id {config['embedder_id']}), not {embedder.spec!r} (id {embedder.id})")
+    if config.get("embed_dim") and config["embed_dim"] != embedder.dim:
+        raise MismatchError(f"decoder {where} expects {config['embed_dim']}-d embeddings; "
+                            f"embedder {embedder.spec!r} makes {embedder.dim}-d")
+
+
+__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_class", "list_decoders",
+           "check_embedder", "load_decoder", "read_decoder_config", "register_decoder"]

@@ -1,0 +1,125 @@
+"""The decoder interface every method implements, and its saved-directory format.
+
+A decoder turns an `Embedded` ([N, D] vectors, optional [N, T, W] image tokens) into N captions.
+Saved as a directory (the Hugging Face / open_clip convention):
+    config.json        {"format", "kind", "format_version", "unembed_version", "config": {...}}
+    model.safetensors  the decoder's tensors (state_dict)
+    + any files the method adds (tokenizer, caption memory) through save_extra / load_extra.
+Loading reads config.json first and refuses an unknown kind or a bad config before touching weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from unembed import __version__
+from unembed.errors import MismatchError, ModelLoadError
+from unembed.io import load_tensors, read_json, save_tensors, write_json
+
+DECODER_FORMAT = "unembed-decoder"
+FORMAT_VERSION = 1
+_REGISTRY: dict[str, type["Decoder"]] = {}
+
+
+@dataclass
+class DecoderConfig:
+    """What every decoder records about the embedding space it decodes."""
+
+    embedder_spec: str = ""  # how to rebuild the embedder (a pretrained name or a directory)
+    embedder_id: str = ""    # identity of the exact weights; embeddings from another id are refused
+    embed_dim: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Decoder(torch.nn.Module):
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+    needs_tokens: ClassVar[bool] = False         # decodes from image tokens (CoCa), not only vectors
+    trainable_from_text: ClassVar[bool] = False  # can be trained on captions alone
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+
+    def decode(self, embedded, **generation) -> list[str]:
+        raise NotImplementedError
+
+    def check_embedded(self, embedded) -> None:
+        """Refuse embeddings from another embedder or of another dimension, naming both."""
+        cfg = self.config
+        if embedded.embedder_id and cfg.embedder_id and embedded.embedder_id != cfg.embedder_id:
+            raise MismatchError(f"this {self.kind} decoder was built for embedder {cfg.embedder_spec!r} "
+                                f"(id {cfg.embedder_id}) but the embeddings come from {embedded.embedder_spec!r} "
+                                f"(id {embedded.embedder_id})")
+        if cfg.embed_dim and embedded.dim != cfg.embed_dim:
+            raise MismatchError(f"this {self.kind} decoder expects {cfg.embed_dim}-d embeddings "
+                                f"(embedder {cfg.embedder_spec!r}), got {embedded.dim}-d")
+        if self.needs_tokens and embedded.tokens is None:
+            raise MismatchError(f"the {self.kind} decoder needs image token embeddings; embed images with this "
+                                "decoder's embedder (a raw vector is not enough)")
+
+    # --- saving -------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_tensors(path / "model.safetensors", self.state_dict())
+        self.save_extra(path)
+        # config.json last: a directory with a config is a complete decoder.
+        write_json(path / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
+                                          "format_version": FORMAT_VERSION, "unembed_version": __version__,
+                                          "config": self.config.to_dict()})
+
+    def save_extra(self, path: Path) -> None:
+        """Methods with non-tensor state (tokenizers, texts) write it here."""
+
+    def load_extra(self, path: Path) -> None:
+        """Counterpart of save_extra, called after the weights are loaded."""
+
+
+def register_decoder(cls: type[Decoder]) -> type[Decoder]:
+    if not cls.kind:
+        raise TypeError(f"{cls.__name__} needs a `kind` name to be registered")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Decoder]]:
+    return _REGISTRY
+
+
+def read_decoder_config(path: str | os.PathLike) -> dict:
+    """config.json of a decoder directory, checked for format and version (no weights read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a decoder directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a decoder directory (no config.json)")
+    saved = read_json(path / "config.json")
+    if not isinstance(saved, dict) or saved.get("format") != DECODER_FORMAT:
+        raise ModelLoadError(f"{path}/config.json is not an unembed decoder config")
+    if saved.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path} was saved by a newer unembed (format {saved['format_version']}); upgrade unembed")
+    return saved
+
+
+def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str = "cpu") -> Decoder:
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = set(saved.get("config", {})) - fields
+    if unknown:
+        raise ModelLoadError(f"{path}/config.json has options the {cls.kind} decoder does not know: {sorted(unknown)}")
+    decoder = cls(cls.config_class(**saved["config"]))
+    state, _ = load_tensors(path / "model.safetensors")
+    try:
+        decoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path}/model.safetensors does not match its config.json: {str(e).splitlines()[0]}") from None
+    decoder.load_extra(path)
+    return decoder.to(device).eval()

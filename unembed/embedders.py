@@ -1,0 +1,292 @@
+"""Joint image-text embedders over open_clip, and the embeddings they produce.
+
+An `Embedder` is built from a spec string, resolved in one place (`Embedder.from_spec`):
+- "ViT-B-32:laion2b_s34b_b79k"   an open_clip architecture and pretrained tag (needs network once),
+- "ViT-B-32"                      the architecture with random weights (speed benchmarks),
+- "hf-hub:org/repo"               an open_clip model on the Hugging Face hub,
+- "path/to/dir"                   a directory saved by `Embedder.save` (config.json + model.safetensors),
+                                  e.g. the scenes embedder trained by `unembed train clip`.
+
+Shapes: embed_images(list of N PIL images) -> [N, D]; embed_texts(N strings) -> [N, D], both
+L2-normalised; image_tokens(images) -> [N, T, W] for CoCa models. `Embedded` bundles vectors with
+their ids and the embedder's identity so one embedding pass serves training, captioning and eval.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from unembed import __version__
+from unembed.compat import import_open_clip
+from unembed.errors import BadInputError, MismatchError, ModelLoadError
+from unembed.io import load_tensors, read_json, save_tensors, write_json
+
+EMBEDDER_FORMAT = "unembed-embedder"
+HUB_HOST = ("huggingface.co", 443)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of retrying for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _force_hub_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:  # huggingface_hub reads the variable at import time; it may be imported already
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+@dataclass
+class Embedded:
+    """One embedding pass: `vectors` [N, D] (L2-normalised), `ids` (N strings), optional image
+    `tokens` [N, T, W] (CoCa decodes from them), and the embedder that produced them."""
+
+    vectors: torch.Tensor
+    ids: list[str]
+    embedder_id: str
+    embedder_spec: str
+    modality: str = "image"
+    tokens: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vectors.ndim != 2 or len(self.ids) != self.vectors.shape[0]:
+            raise BadInputError("embeddings", f"need vectors [N, D] and N ids, got {tuple(self.vectors.shape)} and {len(self.ids)} ids")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def select(self, index: Sequence[int] | slice) -> "Embedded":
+        idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        t = None if self.tokens is None else self.tokens[idx]
+        return Embedded(self.vectors[idx], [self.ids[i] for i in idx], self.embedder_id,
+                        self.embedder_spec, self.modality, t, dict(self.meta))
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {"vectors": self.vectors}
+        if self.tokens is not None:
+            tensors["tokens"] = self.tokens
+        metadata = {"format": "unembed-embeddings", "embedder_id": self.embedder_id,
+                    "embedder_spec": self.embedder_spec, "modality": self.modality,
+                    "ids": json.dumps(self.ids), "meta": json.dumps(self.meta)}
+        save_tensors(path, tensors, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Embedded":
+        tensors, md = load_tensors(path)
+        if md.get("format") != "unembed-embeddings" or "vectors" not in tensors:
+            # A bare safetensors file of vectors from a user's vector store: number the rows.
+            if len(tensors) != 1:
+                raise BadInputError(path, "expected an unembed embeddings file or a safetensors file holding one [N, D] tensor")
+            (vectors,) = tensors.values()
+            if vectors.ndim != 2:
+                raise BadInputError(path, f"expected a [N, D] tensor, got shape {tuple(vectors.shape)}")
+            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+            return cls(vectors, [str(i) for i in range(len(vectors))], md.get("embedder_id", ""),
+                       md.get("embedder_spec", ""), "unknown")
+        return cls(tensors["vectors"].float(), json.loads(md["ids"]), md["embedder_id"], md["embedder_spec"],
+                   md.get("modality", "image"), tensors.get("tokens"), json.loads(md.get("meta", "{}")))
+
+
+class Embedder:
+    """An open_clip model with its preprocessing and tokenizer, used only for inference here."""
+
+    def __init__(self, model, preprocess, tokenizer, spec: str, embedder_id: str,
+                 device: str | torch.device = "cpu", config: dict | None = None):
+        self.device = resolve_device(str(device))
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.id = embedder_id
+        self.config = config or {}
+
+    @property
+    def dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return proj.shape[1]
+        if isinstance(proj, torch.nn.Linear):
+            return proj.out_features
+        return int(self.embed_texts(["a"]).shape[1])
+
+    @property
+    def has_image_tokens(self) -> bool:
+        return hasattr(self.model, "_encode_image")
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+            out.append(self.model.encode_image(pixels, normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    @torch.no_grad()
+    def image_tokens(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
+        """Token embeddings [N, T, W] that CoCa's text decoder cross-attends to."""
+        if not self.has_image_tokens:
+            raise MismatchError(f"embedder {self.spec} has no image tokens (only CoCa models do)")
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+            out.append(self.model._encode_image(pixels)[1].float().cpu())
+        return torch.cat(out)
+
+    def embed(self, images: Sequence, ids: Sequence[str], with_tokens: bool = False, batch_size: int = 64) -> Embedded:
+        """Embed images once into an `Embedded` (with CoCa's image tokens when asked)."""
+        if with_tokens:
+            latents, tokens = [], []
+            with torch.no_grad():
+                for i in range(0, len(images), batch_size):
+                    pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+                    latent, toks = self.model._encode_image(pixels)
+                    latents.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu())
+                    tokens.append(toks.float().cpu())
+            return Embedded(torch.cat(latents), list(ids), self.id, self.spec, "image", torch.cat(tokens))
+        return Embedded(self.embed_images(images, batch_size), list(ids), self.id, self.spec, "image")
+
+    def check(self, embedded: Embedded) -> None:
+        if embedded.embedder_id and embedded.embedder_id != self.id:
+            raise MismatchError(f"embeddings come from embedder {embedded.embedder_spec!r} (id {embedded.embedder_id}), "
+                                f"not from {self.spec!r} (id {self.id})")
+
+    # --- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "auto") -> "Embedder":
+        path = Path(spec)
+        if path.is_dir():
+            return cls.load(path, device)
+        if spec.startswith("hf-hub:"):
+            return cls._pretrained(spec, None, spec, device)
+        name, _, tag = spec.partition(":")
+        return cls._pretrained(name, tag or None, spec, device)
+
+    @classmethod
+    def _pretrained(cls, name: str, tag: str | None, spec: str, device: str) -> "Embedder":
+        open_clip = import_open_clip()
+        if not name.startswith("hf-hub:"):
+            if name not in open_clip.list_models():
+                raise ModelLoadError(f"unknown embedder {spec!r}: {name!r} is neither a directory nor an open_clip "
+                                     "architecture (see open_clip.list_models())")
+            if tag and tag not in open_clip.list_pretrained_tags_by_model(name):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+                raise ModelLoadError(f"unknown pretrained tag {tag!r} for {name} (known: {tags})")
+        needs_hub = name.startswith("hf-hub:") or tag is not None
+        if needs_hub and not hub_reachable():
+            _force_hub_offline()  # a copy already in the local cache still loads
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
+        except Exception as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            why = "the Hugging Face hub is unreachable and it is not in the local cache" if offline else str(e).splitlines()[0]
+            raise ModelLoadError(f"cannot load pretrained embedder {spec!r}: {why}. Without network, pass a local "
+                                 "embedder directory instead (e.g. one trained with `unembed train clip`).") from None
+        tokenizer = open_clip.get_tokenizer(name)
+        return cls(model, preprocess, tokenizer, spec, spec if needs_hub else f"{name}:random", device)
+
+    @classmethod
+    def from_config(cls, config: dict, spec: str = "", device: str = "cpu") -> "Embedder":
+        """Build an untrained embedder from an architecture config (see `scenes_config`)."""
+        open_clip = import_open_clip()
+        from open_clip.coca_model import CoCa
+        from open_clip.model import CLIP
+        from open_clip.transform import image_transform
+
+        model_type = config.get("model_type", "clip")
+        arch = dict(config["model_cfg"])
+        model = (CoCa if model_type == "coca" else CLIP)(**arch, **({} if model_type == "coca" else {"output_dict": True}))
+        pre = config["preprocess"]
+        preprocess = image_transform(pre["image_size"], is_train=False, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
+        return cls(model, preprocess, tokenizer, spec, config.get("id", "untrained"), device, config)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save config.json + model.safetensors. The id is a hash of the weights, so a decoder can
+        tell whether an embedding came from this exact embedder wherever the directory moves."""
+        path = Path(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        digest = hashlib.sha256()
+        for k in sorted(state):
+            digest.update(k.encode())
+            digest.update(state[k].float().numpy().tobytes())
+        self.id = f"{self.config.get('name', 'embedder')}-{digest.hexdigest()[:12]}"
+        config = dict(self.config, format=EMBEDDER_FORMAT, id=self.id, unembed_version=__version__)
+        save_tensors(path / "model.safetensors", state)
+        write_json(path / "config.json", config)
+        self.config, self.spec = config, str(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto") -> "Embedder":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not an embedder directory (no config.json)")
+        config = read_json(path / "config.json")
+        if config.get("format") != EMBEDDER_FORMAT:
+            raise ModelLoadError(f"{path}/config.json is not an unembed embedder config (format {config.get('format')!r})")
+        embedder = cls.from_config(config, str(path), "cpu")
+        state, _ = load_tensors(path / "model.safetensors")
+        embedder.model.load_state_dict(state)
+        embedder.model.to(resolve_device(device)).eval()
+        embedder.device = resolve_device(device)
+        return embedder
+
+
+def scenes_config(image_size: int = 64, embed_dim: int = 256, vision_width: int = 16, text_width: int = 128,
+                  text_layers: int = 3, context_length: int = 32, name: str = "scenes-clip") -> dict:
+    """The small open_clip CLIP used as the offline stand-in for CLIP: a ModifiedResNet image tower
+    (width 16: ~173 img/s training on 2 CPU cores) and a 3-layer text transformer on CLIP's BPE."""
+    return {
+        "name": name,
+        "model_type": "clip",
+        "model_cfg": {
+            "embed_dim": embed_dim,
+            "vision_cfg": {"layers": [1, 1, 1, 1], "width": vision_width, "image_size": image_size, "head_width": 64},
+            "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
+                         "heads": max(1, text_width // 32), "layers": text_layers},
+        },
+        "preprocess": {"image_size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+        "tokenizer": "clip-bpe",
+    }
+
+
+def load_embedder(spec: str, device: str = "auto") -> Embedder:
+    return Embedder.from_spec(spec, device)

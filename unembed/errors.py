@@ -1,0 +1,27 @@
+"""Typed errors. Library code raises these with one clear sentence; only cli.py maps them to
+exit codes and stderr lines."""
+
+
+class UnembedError(Exception):
+    """Base class of every error unembed raises on purpose."""
+
+
+class BadInputError(UnembedError):
+    """One input item (a file, a caption, a record) cannot be used. The run can go on without it."""
+
+    def __init__(self, item, reason: str):
+        self.item = str(item)
+        self.reason = reason
+        super().__init__(f"{self.item}: {reason}")
+
+
+class ModelLoadError(UnembedError):
+    """A model, decoder or embedder cannot be found, downloaded or built."""
+
+
+class MismatchError(UnembedError):
+    """Two things that must agree do not (embedder spec, embedding dimension, decoder kind)."""
+
+
+class UnsafeFileError(UnembedError):
+    """A file would need unpickling (or another unsafe format) to load; unembed refuses it."""

@@ -1,0 +1,96 @@
+"""Atomic file writes and safe tensor files.
+
+Every write goes to a temporary file in the destination's directory and is moved into place
+with os.replace, so a crash never leaves a half-written file under the final name. Tensors are
+read only from safetensors; anything that would need unpickling is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from unembed.errors import BadInputError, UnsafeFileError
+
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, and torch.save's zip container
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, turning every failure into one BadInputError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BadInputError(path, f"cannot read ({e.strerror or e})") from None
+    if raw[:1] in PICKLE_MAGIC or raw[:4] in PICKLE_MAGIC:
+        raise UnsafeFileError(f"{path}: looks like a pickle/torch.save file; unembed never unpickles files, expected JSON")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadInputError(path, "is not UTF-8 text, expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise BadInputError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def check_safetensors(path: str | os.PathLike) -> Path:
+    """Refuse anything that is not a safetensors file, before any library opens it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] in PICKLE_MAGIC or head[:4] in PICKLE_MAGIC:
+        raise UnsafeFileError(f"{path}: is a pickle/torch.save file; unembed loads weights and embeddings only from .safetensors")
+    # safetensors starts with a little-endian u64 header length followed by '{'
+    if len(head) < 9 or head[8:9] != b"{":
+        raise BadInputError(path, "is not a safetensors file")
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict[str, str]]:
+    """Return (tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    path = check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise BadInputError(path, f"corrupt safetensors file ({e})") from None
+    return tensors, metadata

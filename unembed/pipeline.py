@@ -1,0 +1,100 @@
+"""The embed-then-decode pipeline over image files: load safely, embed a batch once, decode it.
+
+Bad items never stop a run: each becomes a `BadInputError` reported through `on_error`, and the
+rest go on. Results come back batch by batch so callers can stream them to disk.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from unembed.data.images import display_path, expand_inputs, load_image
+from unembed.errors import BadInputError
+
+
+def image_id(path: str) -> int | str:
+    """The id an image gets in results: its file stem, as an int when it is all digits
+    (so scenes' 000123.png matches image_id 123 in its captions.json)."""
+    stem = Path(path).stem
+    return int(stem) if stem.isdigit() else stem
+
+
+def resolve_embedder_spec(decoder_config: dict, decoder_dir) -> str:
+    """The decoder's recorded embedder; a relative directory is looked up beside the decoder too."""
+    spec = decoder_config.get("embedder_spec", "")
+    if spec and not os.path.isabs(spec) and not os.path.exists(spec):
+        beside = Path(decoder_dir) / spec
+        if beside.exists():
+            return str(beside)
+    return spec
+
+
+def iter_image_batches(paths: Sequence[str], batch_size: int,
+                       on_error: Callable[[BadInputError], None]) -> Iterator[tuple[list[str], list]]:
+    """Load images batch by batch (memory stays bounded by one batch), reporting bad ones."""
+    files, errors = expand_inputs(paths)
+    for e in errors:
+        on_error(e)
+    batch_paths, batch_images = [], []
+    for path in files:
+        try:
+            batch_images.append(load_image(path))
+            batch_paths.append(path)
+        except BadInputError as e:
+            on_error(e)
+        if len(batch_images) == batch_size:
+            yield batch_paths, batch_images
+            batch_paths, batch_images = [], []
+    if batch_images:
+        yield batch_paths, batch_images
+
+
+def count_inputs(paths: Sequence[str]) -> int:
+    return len(expand_inputs(paths)[0])
+
+
+def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
+                   on_error: Callable[[BadInputError], None] = lambda e: None,
+                   **generation) -> Iterator[list[dict]]:
+    """Yield, per batch, records {file, image_id, caption, decoder, seconds}."""
+    for batch_paths, images in iter_image_batches(paths, batch_size, on_error):
+        t0 = time.perf_counter()
+        embedded = embedder.embed(images, [display_path(p) for p in batch_paths], with_tokens=decoder.needs_tokens)
+        captions = decoder.decode(embedded, **generation)
+        per_item = (time.perf_counter() - t0) / len(images)
+        yield [{"file": display_path(p), "image_id": image_id(p), "caption": c, "decoder": decoder.kind,
+                "seconds": round(per_item, 4)} for p, c in zip(batch_paths, captions)]
+
+
+def caption_embeddings(embedded, decoder, batch_size: int = 256, **generation) -> Iterator[list[dict]]:
+    """Yield, per batch, records {image_id, caption, decoder, seconds} for precomputed embeddings."""
+    for start in range(0, len(embedded), batch_size):
+        part = embedded.select(slice(start, start + batch_size))
+        t0 = time.perf_counter()
+        captions = decoder.decode(part, **generation)
+        per_item = (time.perf_counter() - t0) / len(part)
+        yield [{"image_id": image_id(i) if isinstance(i, str) and i.isdigit() else i, "caption": c,
+                "decoder": decoder.kind, "seconds": round(per_item, 4)} for i, c in zip(part.ids, captions)]
+
+
+def caption(images: Sequence[str], decoder, embedder=None, batch_size: int = 32, device: str = "auto",
+            **generation) -> list[str]:
+    """Library one-liner: captions for image files (a decoder object or a decoder directory).
+    Raises on the first bad image, unlike the CLI which reports and goes on."""
+    from unembed.decoders import load_decoder, read_decoder_config
+    from unembed.embedders import load_embedder
+
+    if isinstance(decoder, (str, os.PathLike)):
+        if embedder is None:
+            embedder = load_embedder(resolve_embedder_spec(read_decoder_config(decoder)["config"], decoder), device)
+        decoder = load_decoder(decoder, device=str(embedder.device), embedder=embedder)
+    elif embedder is None:
+        embedder = load_embedder(decoder.config.embedder_spec, device)
+
+    def fail(e):
+        raise e
+
+    return [r["caption"] for batch in caption_images(images, decoder, embedder, batch_size, fail, **generation)
+            for r in batch]

@@ -1,0 +1,154 @@
+"""Train a small joint embedder (open_clip CLIP) from scratch with the contrastive loss.
+
+The offline stand-in for CLIP: trained on the scenes world (`unembed data scenes`), in CLIP's
+regime (logit scale starts at 1/0.07 and may reach 100), so that image and text embeddings keep a
+modality gap as real CLIP's do and the text-only decoders face the problem they exist for.
+
+Data: a split directory with captions.json (COCO format) and its images. Images are decoded once
+into a uint8 tensor [N, 3, H, W] and captions tokenised once into [N, C, context] ints; a batch
+pairs each image with one of its captions chosen at random.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from unembed.embedders import Embedder, scenes_config
+from unembed.errors import BadInputError
+from unembed.io import read_json, write_json
+from unembed.training.loop import Task, TrainConfig
+
+MAX_LOGIT_SCALE = math.log(100)
+CLIP_DEFAULTS = dict(epochs=6, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100)
+
+
+def load_coco_split(split_dir) -> tuple[list[Path], list[list[str]], list[int]]:
+    """(image paths, their captions, image ids) of a COCO caption split directory."""
+    split_dir = Path(split_dir)
+    coco = read_json(split_dir / "captions.json")
+    captions: dict[int, list[str]] = {}
+    for ann in coco.get("annotations", []):
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    images = [im for im in coco.get("images", []) if im["id"] in captions and "file_name" in im]
+    if not images:
+        raise BadInputError(split_dir / "captions.json", "has no images with captions")
+    return ([split_dir / im["file_name"] for im in images], [captions[im["id"]] for im in images],
+            [im["id"] for im in images])
+
+
+def image_tensor(paths: list[Path]) -> torch.Tensor:
+    """Decode images into one uint8 [N, 3, H, W] tensor (all must share a size, as scenes do)."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> the float input open_clip's eval transform makes of same-size images."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def tokenize_captions(tokenizer, captions: list[list[str]]) -> torch.Tensor:
+    """[N, C, context] token ids; images with fewer than C captions repeat their first ones."""
+    per_image = max(len(c) for c in captions)
+    flat = [c[i % len(c)] for c in captions for i in range(per_image)]
+    tokens = tokenizer(flat)
+    return tokens.view(len(captions), per_image, -1).to(torch.int32)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_vecs: torch.Tensor, text_vecs: torch.Tensor, text_owner: torch.Tensor) -> dict:
+    """COCO-style recall: image->text hits if any of the image's captions ranks in the top k;
+    text->image hits if the caption's own image ranks in the top k. Also the modality-gap statistics."""
+    sims = image_vecs @ text_vecs.T  # [I, T]
+    out = {}
+    for k in (1, 5):
+        top_texts = sims.topk(k, dim=1).indices                       # [I, k]
+        out[f"i2t_R@{k}"] = (text_owner[top_texts] == torch.arange(len(image_vecs))[:, None]).any(1).float().mean().item()
+        top_images = sims.T.topk(k, dim=1).indices                    # [T, k]
+        out[f"t2i_R@{k}"] = (top_images == text_owner[:, None]).any(1).float().mean().item()
+    matched = (image_vecs[text_owner] * text_vecs).sum(-1)
+    shuffled = (image_vecs[text_owner.roll(1)] * text_vecs).sum(-1)
+    out["gap_matched_cos"] = matched.mean().item()
+    out["gap_random_cos"] = shuffled.mean().item()
+    out["gap_mean_distance"] = (image_vecs.mean(0) - text_vecs.mean(0)).norm().item()
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
+    from unembed.data.images import load_image
+
+    paths, captions, _ = load_coco_split(split_dir)
+    image_vecs = embedder.embed_images([load_image(p) for p in paths])
+    texts = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    return retrieval_metrics(image_vecs, embedder.embed_texts(texts), owner)
+
+
+class ClipTask(Task):
+    def __init__(self, embedder: Embedder, train_dir, eval_dir=None):
+        from open_clip.loss import ClipLoss
+
+        self.embedder = embedder
+        self.model = embedder.model
+        paths, captions, _ = load_coco_split(train_dir)
+        self.images = image_tensor(paths)
+        self.tokens = tokenize_captions(embedder.tokenizer, captions)
+        self.preprocess = embedder.config["preprocess"]
+        self.eval_dir = eval_dir
+        self.clip_loss = ClipLoss()
+
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices, generator):
+        choice = torch.randint(self.tokens.shape[1], (len(indices),), generator=generator)
+        return {"pixels": self.images[indices], "tokens": self.tokens[indices, choice].long()}
+
+    def loss(self, model, batch):
+        pixels = normalise_pixels(batch["pixels"], self.preprocess["mean"], self.preprocess["std"])
+        out = model(pixels, batch["tokens"])
+        loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return loss, {"logit_scale": round(out["logit_scale"].item(), 2)}
+
+    def after_step(self, model):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def validate(self, model):
+        if self.eval_dir is None:
+            return {}
+        model.eval()
+        self.embedder.device = next(model.parameters()).device
+        return evaluate_embedder(self.embedder, self.eval_dir)
+
+    def save(self, model, out_dir, metrics):
+        self.embedder.save(out_dir)
+        write_json(Path(out_dir) / "metrics.json", metrics)
+
+
+def train_clip(data_dir, out_dir, config: TrainConfig, arch: dict | None = None, resume: bool = False,
+               progress: bool = True) -> dict:
+    """Train a scenes embedder on DATA/train, validate on DATA/val, report recall on DATA/test."""
+    from unembed.training.loop import fit
+
+    data_dir = Path(data_dir)
+    embedder = Embedder.from_config(arch or scenes_config(), device="cpu")
+    embedder.device = torch.device("cpu")
+    task = ClipTask(embedder, data_dir / "train", data_dir / "val" if (data_dir / "val").is_dir() else None)
+    result = fit(task, config, out_dir, resume=resume, progress=progress)
+    report = {"val": result.metrics, "train_steps": result.steps, "train_seconds": round(result.seconds, 1)}
+    for split in ("test", "compositional"):
+        if (data_dir / split / "captions.json").is_file():
+            report[split] = evaluate_embedder(Embedder.load(out_dir, device="cpu"), data_dir / split)
+    write_json(Path(out_dir) / "metrics.json", report)
+    return report

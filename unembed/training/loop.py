@@ -1,0 +1,227 @@
+"""The one training loop. Each method contributes a `Task` (its batches, its loss, how it saves);
+the loop owns everything else: device placement and mixed precision (accelerate), the learning-rate
+schedule, gradient clipping, a NaN guard, progress, streamed logs, atomic checkpoints and resume.
+
+Determinism: the examples of step s are a pure function of (seed, s) — a seeded permutation per
+epoch, and a per-step generator for any sampling the task does — so a resumed run sees exactly the
+batches an uninterrupted one would.
+
+Checkpoint layout, under OUT/checkpoints/:
+    step-00000400/{model.safetensors, optimizer.safetensors, state.json}
+    latest.json   {"step": 400, "dir": "step-00000400"}  (replaced atomically after the directory is complete)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from unembed.errors import UnembedError
+from unembed.io import load_tensors, read_json, save_tensors, write_json
+
+
+class TrainingError(UnembedError):
+    """Training cannot go on (non-finite loss, a checkpoint that does not match)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 0          # when > 0, overrides epochs
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    checkpoint_every: int = 500  # steps; a checkpoint is always written at the end too
+    validate_every: int = 0      # steps; 0 = only at the end
+    keep_checkpoints: int = 1
+
+
+class Task:
+    """What a method contributes to training. Override the methods below."""
+
+    model: torch.nn.Module
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict:
+        """The batch of these example indices (on CPU); `generator` seeds any sampling."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: torch.nn.Module):
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Hook for constraints applied after each optimiser step (e.g. clamping CLIP's logit scale)."""
+
+    def validate(self, model: torch.nn.Module) -> dict:
+        return {}
+
+    def save(self, model: torch.nn.Module, out_dir: Path, metrics: dict) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    metrics: dict
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimiser state into safetensors-able tensors and JSON-able rest (no pickle)."""
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": value for idx, st in sd["state"].items() for name, value in st.items()
+               if isinstance(value, torch.Tensor)}
+    scalars = {f"{idx}.{name}": value for idx, st in sd["state"].items() for name, value in st.items()
+               if not isinstance(value, torch.Tensor)}
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict, rest: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(rest["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainConfig, keep: int) -> Path:
+    name = f"step-{step:08d}"
+    tmp = ckpt_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "model.safetensors", model.state_dict())
+    opt_tensors, opt_rest = _optimizer_tensors(optimizer)
+    save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, "torch_rng": torch.get_rng_state()})
+    write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "config": asdict(config)})
+    final = ckpt_root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json(ckpt_root / "latest.json", {"step": step, "dir": name})
+    old = sorted(p for p in ckpt_root.glob("step-*") if p.name != name)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt_root: Path, model, optimizer) -> int:
+    """Restore the latest complete checkpoint; return its step (0 when there is none)."""
+    latest = ckpt_root / "latest.json"
+    if not latest.is_file():
+        return 0
+    pointer = read_json(latest)
+    directory = ckpt_root / pointer["dir"]
+    state = read_json(directory / "state.json")
+    weights, _ = load_tensors(directory / "model.safetensors")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise TrainingError(f"checkpoint {directory} does not fit this model: {str(e).splitlines()[0]}") from None
+    opt_tensors, _ = load_tensors(directory / "optimizer.safetensors")
+    torch.set_rng_state(opt_tensors.pop("torch_rng"))
+    _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+    return int(state["step"])
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out_dir / "checkpoints"
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+
+    n = task.num_examples()
+    if n == 0:
+        raise TrainingError("no training examples")
+    batch_size = min(config.batch_size, n)
+    total = config.max_steps or config.epochs * max(1, n // batch_size)
+    optimizer = torch.optim.AdamW(task.trainable_parameters(task.model), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    start = load_checkpoint(ckpt_root, task.model, optimizer) if resume else 0
+    if not resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+    log_path = out_dir / "train_log.jsonl"
+
+    bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
+               desc="train", unit="step", dynamic_ncols=True)
+    t0, loss_value, seen, metrics = time.time(), float("nan"), 0, {}
+    with open(log_path, "a", encoding="utf-8") as log:
+        for step in range(start, total):
+            indices = step_indices(step, n, batch_size, config.seed)
+            indices = indices[accelerator.process_index::accelerator.num_processes]
+            batch = task.batch(indices, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, config)
+            model.train()
+            with accelerator.autocast():
+                loss, logs = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                                    f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            task.after_step(accelerator.unwrap_model(model))
+            loss_value, seen = loss.item(), seen + len(indices)
+            done = step + 1
+            record = {"step": done, "loss": round(loss_value, 5), "lr": group["lr"], **logs}
+            if config.validate_every and done % config.validate_every == 0 and done < total:
+                metrics = task.validate(accelerator.unwrap_model(model))
+                record.update(metrics)
+            log.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
+            bar.update(1)
+            if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == total):
+                log.flush()
+                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model), optimizer, config,
+                                config.keep_checkpoints)
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = task.validate(unwrapped)
+    seconds = time.time() - t0
+    if accelerator.is_main_process:
+        task.save(unwrapped, out_dir, {**metrics, "train_steps": total, "train_seconds": round(seconds, 1),
+                                       "final_loss": loss_value})
+    return TrainResult(total, seconds, loss_value, metrics)
