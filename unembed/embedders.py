@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ class Embedder:
         needs_hub = name.startswith("hf-hub:") or tag is not None
         if needs_hub and not hub_reachable():
             _force_hub_offline()  # a copy already in the local cache still loads
+        logging.disable(logging.ERROR)  # open_clip logs its own multi-line failure; ours is the one line
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
         except Exception as e:
@@ -220,6 +222,8 @@ class Embedder:
             why = "the Hugging Face hub is unreachable and it is not in the local cache" if offline else str(e).splitlines()[0]
             raise ModelLoadError(f"cannot load pretrained embedder {spec!r}: {why}. Without network, pass a local "
                                  "embedder directory instead (e.g. one trained with `unembed train clip`).") from None
+        finally:
+            logging.disable(logging.NOTSET)
         tokenizer = open_clip.get_tokenizer(name)
         return cls(model, preprocess, tokenizer, spec, spec if needs_hub else f"{name}:random", device)
 

@@ -98,19 +98,11 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x")) else "s")
 
 
-def _left_of(a: SceneObject, b: SceneObject) -> bool:
-    return a.col < b.col and abs(a.row - b.row) <= 1
-
-
-def _above(a: SceneObject, b: SceneObject) -> bool:
-    return a.row < b.row and abs(a.col - b.col) <= 1
-
-
-RELATIONS = {
-    "left": _left_of,
-    "right": lambda a, b: _left_of(b, a),
-    "above": _above,
-    "below": lambda a, b: _above(b, a),
+RELATIONS = {  # whether "a <relation> b" holds
+    "left": lambda a, b: a.col < b.col and abs(a.row - b.row) <= 1,
+    "right": lambda a, b: a.col > b.col and abs(a.row - b.row) <= 1,
+    "above": lambda a, b: a.row < b.row and abs(a.col - b.col) <= 1,
+    "below": lambda a, b: a.row > b.row and abs(a.col - b.col) <= 1,
     "next": lambda a, b: abs(a.row - b.row) + abs(a.col - b.col) == 1,
 }
 
@@ -234,94 +226,93 @@ def render(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------
 # Writing captions
+#
+# Each caption draws `alt` once: whether shapes and colours go by their second name ("disc",
+# "violet"). One choice per caption keeps "a disc next to a circle" from suggesting two shapes.
+
+_CELL_POSITIONS = {(r, c): [p for p, (rows, cols) in POSITION_WORDS.items() if r in rows and c in cols]
+                   for r in range(3) for c in range(3)}
 
 
-def _noun_phrase(rng, colour: str, shape: str, size: str | None = None, count: int | None = None) -> str:
-    words = [] if size is None else [_pick(rng, SIZE_WORDS[size])]
-    words.append(_pick(rng, COLOUR_WORDS[colour]))
-    noun = _pick(rng, SHAPE_WORDS[shape])
+def _positions_of(objects: list[SceneObject]) -> list[str]:
+    """The position phrases true of every object in `objects`."""
+    first, *rest = objects
+    return [p for p in _CELL_POSITIONS[first.row, first.col]
+            if all(o.row in POSITION_WORDS[p][0] and o.col in POSITION_WORDS[p][1] for o in rest)]
+
+
+def _noun_phrase(rng, alt: bool, obj: SceneObject, with_size: bool, count: int | None = None) -> str:
+    """"a tiny red circle", or with a count "two red circles"."""
+    words = [_pick(rng, SIZE_WORDS[obj.size])] if with_size else []
+    words.append(COLOUR_WORDS[obj.colour][-1 if alt else 0])
+    noun = SHAPE_WORDS[obj.shape][-1 if alt else 0]
     words.append(_plural(noun) if count and count > 1 else noun)
     det = NUMBER_WORDS[count] if count else ("an" if words[0][0] in "aeiou" else "a")
     return " ".join([det, *words])
 
 
-def _maybe_size(rng, obj: SceneObject) -> str | None:
-    return obj.size if rng.random() < 0.4 else None
-
-
-def _positions_of(objects: list[SceneObject]) -> list[str]:
-    return [p for p, (rows, cols) in POSITION_WORDS.items()
-            if all(o.row in rows and o.col in cols for o in objects)]
-
-
-def _list_item(rng, group: list[SceneObject]) -> tuple[str, bool]:
-    """A noun phrase for all objects of one (colour, shape); returns (text, is_plural)."""
-    count = len(group) if len(group) > 1 or rng.random() < 0.05 else None
-    size = _maybe_size(rng, group[0]) if len({o.size for o in group}) == 1 else None
-    text = _noun_phrase(rng, group[0].colour, group[0].shape, size, count)
-    positions = _positions_of(group)
-    if positions and rng.random() < 0.3:
-        text += " " + _pick(rng, positions)
-    return text, bool(count and count > 1)
-
-
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
 def _with_opener(rng, body: str, plural: bool) -> str:
     if rng.random() < 0.5:
         return body
-    opener = _pick(rng, OPENERS[:4] + (("there are",) if plural else ("there is",)))
-    return f"{opener} {body}"
+    return f"{_pick(rng, OPENERS[:4] + (('there are',) if plural else ('there is',)))} {body}"
 
 
-def _list_caption(rng, scene: Scene) -> str:
+def _list_caption(rng, alt: bool, scene: Scene) -> str:
+    """All objects, one phrase per (colour, shape), counted when there are several."""
     groups: dict[tuple[str, str], list[SceneObject]] = {}
     for o in scene.objects:
         groups.setdefault((o.colour, o.shape), []).append(o)
-    order = rng.permutation(len(groups))
-    items = [_list_item(rng, list(groups.values())[k]) for k in order]
-    return _with_opener(rng, _join([text for text, _ in items]), items[0][1])
+    groups = [list(groups.values())[k] for k in rng.permutation(len(groups))]
+    items = []
+    for group in groups:
+        count = len(group) if len(group) > 1 or rng.random() < 0.05 else None
+        same_size = all(o.size == group[0].size for o in group)
+        text = _noun_phrase(rng, alt, group[0], same_size and rng.random() < 0.4, count)
+        positions = _positions_of(group)
+        if positions and rng.random() < 0.3:
+            text += " " + _pick(rng, positions)
+        items.append(text)
+    body = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return _with_opener(rng, body, len(groups[0]) > 1)
 
 
-def _single_caption(rng, scene: Scene) -> str:
+def _single_caption(rng, alt: bool, scene: Scene) -> str:
     obj = _pick(rng, scene.objects)
-    np_text = _noun_phrase(rng, obj.colour, obj.shape, _maybe_size(rng, obj))
-    position = _pick(rng, _positions_of([obj]))
+    np_text = _noun_phrase(rng, alt, obj, rng.random() < 0.4)
+    position = _pick(rng, _CELL_POSITIONS[obj.row, obj.col])
     roll = rng.random()
     if roll < 0.3:
         return f"{position} {_pick(rng, FRONTED_LINKS)} {np_text}"
-    if roll < 0.7:
-        return _with_opener(rng, f"{np_text} {position}", False)
-    return _with_opener(rng, np_text, False)
+    return _with_opener(rng, f"{np_text} {position}" if roll < 0.7 else np_text, False)
 
 
-def _relation_caption(rng, pairs: list[tuple[SceneObject, SceneObject, str]]) -> str:
+def _relation_caption(rng, alt: bool, pairs: list[tuple[SceneObject, SceneObject, str]]) -> str:
     a, b, rel = _pick(rng, pairs)
-    np_a = _noun_phrase(rng, a.colour, a.shape, _maybe_size(rng, a))
-    np_b = _noun_phrase(rng, b.colour, b.shape, _maybe_size(rng, b))
+    np_a = _noun_phrase(rng, alt, a, rng.random() < 0.4)
+    np_b = _noun_phrase(rng, alt, b, rng.random() < 0.4)
     if rng.random() < 0.3:
         return _with_opener(rng, f"{np_b} with {np_a} {_pick(rng, RELATION_ITS_WORDS[rel])}", False)
     return _with_opener(rng, f"{np_a} {_pick(rng, RELATION_WORDS[rel])} {np_b}", False)
 
 
 def _one_caption(rng, scene: Scene, pairs) -> str:
-    roll = rng.random()
+    alt, roll = rng.random() < 0.3, rng.random()
     if pairs and roll < 0.35:
-        caption = _relation_caption(rng, pairs)
+        caption = _relation_caption(rng, alt, pairs)
     elif roll < 0.7:
-        caption = _list_caption(rng, scene)
+        caption = _list_caption(rng, alt, scene)
     else:
-        caption = _single_caption(rng, scene)
+        caption = _single_caption(rng, alt, scene)
     if rng.random() < 0.25:
-        caption += f" {_pick(rng, ('on', 'against'))} a {_pick(rng, BACKGROUND_WORDS[scene.background])} background"
+        background = _pick(rng, BACKGROUND_WORDS[scene.background])
+        caption += f" {_pick(rng, ('on', 'against'))} a {background} background"
     return caption
 
 
 def describe(scene: Scene, rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE) -> list[str]:
     """`n` distinct true captions of 5-15 words (repeats only if the grammar runs short)."""
-    pairs = [(a, b, rel) for a, b in permutations(scene.objects, 2)
+    # relations between two look-alikes ("a red star above a red star") read as nonsense
+    pairs = [(a, b, rel) for a, b in permutations(scene.objects, 2) if (a.colour, a.shape) != (b.colour, b.shape)
              for rel, holds in RELATIONS.items() if holds(a, b)]
     captions: list[str] = []
     for _ in range(50 * n):
@@ -387,6 +378,12 @@ class _Parser:
                 return table[key]
         return default
 
+    def skip(self, word: str) -> bool:
+        """Consume `word` if it comes next."""
+        found = self.words[self.i:self.i + 1] == [word]
+        self.i += found
+        return found
+
     def expect(self, table: dict):
         meaning = self.take(table)
         if meaning is _MISSING:
@@ -410,8 +407,8 @@ class _Parser:
             first = None
             item.cells = cells or self.take(_POSITIONS, None)
             items.append(item)
-            comma = self.take({(",",): True}, False)
-            if not (self.take({("and",): True}, False) or comma):
+            comma = self.skip(",")
+            if not (self.skip("and") or comma):
                 return items
 
     def caption(self) -> tuple[list[_NounPhrase], tuple | None, str | None]:
@@ -419,7 +416,7 @@ class _Parser:
         items, relation = [], None
         fronted = self.take(_POSITIONS, None)
         if fronted is not None:  # "in the middle there is a red circle"
-            self.take({(",",): True}, False)
+            self.skip(",")
             self.take(_LINKS, None)
             items = self.item_list(None, fronted)
         else:
@@ -427,7 +424,7 @@ class _Parser:
             first = self.noun_phrase()
             if (rel := self.take(_RELATIONS, None)) is not None:
                 relation = (first, rel, self.noun_phrase())
-            elif self.take({("with",): True}, False):
+            elif self.skip("with"):
                 second = self.noun_phrase()
                 relation = (second, self.expect(_RELATIONS_ITS), first)
             else:

@@ -37,7 +37,8 @@ def coco_caption_metrics(
 
     Only predicted images are scored; predicted ids with no reference are listed under "skipped".
     Returns {"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr", ["SPICE"], "per_image":
-    {"CIDEr": {id: value}}, "unavailable": {metric: reason}, "skipped": [ids]}.
+    {"CIDEr": {id: value}}, "unavailable": {metric: reason}, "skipped": [ids]}. CIDEr takes its
+    idf from the scored images' references, so it needs many images (one image always scores 0).
     """
     if shutil.which("java") is None:
         raise UnembedError("pycocoevalcap needs Java (java not found on PATH); install a Java runtime, e.g. apt-get install default-jre")
@@ -234,6 +235,8 @@ def clip_scores(embedder, image_vecs, captions: list[str], references: list[list
     Ids default to positions.
     """
     ids = list(range(len(captions))) if image_ids is None else list(image_ids)
+    if len(ids) != len(captions):
+        raise MismatchError(f"{len(ids)} image ids for {len(captions)} captions")
     caption_vecs = embedder.embed_texts([CLIPSCORE_PROMPT + c for c in captions])
     per_image = {"CLIPScore": clip_score(image_vecs, caption_vecs)}
     if references is not None:

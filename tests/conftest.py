@@ -1,0 +1,45 @@
+"""Shared tiny fixtures: a small scenes dataset, a tiny embedder trained on it for a few steps,
+and a retrieval decoder built from its captions. Session-scoped: built once, seconds in all."""
+import pytest
+
+from unembed.embedders import scenes_config
+
+TINY_ARCH = scenes_config(image_size=32, embed_dim=32, vision_width=8, text_width=32, text_layers=1,
+                          context_length=24, name="tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+    from unembed.data.scenes import write_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    write_scenes(out, n=96, n_eval=12, image_size=32, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory, scenes_dir):
+    from unembed.training.clip import train_clip
+    from unembed.training.loop import TrainConfig
+
+    out = tmp_path_factory.mktemp("embedder")
+    train_clip(scenes_dir, out, TrainConfig(max_steps=4, batch_size=32, warmup_steps=1, device="cpu"),
+               arch=TINY_ARCH, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder(embedder_dir):
+    from unembed.embedders import Embedder
+
+    return Embedder.load(embedder_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def retrieval_dir(tmp_path_factory, scenes_dir, embedder):
+    from unembed.data.captions import load_captions
+    from unembed.decoders.retrieval import RetrievalDecoder
+
+    out = tmp_path_factory.mktemp("retrieval")
+    RetrievalDecoder.build(embedder, load_captions(scenes_dir / "train" / "captions.json")).save(out)
+    return out

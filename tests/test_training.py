@@ -1,0 +1,70 @@
+"""The one training loop: loss falls, resume reproduces an uninterrupted run, NaN stops cleanly."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY_ARCH
+from unembed.embedders import Embedder
+from unembed.training.clip import ClipTask
+from unembed.training.loop import TrainConfig, TrainingError, fit, lr_at
+
+
+class CrashingClipTask(ClipTask):
+    """Raises (like a killed process would stop) when it reaches a given step."""
+
+    def __init__(self, *args, crash_at=None, nan_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.crash_at, self.nan_at = 0, crash_at, nan_at
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        loss, logs = super().loss(model, batch)
+        return (loss * float("nan") if self.calls == self.nan_at else loss), logs
+
+
+def _task(scenes_dir, **kw):
+    torch.manual_seed(0)
+    return CrashingClipTask(Embedder.from_config(TINY_ARCH, device="cpu"), scenes_dir / "train", **kw)
+
+
+CONFIG = TrainConfig(max_steps=6, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=2, device="cpu", seed=3)
+
+
+def test_loss_falls(scenes_dir, tmp_path):
+    task = _task(scenes_dir)
+    fit(task, TrainConfig(max_steps=25, batch_size=32, lr=3e-3, warmup_steps=2, device="cpu"), tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+
+
+def test_resume_reproduces_an_uninterrupted_run(scenes_dir, tmp_path):
+    full = _task(scenes_dir)
+    fit(full, CONFIG, tmp_path / "full", progress=False)
+
+    broken = _task(scenes_dir, crash_at=6)  # dies during step 5, after the step-4 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        fit(broken, CONFIG, tmp_path / "resumed", progress=False)
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text())["step"] == 4
+    resumed = _task(scenes_dir)
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever the process has
+    fit(resumed, CONFIG, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.calls == 2  # only steps 5 and 6 ran again
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(scenes_dir, tmp_path):
+    task = _task(scenes_dir, nan_at=3)
+    with pytest.raises(TrainingError, match="loss became nan at step 2"):
+        fit(task, CONFIG, tmp_path, progress=False)
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert not (tmp_path / "config.json").exists()  # no final model from a diverged run
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.25) and lr_at(3, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(52, 100, cfg) == pytest.approx(0.5) and lr_at(100, 100, cfg) == pytest.approx(0.0)
