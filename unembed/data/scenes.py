@@ -124,7 +124,7 @@ class SceneObject:
             raise ValueError(f"invalid scene object {self}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Scene:
     objects: list[SceneObject]
     background: str
@@ -463,6 +463,8 @@ def caption_is_true(caption: str, scene: Scene) -> bool:
 
 def generate_split(split: str, n: int, seed: int) -> Iterator[tuple[Scene, list[str], int]]:
     """Yield (scene, captions, render seed) for items 0..n-1 of `split`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     for i in range(n):
         rng = np.random.default_rng([seed, SPLITS.index(split), i])
         if split == "compositional":
@@ -494,8 +496,9 @@ def _write_split(split_dir: Path, split: str, n: int, seed: int, image_size: int
                         for j, c in enumerate(captions)]
         scene_lines.append(json.dumps({"image_id": i, "file_name": file_name, "scene": scene.to_dict()}))
         if not text_only:
-            # PNGs are written in place: captions.json, written last, marks a finished split
-            render(scene, image_size, render_seed).save(split_dir / file_name, format="PNG")
+            # PNGs are written in place: captions.json, written last, marks a finished split.
+            # Level 1 is the fastest zlib level and, on these noisy images, smaller than level 6.
+            render(scene, image_size, render_seed).save(split_dir / file_name, format="PNG", compress_level=1)
             metadata_lines.append(json.dumps({"file_name": name, "image_id": i, "captions": captions}))
     write_text(split_dir / "scenes.jsonl", "".join(line + "\n" for line in scene_lines))
     if not text_only:
@@ -521,15 +524,13 @@ def write_scenes(out_dir, n: int = 20000, seed: int = 0, n_eval: int | None = No
 def load_split(split_dir) -> list[dict]:
     """Read <split_dir>/scenes.jsonl back as [{"image_id", "file_name", "scene": Scene}]."""
     path = Path(split_dir) / "scenes.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise BadInputError(path, f"cannot read ({e.strerror or e})") from None
+    if not path.is_file():
+        raise BadInputError(path, "no such file")
     records = []
-    for k, line in enumerate(lines, 1):
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             record = json.loads(line)
-            records.append({**record, "scene": Scene.from_dict(record["scene"])})
+            records.append(record | {"scene": Scene.from_dict(record["scene"])})
         except (ValueError, KeyError, TypeError) as e:
             raise BadInputError(path, f"line {k}: not a scene record ({e})") from None
     return records

@@ -1,0 +1,79 @@
+"""Every command in README.md runs: the quickstart at a small scale, the network commands to
+their offline failure, the library example on the tiny fixtures, and the set-up targets exist."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+UNEMBED = [sys.executable, "-m", "unembed.cli"]
+
+# Appended flags win over the README's (argparse keeps the last): same commands, seconds instead of minutes.
+SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-steps", "3", "--batch-size", "32"]}
+
+
+def block(name: str) -> str:
+    match = re.search(rf"<!-- readme-test: {name} -->\n```(\w+)\n(.*?)```", README, re.S)
+    assert match, f"README has no '{name}' block"
+    return match.group(2)
+
+
+def commands(name: str) -> list[list[str]]:
+    return [shlex.split(line.split("#")[0]) for line in block(name).splitlines() if line.strip()]
+
+
+def run(argv, cwd, env=None):
+    return subprocess.run(UNEMBED + argv[1:], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_setup_commands_are_make_targets():
+    for argv in commands("setup"):
+        assert argv[0] == "make"
+        subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, check=True, capture_output=True)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_demo_runs_exactly_the_quickstart():
+    script = [line for line in (ROOT / "scripts" / "quickstart.sh").read_text().splitlines() if line.startswith("unembed ")]
+    assert script == [line for line in block("quickstart").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path):
+    for argv in commands("quickstart"):
+        extra = next((flags for key, flags in SMALL.items() if " ".join(argv[1:3]) == key), [])
+        result = run(argv + extra, tmp_path)
+        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
+    assert re.search(r"\| CIDEr", result.stdout) and "CLIPScore" in result.stdout  # the last eval's table
+    assert (tmp_path / "test-scores.json").is_file() and (tmp_path / "compositional-scores.json").is_file()
+
+
+def test_network_commands_fail_fast_and_clearly_offline(tmp_path):
+    (tmp_path / "my-captions.txt").write_text("a dog on a sofa\na cat on a mat\n")
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "photos" / "red.png")
+    for argv in commands("network"):
+        result = run(argv, tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and ("hub is unreachable" in line[0] or "not a decoder directory" in line[0]), line
+
+
+def test_library_example_runs(tmp_path, scenes_dir, embedder_dir, retrieval_dir):
+    demo = tmp_path / "demo-run"
+    (demo / "models").mkdir(parents=True)
+    (demo / "models" / "scenes-clip").symlink_to(embedder_dir)
+    (demo / "models" / "retrieval").symlink_to(retrieval_dir)
+    (demo / "scenes").symlink_to(scenes_dir)
+    code = re.search(r"## Library\n\n```python\n(.*?)```", README, re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("['") and len(eval(result.stdout)) == 1
