@@ -52,7 +52,7 @@ def _train_config(args, defaults: dict):
     from unembed.training.loop import TrainConfig
 
     values = dict(defaults)
-    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision"):
+    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision", "warmup_steps"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return TrainConfig(**values)
@@ -79,6 +79,25 @@ def cmd_train_retrieval(args) -> int:
     _log(f"retrieval decoder with {decoder.config.memory_size} distinct captions saved to {args.out} "
          f"({time.time() - t0:.1f}s)")
     return EXIT_OK
+
+
+def cmd_train_prefix(args) -> int:
+    from unembed.embedders import load_embedder
+    from unembed.training.prefix import PREFIX_DEFAULTS, train_prefix
+
+    options = {name: getattr(args, name) for name in PREFIX_OPTIONS if getattr(args, name, None) is not None}
+    if args.lm_config:
+        options["lm_config"] = json.loads(Path(args.lm_config).read_text() if Path(args.lm_config).is_file()
+                                          else args.lm_config)
+    embedder = load_embedder(args.embedder, args.device)
+    report = train_prefix(args.what, embedder, args.out, _train_config(args, PREFIX_DEFAULTS[args.what]),
+                          data_dir=args.data, caption_files=getattr(args, "captions", None) or (), resume=args.resume, **options)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+PREFIX_OPTIONS = ("lm", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_length", "mapper_length", "mapper_layers",
+                  "noise_variance", "noise_kind", "mean_shift", "projection_size", "projection_tau", "label_smoothing")
 
 
 # --- embed / caption ----------------------------------------------------------------------------
@@ -153,7 +172,10 @@ def cmd_caption(args) -> int:
         _err("give image files/folders/globs, or --embeddings FILE.safetensors")
         return EXIT_FAILED
     decoder, embedder = _load_decoder_and_embedder(args)
-    generation = {"max_length": args.max_length} if args.max_length else {}
+    generation = {name: getattr(args, name) for name in ("max_length", "num_beams", "top_p", "seed")
+                  if getattr(args, name) is not None}
+    if args.sample:
+        generation["do_sample"] = True
     errors = _ErrorCounter()
     writer = _ResultWriter(args.out, args.format)
     done = 0
@@ -249,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="caption the vectors of this .safetensors file instead of images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="longest caption in tokens (generative decoders)")
+    p.add_argument("--num-beams", type=int, help="beam search width (1 = greedy; default: the decoder's)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output file (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
@@ -286,6 +312,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train_retrieval)
+    for kind, about in (("clipcap", "ClipCap: prefix mapper trained on (image, caption) pairs"),
+                        ("capdec", "CapDec: text-only training with noise-injected text embeddings"),
+                        ("decap", "DeCap: text-only decoder + projection onto a text-embedding memory")):
+        t = train.add_parser(kind, help=about)
+        t.add_argument("--embedder", required=True)
+        t.add_argument("--out", required=True)
+        t.add_argument("--data", help="a COCO-style directory with train/ (captions.json, images) and val/")
+        if kind != "clipcap":
+            t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+        _add_train_flags(t)
+        t.add_argument("--warmup-steps", type=int)
+        t.add_argument("--lm", help="'scratch' or a Hugging Face causal LM id (default: gpt2; decap: scratch)")
+        t.add_argument("--lm-config", help="JSON (or a JSON file) overriding the scratch LM's config, e.g. "
+                       "'{\"n_layer\": 4, \"n_embd\": 256}'")
+        t.add_argument("--tokenizer", help="'clip-bpe', 'corpus:N' (a BPE of at most N tokens learned from the "
+                       "training captions) or an HF tokenizer id (default: the LM's own; scratch LMs: clip-bpe)")
+        t.add_argument("--lm-mode", choices=["frozen", "lora", "full"])
+        t.add_argument("--lora-r", type=int)
+        t.add_argument("--mapper", choices=["linear", "mlp", "transformer"])
+        t.add_argument("--prefix-length", type=int)
+        t.add_argument("--mapper-length", type=int)
+        t.add_argument("--mapper-layers", type=int)
+        t.add_argument("--noise-variance", type=float, help="CapDec noise variance per dimension (0 = none)")
+        t.add_argument("--noise-kind", choices=["gaussian", "uniform"])
+        t.add_argument("--mean-shift", action="store_true", default=None,
+                       help="subtract each modality's mean embedding (needs some images in --data)")
+        t.add_argument("--projection-size", type=int, help="DeCap memory size (0 = no projection)")
+        t.add_argument("--projection-tau", type=float)
+        t.add_argument("--label-smoothing", type=float)
+        t.set_defaults(func=cmd_train_prefix)
 
     p = sub.add_parser("data", help="make datasets")
     data = p.add_subparsers(dest="what", required=True)

@@ -46,3 +46,11 @@ def import_open_clip():
 
 def torchvision_was_patched() -> bool:
     return _schemas_defined is not None
+
+
+def import_transformers():
+    """transformers imports torchvision too (for image processors), so it needs the same fix."""
+    import_torchvision()
+    import transformers
+
+    return transformers

@@ -94,3 +94,24 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, di
     except Exception as e:  # safetensors raises several types for a corrupt file
         raise BadInputError(path, f"corrupt safetensors file ({e})") from None
     return tensors, metadata
+
+
+def save_module(path: str | os.PathLike, module) -> None:
+    """A module's state_dict as safetensors; tied weights (an LM's input and output embedding) are
+    stored once, as safetensors' save_model does."""
+    from safetensors.torch import save_model
+
+    with atomic_path(path) as tmp:
+        save_model(module, str(tmp))
+
+
+def load_module(module, path: str | os.PathLike) -> None:
+    """Load weights saved by save_module into `module` (strict: every non-tied tensor must be there)."""
+    from safetensors.torch import load_model
+
+    path = check_safetensors(path)
+    first = next(iter(module.state_dict().values()), None)
+    try:
+        load_model(module, str(path), strict=True, device=str(first.device) if first is not None else "cpu")
+    except RuntimeError as e:
+        raise BadInputError(path, f"does not match the model: {str(e).splitlines()[0][:300]}") from None

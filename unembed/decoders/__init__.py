@@ -15,6 +15,9 @@ from unembed.errors import ModelLoadError
 
 BUILTIN_DECODERS = {
     "retrieval": "unembed.decoders.retrieval",
+    "clipcap": "unembed.decoders.clipcap",
+    "capdec": "unembed.decoders.capdec",
+    "decap": "unembed.decoders.decap",
 }
 
 

@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 
 from unembed import __version__
-from unembed.errors import MismatchError, ModelLoadError
-from unembed.io import load_tensors, read_json, save_tensors, write_json
+from unembed.errors import BadInputError, MismatchError, ModelLoadError
+from unembed.io import load_module, read_json, save_module, write_json
 
 DECODER_FORMAT = "unembed-decoder"
 FORMAT_VERSION = 1
@@ -70,12 +70,17 @@ class Decoder(torch.nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / "model.safetensors", self.state_dict())
+        save_module(path / "model.safetensors", self)
         self.save_extra(path)
         # config.json last: a directory with a config is a complete decoder.
         write_json(path / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
                                           "format_version": FORMAT_VERSION, "unembed_version": __version__,
                                           "config": self.config.to_dict()})
+
+    @classmethod
+    def from_saved(cls, config: DecoderConfig, path: Path) -> "Decoder":
+        """Build an empty decoder for a saved directory (methods with tokenizers read them from `path`)."""
+        return cls(config)
 
     def save_extra(self, path: Path) -> None:
         """Methods with non-tensor state (tokenizers, texts) write it here."""
@@ -115,11 +120,10 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     unknown = set(saved.get("config", {})) - fields
     if unknown:
         raise ModelLoadError(f"{path}/config.json has options the {cls.kind} decoder does not know: {sorted(unknown)}")
-    decoder = cls(cls.config_class(**saved["config"]))
-    state, _ = load_tensors(path / "model.safetensors")
+    decoder = cls.from_saved(cls.config_class(**saved["config"]), path)
     try:
-        decoder.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path}/model.safetensors does not match its config.json: {str(e).splitlines()[0]}") from None
+        load_module(decoder, path / "model.safetensors")
+    except BadInputError as e:
+        raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
     return decoder.to(device).eval()

@@ -38,6 +38,13 @@ class TextMemory(torch.nn.Module):
         best = [(queries[i:i + chunk] @ self.vectors.T).max(dim=1) for i in range(0, len(queries), chunk)]
         return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
+    @torch.no_grad()
+    def project(self, queries: torch.Tensor, tau: float) -> torch.Tensor:
+        """DeCap's training-free projection: normalise(softmax(q . T^T / tau) . T), [N, D] -> [N, D]."""
+        queries = torch.nn.functional.normalize(queries.float().to(self.vectors.device), dim=-1)
+        weights = torch.softmax(queries @ self.vectors.T / tau, dim=-1)
+        return torch.nn.functional.normalize(weights @ self.vectors, dim=-1)
+
     def save_texts(self, path: Path) -> None:
         write_json(path, self.texts)
 

@@ -32,6 +32,7 @@ def coco_caption_metrics(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
     spice: bool = True,
+    meteor: bool = True,
 ) -> dict:
     """Score predicted captions against reference captions with pycocoevalcap.
 
@@ -54,7 +55,8 @@ def coco_caption_metrics(
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 (its default) prints totals
     cider, cider_per_image = Cider().compute_score(gts, res)
     result = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
-    result["METEOR"] = _meteor_score(gts, res)
+    if meteor:  # its JVM costs ~10 s, too much for validation during training
+        result["METEOR"] = _meteor_score(gts, res)
     result["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     result["CIDEr"] = float(cider)
     result["unavailable"] = {}

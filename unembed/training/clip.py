@@ -15,27 +15,13 @@ from pathlib import Path
 
 import torch
 
+from unembed.data.coco import load_coco_split
 from unembed.embedders import Embedder, scenes_config
-from unembed.errors import BadInputError
-from unembed.io import read_json, write_json
+from unembed.io import write_json
 from unembed.training.loop import Task, TrainConfig
 
 MAX_LOGIT_SCALE = math.log(100)
 CLIP_DEFAULTS = dict(epochs=6, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100)
-
-
-def load_coco_split(split_dir) -> tuple[list[Path], list[list[str]], list[int]]:
-    """(image paths, their captions, image ids) of a COCO caption split directory."""
-    split_dir = Path(split_dir)
-    coco = read_json(split_dir / "captions.json")
-    captions: dict[int, list[str]] = {}
-    for ann in coco.get("annotations", []):
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    images = [im for im in coco.get("images", []) if im["id"] in captions and "file_name" in im]
-    if not images:
-        raise BadInputError(split_dir / "captions.json", "has no images with captions")
-    return ([split_dir / im["file_name"] for im in images], [captions[im["id"]] for im in images],
-            [im["id"] for im in images])
 
 
 def image_tensor(paths: list[Path]) -> torch.Tensor:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from unembed.errors import UnembedError
-from unembed.io import load_tensors, read_json, save_tensors, write_json
+from unembed.errors import BadInputError, UnembedError
+from unembed.io import load_module, load_tensors, read_json, save_module, save_tensors, write_json
 
 
 class TrainingError(UnembedError):
@@ -123,7 +123,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainC
     tmp = ckpt_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_tensors(tmp / "model.safetensors", model.state_dict())
+    save_module(tmp / "model.safetensors", model)
     opt_tensors, opt_rest = _optimizer_tensors(optimizer)
     save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, "torch_rng": torch.get_rng_state()})
     write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "config": asdict(config)})
@@ -145,11 +145,10 @@ def load_checkpoint(ckpt_root: Path, model, optimizer) -> int:
     pointer = read_json(latest)
     directory = ckpt_root / pointer["dir"]
     state = read_json(directory / "state.json")
-    weights, _ = load_tensors(directory / "model.safetensors")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise TrainingError(f"checkpoint {directory} does not fit this model: {str(e).splitlines()[0]}") from None
+        load_module(model, directory / "model.safetensors")
+    except BadInputError as e:
+        raise TrainingError(f"checkpoint {directory} does not fit this model: {e.reason}") from None
     opt_tensors, _ = load_tensors(directory / "optimizer.safetensors")
     torch.set_rng_state(opt_tensors.pop("torch_rng"))
     _restore_optimizer(optimizer, opt_tensors, state["optimizer"])

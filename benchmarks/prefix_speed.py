@@ -1,0 +1,100 @@
+"""Captions per second of the prefix-LM core (clipcap / capdec / decap share it) at real size:
+GPT-2 124M architecture, a 512-d (ViT-B-32-sized) embedding, MLP mapper with 10 prefix tokens,
+random weights (speed does not depend on weight values).
+
+Measured side by side in one run: unembed's decode (transformers generate: KV cache, batched beam
+search) and a naive greedy loop that re-runs the whole sequence for every new token, one image at a
+time, as the reference repos' notebooks do. Every caption is forced to the same length (min = max
+new tokens), so the numbers compare equal work.
+
+    python benchmarks/prefix_speed.py --out benchmarks/results/prefix_speed_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from unembed.decoders import create_decoder
+from unembed.embedders import Embedded
+
+GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+@torch.no_grad()
+def naive_greedy(decoder, vectors: torch.Tensor, length: int) -> list[list[int]]:
+    """One image at a time; each step runs the LM over the prefix and every token so far (no cache)."""
+    out = []
+    embed = decoder.lm.get_input_embeddings()
+    for v in vectors:
+        sequence = decoder.prefix(v[None])
+        tokens = []
+        for _ in range(length):
+            next_id = decoder.lm(inputs_embeds=sequence).logits[0, -1].argmax().item()
+            tokens.append(next_id)
+            sequence = torch.cat([sequence, embed(torch.tensor([[next_id]], device=sequence.device))], dim=1)
+        out.append(tokens)
+    return out
+
+
+@torch.no_grad()
+def unembed_generate(decoder, vectors: torch.Tensor, length: int, beams: int) -> torch.Tensor:
+    prefix = decoder.prefix(vectors)
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    return decoder.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=length, min_new_tokens=length,
+                               num_beams=beams, do_sample=False, pad_token_id=decoder.tokenizer.eos_id,
+                               eos_token_id=decoder.tokenizer.eos_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/prefix_speed.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--length", type=int, default=20, help="tokens per caption")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--naive-images", type=int, default=4, help="images timed with the naive loop")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    decoder = create_decoder("clipcap", embed_dim=512, lm="scratch", tokenizer="clip-bpe", lm_config=dict(GPT2_124M),
+                             mapper="mlp", prefix_length=10).to(args.device).eval()
+    results = {"device": args.device, "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "caption_tokens": args.length,
+               "lm": "GPT-2 124M architecture (random weights)", "embed_dim": 512, "runs": []}
+    vectors = torch.nn.functional.normalize(torch.randn(max(map(int, args.batches.split(","))), 512), dim=-1)
+    vectors = vectors.to(args.device)
+
+    check = vectors[:2]
+    cached = unembed_generate(decoder, check, args.length, 1).tolist()
+    assert cached == naive_greedy(decoder, check, args.length), "cached and naive greedy decoding differ"
+    results["greedy_matches_naive"] = True
+
+    naive_s = timed(lambda: naive_greedy(decoder, vectors[:args.naive_images], args.length), 1) / args.naive_images
+    results["naive_greedy_captions_per_s"] = round(1 / naive_s, 3)
+    for batch in map(int, args.batches.split(",")):
+        for beams in (1, 5):
+            seconds = timed(lambda: unembed_generate(decoder, vectors[:batch], args.length, beams), 2 if batch > 1 else 3)
+            run = {"batch": batch, "decoding": "greedy" if beams == 1 else f"beam {beams}",
+                   "captions_per_s": round(batch / seconds, 2)}
+            if beams == 1:
+                run["speedup_vs_naive_greedy"] = round(naive_s * batch / seconds, 1)
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
+    from unembed.io import write_json
+
+    write_json(args.out, results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

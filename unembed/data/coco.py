@@ -1,0 +1,55 @@
+"""COCO-style caption splits (a directory with captions.json and its images), and their image
+embeddings computed once per embedder and cached beside the split, so training, validation,
+captioning and comparison share one embedding pass."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from unembed.errors import BadInputError
+from unembed.io import read_json
+
+CACHE_DIR = ".unembed-cache"
+
+
+def load_coco_split(split_dir) -> tuple[list[Path], list[list[str]], list[int]]:
+    """(image paths, their captions, image ids) of a COCO caption split directory."""
+    split_dir = Path(split_dir)
+    coco = read_json(split_dir / "captions.json")
+    captions: dict[int, list[str]] = {}
+    for ann in coco.get("annotations", []):
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    images = [im for im in coco.get("images", []) if im["id"] in captions and im.get("file_name")]
+    if not images:
+        raise BadInputError(split_dir / "captions.json", "has no images with captions")
+    return ([split_dir / im["file_name"] for im in images], [captions[im["id"]] for im in images],
+            [im["id"] for im in images])
+
+
+def split_captions(split_dir) -> list[str]:
+    """Every caption of a split, images or not (text-only splits have no image files)."""
+    coco = read_json(Path(split_dir) / "captions.json")
+    return [ann["caption"] for ann in coco.get("annotations", [])]
+
+
+def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128):
+    """The split's image embeddings (ids = image ids as strings), from the cache when present."""
+    from unembed.data.images import load_image
+    from unembed.embedders import Embedded
+
+    split_dir = Path(split_dir)
+    cache = split_dir / CACHE_DIR / f"{embedder.id}{'-tokens' if with_tokens else ''}.safetensors"
+    paths, _, ids = load_coco_split(split_dir)
+    if cache.is_file():
+        cached = Embedded.load(cache)
+        if cached.ids == [str(i) for i in ids]:
+            return cached
+    parts = []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image(p) for p in paths[start:start + batch_size]]
+        parts.append(embedder.embed(images, [str(i) for i in ids[start:start + batch_size]], with_tokens, batch_size))
+    import torch
+
+    embedded = Embedded(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], embedder.id,
+                        embedder.spec, "image", torch.cat([p.tokens for p in parts]) if with_tokens else None)
+    embedded.save(cache)
+    return embedded

@@ -1,0 +1,133 @@
+"""Training for the prefix decoders (clipcap, capdec, decap): what differs from the one loop is only
+which vectors feed the prefix and how they are bridged.
+
+- clipcap: image embeddings paired with their captions (each image once per caption);
+- capdec / decap: the caption's own text embedding (text-only), passed through the decoder's bridge
+  (noise for capdec; mean shift when asked), images used at most for the modality mean.
+All embeddings are computed once before training (and cached), never per epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unembed.data.coco import embed_split, load_coco_split, split_captions
+from unembed.errors import BadInputError
+from unembed.io import write_json
+from unembed.training.loop import Task, TrainConfig, fit
+
+# The papers' optimisation settings (METHODS.md); overridable from the command line.
+PREFIX_DEFAULTS = {
+    "clipcap": dict(epochs=10, batch_size=40, lr=2e-5, warmup_steps=5000, weight_decay=0.0),
+    "capdec": dict(epochs=10, batch_size=32, lr=2e-5, warmup_steps=5000, weight_decay=0.0),
+    "decap": dict(epochs=10, batch_size=64, lr=1e-5, warmup_steps=1000, weight_decay=0.0),
+}
+VALIDATION_IMAGES = 200
+
+
+class PrefixTask(Task):
+    def __init__(self, decoder, vectors: torch.Tensor, pair_vector: torch.Tensor, captions: list[str],
+                 text_only: bool, validation=None):
+        self.model = decoder
+        self.vectors = vectors            # [V, D]: image embeddings (clipcap) or caption embeddings
+        self.pair_vector = pair_vector    # [P]: which vector each caption is paired with
+        self.tokens, self.lengths = decoder.encode_captions(captions)
+        self.text_only = text_only
+        self.validation = validation      # (Embedded of val images, {image_id: refs}) or None
+
+    def num_examples(self) -> int:
+        return len(self.pair_vector)
+
+    def batch(self, indices, generator):
+        vectors = self.vectors[self.pair_vector[indices]]
+        if self.text_only:
+            vectors = self.model.bridge.for_training(vectors, generator)
+        longest = int(self.lengths[indices].max())
+        return {"vectors": vectors, "tokens": self.tokens[indices, :longest], "lengths": self.lengths[indices]}
+
+    def loss(self, model, batch):
+        return model.caption_loss(batch["vectors"], batch["tokens"], batch["lengths"]), {}
+
+    def validate(self, model):
+        if self.validation is None:
+            return {}
+        from unembed.eval.metrics import coco_caption_metrics
+
+        embedded, references = self.validation
+        captions = model.decode(embedded)
+        scores = coco_caption_metrics(dict(zip(embedded.ids, captions)), references, spice=False, meteor=False)
+        return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
+                "val_example": captions[0]}
+
+    def save(self, model, out_dir, metrics):
+        model.save(out_dir)
+        write_json(Path(out_dir) / "metrics.json", metrics)
+
+
+def _validation_set(embedder, data_dir: Path | None):
+    if data_dir is None or not (data_dir / "val" / "captions.json").is_file():
+        return None
+    try:
+        embedded = embed_split(embedder, data_dir / "val")
+    except BadInputError:  # a text-only split has no images to validate on
+        return None
+    _, captions, ids = load_coco_split(data_dir / "val")
+    embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
+    return embedded, {str(i): refs for i, refs in zip(ids, captions)}
+
+
+def _train_images(embedder, data_dir: Path | None):
+    if data_dir is None:
+        return None
+    try:
+        return embed_split(embedder, data_dir / "train")
+    except BadInputError:
+        return None
+
+
+def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
+                 resume: bool = False, progress: bool = True, **decoder_options) -> dict:
+    """Train a clipcap / capdec / decap decoder and save it to out_dir."""
+    from unembed.data.captions import load_captions
+    from unembed.decoders import decoder_class
+
+    data_dir = Path(data_dir) if data_dir else None
+    cls = decoder_class(kind)
+    images = _train_images(embedder, data_dir)
+    if cls.trainable_from_text:
+        captions = [c for f in caption_files for c in load_captions(f)]
+        if data_dir is not None:
+            captions += split_captions(data_dir / "train")
+        if not captions:
+            raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
+        unique = list(dict.fromkeys(captions))
+        vectors = embedder.embed_texts(unique)
+        index = {c: i for i, c in enumerate(unique)}
+        pair_vector = torch.tensor([index[c] for c in captions])
+    else:
+        if images is None:
+            raise BadInputError(kind, "trains on (image, caption) pairs: --data DIR with train/captions.json and images")
+        _, per_image, _ = load_coco_split(data_dir / "train")
+        captions = [c for caps in per_image for c in caps]
+        pair_vector = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
+        vectors = images.vectors
+        unique = None
+
+    projection = decoder_options.pop("projection_size", cls.config_class.projection_size)
+    if projection and unique is not None:
+        projection = min(projection, len(unique))
+    from unembed.decoders.prefix import make_tokenizer
+
+    decoder_config = cls.config_class(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
+                                      projection_size=projection, **decoder_options)
+    decoder = cls(decoder_config, make_tokenizer(decoder_config, captions=captions))
+    if unique is not None:
+        memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:projection]
+        decoder.bridge.fit(vectors, None if images is None else images.vectors,
+                           [unique[i] for i in memory.tolist()], vectors[memory])
+    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.trainable_from_text,
+                      _validation_set(embedder, data_dir))
+    result = fit(task, config, out_dir, resume=resume, progress=progress)
+    return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+            "final_loss": round(result.final_loss, 4), **result.metrics}
