@@ -154,3 +154,29 @@ def test_text_only_decoders_refuse_mean_shift_without_images(embedder, tmp_path)
     with pytest.raises(MismatchError, match="mean shift needs"):
         train_prefix("capdec", embedder, tmp_path / "out", TrainConfig(max_steps=1, device="cpu"),
                      caption_files=[corpus], progress=False, mean_shift=True, lm="scratch", lm_config=dict(TINY_LM))
+
+
+def test_transformer_mapper_round_trips(embedder, tmp_path):
+    decoder = tiny("clipcap", embedder, mapper="transformer", prefix_length=3, mapper_length=2, mapper_layers=1)
+    vectors = torch.nn.functional.normalize(torch.randn(2, embedder.dim), dim=-1)
+    assert decoder.prefix(vectors).shape == (2, 3, TINY_LM["n_embd"])
+    decoder.save(tmp_path / "t")
+    embedded = Embedded(vectors, ["a", "b"], embedder.id, embedder.spec)
+    assert load_decoder(tmp_path / "t").decode(embedded, num_beams=2) == decoder.decode(embedded, num_beams=2)
+
+
+def test_corpus_tokenizer_is_learned_saved_and_reloaded(embedder, tmp_path):
+    from unembed.decoders.capdec import CapDecConfig, CapDecDecoder
+    from unembed.decoders.prefix import CorpusTokenizer
+
+    captions = ["a red circle left of a blue square", "two green hearts on a noisy background"] * 20
+    tokenizer = CorpusTokenizer.train(captions, 200)
+    assert tokenizer.vocab_size < 200 and tokenizer.decode(tokenizer.encode("two green hearts")) == "two green hearts"
+    config = CapDecConfig(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim, lm="scratch",
+                          tokenizer="corpus:200", lm_config=dict(TINY_LM), prefix_length=2)
+    decoder = CapDecDecoder(config, tokenizer)
+    assert decoder.lm.get_output_embeddings().out_features == tokenizer.vocab_size
+    decoder.save(tmp_path / "c")
+    assert (tmp_path / "c" / "tokenizer.json").is_file()
+    again = load_decoder(tmp_path / "c")
+    assert again.tokenizer.encode("a red circle") == tokenizer.encode("a red circle")

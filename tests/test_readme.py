@@ -14,7 +14,11 @@ README = (ROOT / "README.md").read_text()
 UNEMBED = [sys.executable, "-m", "unembed.cli"]
 
 # Appended flags win over the README's (argparse keeps the last): same commands, seconds instead of minutes.
-SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-steps", "3", "--batch-size", "32"]}
+SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-steps", "3", "--batch-size", "32"],
+         "train clipcap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
+         "train capdec": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
+         "train decap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
+         "caption scenes/test/images": ["--max-length", "6"]}
 
 
 def block(name: str) -> str:
@@ -44,14 +48,24 @@ def test_make_demo_runs_exactly_the_quickstart():
     assert script == [line for line in block("quickstart").splitlines() if line.strip()]
 
 
+def run_small(argv, cwd):
+    extra = next((flags for key, flags in SMALL.items() if " ".join(argv[1:3]) == key), [])
+    result = run(argv + extra, cwd)
+    assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
+    return result
+
+
 @pytest.mark.slow
-def test_quickstart_runs(tmp_path):
+def test_quickstart_then_prefix_decoders_run(tmp_path):
     for argv in commands("quickstart"):
-        extra = next((flags for key, flags in SMALL.items() if " ".join(argv[1:3]) == key), [])
-        result = run(argv + extra, tmp_path)
-        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
+        result = run_small(argv, tmp_path)
     assert re.search(r"\| CIDEr", result.stdout) and "CLIPScore" in result.stdout  # the last eval's table
     assert (tmp_path / "test-scores.json").is_file() and (tmp_path / "compositional-scores.json").is_file()
+    for argv in commands("prefix"):
+        result = run_small(argv, tmp_path)
+    assert "| capdec-test |" in result.stdout
+    for kind in ("clipcap", "capdec", "decap"):
+        assert (tmp_path / "models" / kind / "config.json").is_file()
 
 
 def test_network_commands_fail_fast_and_clearly_offline(tmp_path):

@@ -52,7 +52,8 @@ def _train_config(args, defaults: dict):
     from unembed.training.loop import TrainConfig
 
     values = dict(defaults)
-    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision", "warmup_steps"):
+    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision", "warmup_steps",
+                 "checkpoint_every", "validate_every"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return TrainConfig(**values)
@@ -252,6 +253,8 @@ def _add_train_flags(p, resume: bool = True) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--validate-every", type=int, help="steps between validations (default: only at the end)")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
 
