@@ -60,6 +60,26 @@ def test_save_load_round_trip_gives_identical_captions(trained, kind, embedder, 
     assert again.decode(embedded, num_beams=3) == decoder.decode(embedded, num_beams=3)
 
 
+@pytest.mark.parametrize("kind", PREFIX_KINDS)
+def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_dir):
+    """The LM library's cached generation must match re-running the whole sequence for each token
+    (DeCap's one-vector prefix once tripped transformers into re-feeding the prefix every step)."""
+    from unembed.data.coco import embed_split
+
+    decoder = load_decoder(trained[kind][0]).eval()
+    embedded = embed_split(embedder, scenes_dir / "test").select(range(3))
+    captions = decoder.decode(embedded, num_beams=1, max_length=6)
+    eos = decoder.tokenizer.eos_id
+    with torch.no_grad():
+        sequence = decoder.prefix(decoder.bridge.for_inference(embedded.vectors))
+        steps = []
+        for _ in range(6):
+            steps.append(decoder.lm(inputs_embeds=sequence).logits[:, -1].argmax(-1))
+            sequence = torch.cat([sequence, decoder.lm.get_input_embeddings()(steps[-1])[:, None]], dim=1)
+    naive = [decoder.tokenizer.decode(decoder._until_eos(row, eos)) for row in torch.stack(steps, 1).tolist()]
+    assert captions == naive
+
+
 def test_decoding_options(trained, embedder, scenes_dir):
     from unembed.data.coco import embed_split
 

@@ -59,10 +59,31 @@ def _train_config(args, defaults: dict):
     return TrainConfig(**values)
 
 
+def _json_arg(value: str) -> dict:
+    """A JSON object given inline or as a file path."""
+    from unembed.errors import BadInputError
+
+    try:
+        parsed = json.loads(Path(value).read_text() if Path(value).is_file() else value)
+    except json.JSONDecodeError as e:
+        raise BadInputError(value, f"is neither a JSON object nor a JSON file ({e.msg})") from None
+    if not isinstance(parsed, dict):
+        raise BadInputError(value, "must be a JSON object")
+    return parsed
+
+
 def cmd_train_clip(args) -> int:
     from unembed.training.clip import CLIP_DEFAULTS, train_clip
 
-    report = train_clip(args.data, args.out, _train_config(args, CLIP_DEFAULTS), resume=args.resume)
+    from unembed.embedders import scenes_config
+
+    from unembed.errors import BadInputError
+
+    try:
+        arch = scenes_config(**_json_arg(args.arch)) if args.arch else None
+    except TypeError as e:
+        raise BadInputError("--arch", str(e)) from None
+    report = train_clip(args.data, args.out, _train_config(args, CLIP_DEFAULTS), arch=arch, resume=args.resume)
     print(json.dumps(report, indent=2))
     return EXIT_OK
 
@@ -88,8 +109,7 @@ def cmd_train_prefix(args) -> int:
 
     options = {name: getattr(args, name) for name in PREFIX_OPTIONS if getattr(args, name, None) is not None}
     if args.lm_config:
-        options["lm_config"] = json.loads(Path(args.lm_config).read_text() if Path(args.lm_config).is_file()
-                                          else args.lm_config)
+        options["lm_config"] = _json_arg(args.lm_config)
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, _train_config(args, PREFIX_DEFAULTS[args.what]),
                           data_dir=args.data, caption_files=getattr(args, "captions", None) or (), resume=args.resume, **options)
@@ -307,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = train.add_parser("clip", help="train a small joint embedder from scratch (contrastive loss)")
     t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
     t.add_argument("--out", required=True)
+    t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, "
+                   "vision_width, text_width, text_layers, context_length")
     _add_train_flags(t)
     t.set_defaults(func=cmd_train_clip)
     t = train.add_parser("retrieval", help="build the nearest-caption baseline from a caption corpus")

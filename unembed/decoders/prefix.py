@@ -315,6 +315,12 @@ class PrefixDecoder(Decoder):
         else:
             options.update(do_sample=False, num_beams=num_beams or self.config.num_beams)
         attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if prefix.shape[1] == 1:
+            # transformers takes "as many cache positions as inputs_embeds" to mean the first step, so a
+            # one-vector prefix would be fed again at every step. One masked left-pad slot (HF's own
+            # padding scheme: no attention to it, positions from the mask) keeps the computation exact.
+            prefix = torch.cat([torch.zeros_like(prefix), prefix], dim=1)
+            attention = torch.cat([torch.zeros_like(attention), attention], dim=1)
         out = self.lm.generate(inputs_embeds=prefix, attention_mask=attention, **options)
         return [self.tokenizer.decode(self._until_eos(row.tolist(), eos)) for row in out]
 

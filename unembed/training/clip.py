@@ -128,6 +128,7 @@ def train_clip(data_dir, out_dir, config: TrainConfig, arch: dict | None = None,
     from unembed.training.loop import fit
 
     data_dir = Path(data_dir)
+    torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     embedder = Embedder.from_config(arch or scenes_config(), device="cpu")
     embedder.device = torch.device("cpu")
     task = ClipTask(embedder, data_dir / "train", data_dir / "val" if (data_dir / "val").is_dir() else None)

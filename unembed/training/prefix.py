@@ -93,6 +93,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     from unembed.decoders import decoder_class
 
     data_dir = Path(data_dir) if data_dir else None
+    torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
     images = _train_images(embedder, data_dir)
     if cls.trainable_from_text:
