@@ -3,6 +3,8 @@
 #   make test   create .venv and run the whole test suite
 # torch and torchvision go on ONE pip line with exact versions: that takes the CPU build of torch
 # on this machine's disk; a bare `torch`, or torchvision on a later line, pulls a multi-GB CUDA build.
+# constraints-cpu.txt pins every other package to versions tested together here: without it pip's
+# resolver backtracked through dozens of transformers/peft releases for over 15 minutes.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_PIN ?= torch==2.13.0 torchvision==0.28.0
@@ -11,9 +13,9 @@ DEMO ?= demo-run
 
 .PHONY: setup demo test clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIN) -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt $(TORCH_PIN) -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/.installed
