@@ -269,6 +269,7 @@ def _add_train_flags(p, resume: bool = True) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -347,7 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
         if kind != "clipcap":
             t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
         _add_train_flags(t)
-        t.add_argument("--warmup-steps", type=int)
         t.add_argument("--lm", help="'scratch' or a Hugging Face causal LM id (default: gpt2; decap: scratch)")
         t.add_argument("--lm-config", help="JSON (or a JSON file) overriding the scratch LM's config, e.g. "
                        "'{\"n_layer\": 4, \"n_embd\": 256}'")
