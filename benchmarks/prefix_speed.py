@@ -19,7 +19,6 @@ import time
 import torch
 
 from unembed.decoders import create_decoder
-from unembed.embedders import Embedded
 
 GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
 

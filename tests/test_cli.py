@@ -63,7 +63,8 @@ def test_embed_then_caption_embeddings_equals_captioning_images(scenes_dir, retr
     direct, via = tmp_path / "direct.jsonl", tmp_path / "via.jsonl"
     assert main(["caption", images, "--decoder", str(retrieval_dir), "--out", str(direct), "--device", "cpu"]) == 0
     assert main(["caption", "--embeddings", str(emb), "--decoder", str(retrieval_dir), "--out", str(via)]) == 0
-    assert [r["caption"] for r in _read_jsonl(direct)] == [r["caption"] for r in _read_jsonl(via)]
+    assert [(r["image_id"], r["caption"]) for r in _read_jsonl(direct)] == \
+        [(r["image_id"], r["caption"]) for r in _read_jsonl(via)]
 
 
 def test_caption_refuses_embeddings_from_another_embedder(tmp_path, retrieval_dir, embedder):

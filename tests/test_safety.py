@@ -1,7 +1,6 @@
 """Trust: no file is ever unpickled, and training survives SIGKILL (also mid-checkpoint) and resumes
 to the same weights as an uninterrupted run."""
 import json
-import os
 import pickle
 import shutil
 import signal

@@ -124,8 +124,6 @@ PREFIX_OPTIONS = ("lm", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_leng
 # --- embed / caption ----------------------------------------------------------------------------
 
 def cmd_embed(args) -> int:
-    import torch
-
     from unembed.embedders import Embedded, load_embedder
     from unembed.pipeline import iter_image_batches
 
@@ -137,9 +135,7 @@ def cmd_embed(args) -> int:
     if not parts:
         _err("no image could be embedded")
         return EXIT_FAILED
-    tokens = torch.cat([p.tokens for p in parts]) if args.tokens else None
-    Embedded(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], embedder.id, embedder.spec,
-             "image", tokens).save(args.out)
+    Embedded.concat(parts).save(args.out)
     _log(f"embedded {sum(len(p) for p in parts)} images ({embedder.dim}-d) into {args.out}")
     return EXIT_PARTIAL if errors.count else EXIT_OK
 

@@ -86,6 +86,14 @@ class Embedded:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    @classmethod
+    def concat(cls, parts: Sequence["Embedded"]) -> "Embedded":
+        """One Embedded from batches of the same embedding pass, in order."""
+        first = parts[0]
+        tokens = None if first.tokens is None else torch.cat([p.tokens for p in parts])
+        return cls(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], first.embedder_id,
+                   first.embedder_spec, first.modality, tokens, dict(first.meta))
+
     def select(self, index: Sequence[int] | slice) -> "Embedded":
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         t = None if self.tokens is None else self.tokens[idx]
@@ -144,12 +152,14 @@ class Embedder:
     def has_image_tokens(self) -> bool:
         return hasattr(self.model, "_encode_image")
 
+    def _pixel_batches(self, images: Sequence, batch_size: int):
+        for i in range(0, len(images), batch_size):
+            yield torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+
     @torch.no_grad()
     def embed_images(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
-            out.append(self.model.encode_image(pixels, normalize=True).float().cpu())
+        out = [self.model.encode_image(pixels, normalize=True).float().cpu()
+               for pixels in self._pixel_batches(images, batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     @torch.no_grad()
@@ -165,19 +175,15 @@ class Embedder:
         """Token embeddings [N, T, W] that CoCa's text decoder cross-attends to."""
         if not self.has_image_tokens:
             raise MismatchError(f"embedder {self.spec} has no image tokens (only CoCa models do)")
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
-            out.append(self.model._encode_image(pixels)[1].float().cpu())
-        return torch.cat(out)
+        return torch.cat([self.model._encode_image(pixels)[1].float().cpu()
+                          for pixels in self._pixel_batches(images, batch_size)])
 
     def embed(self, images: Sequence, ids: Sequence[str], with_tokens: bool = False, batch_size: int = 64) -> Embedded:
         """Embed images once into an `Embedded` (with CoCa's image tokens when asked)."""
         if with_tokens:
             latents, tokens = [], []
             with torch.no_grad():
-                for i in range(0, len(images), batch_size):
-                    pixels = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+                for pixels in self._pixel_batches(images, batch_size):
                     latent, toks = self.model._encode_image(pixels)
                     latents.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu())
                     tokens.append(toks.float().cpu())

@@ -75,7 +75,7 @@ def caption_embeddings(embedded, decoder, batch_size: int = 256, **generation) -
         t0 = time.perf_counter()
         captions = decoder.decode(part, **generation)
         per_item = (time.perf_counter() - t0) / len(part)
-        yield [{"image_id": image_id(i) if isinstance(i, str) and i.isdigit() else i, "caption": c,
+        yield [{"image_id": image_id(i), "caption": c,
                 "decoder": decoder.kind, "seconds": round(per_item, 4)} for i, c in zip(part.ids, captions)]
 
 

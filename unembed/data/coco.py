@@ -47,9 +47,6 @@ def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int 
     for start in range(0, len(paths), batch_size):
         images = [load_image(p) for p in paths[start:start + batch_size]]
         parts.append(embedder.embed(images, [str(i) for i in ids[start:start + batch_size]], with_tokens, batch_size))
-    import torch
-
-    embedded = Embedded(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], embedder.id,
-                        embedder.spec, "image", torch.cat([p.tokens for p in parts]) if with_tokens else None)
+    embedded = Embedded.concat(parts)
     embedded.save(cache)
     return embedded
