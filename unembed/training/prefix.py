@@ -65,25 +65,23 @@ class PrefixTask(Task):
         write_json(Path(out_dir) / "metrics.json", metrics)
 
 
-def _validation_set(embedder, data_dir: Path | None):
-    if data_dir is None or not (data_dir / "val" / "captions.json").is_file():
+def _split_images(embedder, data_dir: Path | None, split: str):
+    """The split's cached image embeddings, or None when there is no such split or it has no images."""
+    if data_dir is None or not (data_dir / split / "captions.json").is_file():
         return None
     try:
-        embedded = embed_split(embedder, data_dir / "val")
-    except BadInputError:  # a text-only split has no images to validate on
+        return embed_split(embedder, data_dir / split)
+    except BadInputError:  # a text-only split
+        return None
+
+
+def _validation_set(embedder, data_dir: Path | None):
+    embedded = _split_images(embedder, data_dir, "val")
+    if embedded is None:
         return None
     _, captions, ids = load_coco_split(data_dir / "val")
     embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
     return embedded, {str(i): refs for i, refs in zip(ids, captions)}
-
-
-def _train_images(embedder, data_dir: Path | None):
-    if data_dir is None:
-        return None
-    try:
-        return embed_split(embedder, data_dir / "train")
-    except BadInputError:
-        return None
 
 
 def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
@@ -95,7 +93,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
-    images = _train_images(embedder, data_dir)
+    images = _split_images(embedder, data_dir, "train")
     if cls.trainable_from_text:
         captions = [c for f in caption_files for c in load_captions(f)]
         if data_dir is not None:
