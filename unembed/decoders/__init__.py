@@ -40,12 +40,22 @@ def create_decoder(name: str, **config) -> Decoder:
 
 
 def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
-    """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder."""
+    """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder.
+    A decoder that decodes with its embedder's towers gets it attached (loaded from its config if not given)."""
     saved = read_decoder_config(path)
     cls = decoder_class(saved.get("kind", ""))
     if embedder is not None:
         check_embedder(saved["config"], embedder, path)
-    return build_saved_decoder(cls, saved, Path(path), device)
+    decoder = build_saved_decoder(cls, saved, Path(path), device)
+    if cls.needs_embedder:
+        if embedder is None:
+            from unembed.embedders import load_embedder
+            from unembed.pipeline import resolve_embedder_spec
+
+            embedder = load_embedder(resolve_embedder_spec(saved["config"], path), device)
+            check_embedder(saved["config"], embedder, path)
+        decoder.attach_embedder(embedder)
+    return decoder
 
 
 def check_embedder(config: dict, embedder, where) -> None:

@@ -43,10 +43,24 @@ class Decoder(torch.nn.Module):
     config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
     needs_tokens: ClassVar[bool] = False         # decodes from image tokens (CoCa), not only vectors
     trainable_from_text: ClassVar[bool] = False  # can be trained on captions alone
+    needs_embedder: ClassVar[bool] = False       # decodes with the embedder's own towers (re-ranking, CoCa)
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
+        self._embedder = None
+
+    def attach_embedder(self, embedder) -> None:
+        """Give a `needs_embedder` decoder the embedder it decodes with (kept outside the module:
+        its weights are the embedder's, saved with the embedder, not with the decoder)."""
+        self._embedder = embedder
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            raise MismatchError(f"the {self.kind} decoder decodes with its embedder; load it with load_decoder(path) "
+                                "or call attach_embedder(embedder) first")
+        return self._embedder
 
     def decode(self, embedded, **generation) -> list[str]:
         raise NotImplementedError
