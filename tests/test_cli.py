@@ -88,3 +88,19 @@ def test_data_scenes_command(tmp_path):
     assert main(["data", "scenes", "--out", str(tmp_path / "s"), "--n", "20", "--n-eval", "5", "--text-only"]) == 0
     assert not list((tmp_path / "s").rglob("*.png"))
     assert len(json.loads((tmp_path / "s" / "train" / "captions.json").read_text())["annotations"]) == 100
+
+
+def test_captioning_streams_one_batch_at_a_time(tmp_path, scenes_dir, retrieval_dir, embedder, monkeypatch):
+    """Memory is bounded by the batch, not the folder: when the first batch's captions come out,
+    only that batch's images have been read (benchmarks/caption_memory.py measures 10,000 images)."""
+    import unembed.pipeline as pipeline
+    from unembed.decoders import load_decoder
+
+    loaded = []
+    real_load = pipeline.load_image
+    monkeypatch.setattr(pipeline, "load_image", lambda path: loaded.append(path) or real_load(path))
+    decoder = load_decoder(retrieval_dir, embedder=embedder)
+    batches = pipeline.caption_images([str(scenes_dir / "test" / "images")], decoder, embedder, batch_size=4)
+    first = next(batches)
+    assert len(first) == 4 and len(loaded) == 4
+    assert sum(len(b) for b in batches) == 8 and len(loaded) == 12

@@ -200,3 +200,15 @@ def test_corpus_tokenizer_is_learned_saved_and_reloaded(embedder, tmp_path):
     assert (tmp_path / "c" / "tokenizer.json").is_file()
     again = load_decoder(tmp_path / "c")
     assert again.tokenizer.encode("a red circle") == tokenizer.encode("a red circle")
+
+
+def test_corpus_tokenizer_numbers_tokens_the_same_every_time(scenes_dir):
+    """The BPE trainer numbers its alphabet in hash order; the ids must not depend on the run
+    (reproducibility, and every process of a distributed run trains its own copy)."""
+    from unembed.data.coco import split_captions
+    from unembed.decoders.prefix import CorpusTokenizer
+
+    captions = split_captions(scenes_dir / "train")
+    runs = [CorpusTokenizer.train(captions, 64) for _ in range(4)]
+    assert len({tuple(t.encode("a red circle above two blue stars")) for t in runs}) == 1
+    assert sorted(runs[0]._tok.get_vocab().values()) == list(range(runs[0].vocab_size))

@@ -123,21 +123,42 @@ PREFIX_OPTIONS = ("lm", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_leng
 
 # --- embed / caption ----------------------------------------------------------------------------
 
+def _my_inputs(paths, world, errors) -> list[str]:
+    """This process's block of the input files; paths that name no file are reported once, by the main process."""
+    from unembed.data.images import expand_inputs
+
+    files, bad = expand_inputs(paths)
+    if world.is_main:
+        for e in bad:
+            errors(e)
+    return world.block(files)
+
+
+def _exit_code(done: int, failed: int) -> int:
+    if done == 0:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
 def cmd_embed(args) -> int:
+    from unembed.distributed import world
     from unembed.embedders import Embedded, load_embedder
     from unembed.pipeline import iter_image_batches
 
-    embedder = load_embedder(args.embedder, args.device)
+    w = world(args.device)
+    embedder = load_embedder(args.embedder, w.device)
     errors = _ErrorCounter()
-    parts = []
-    for paths, images in iter_image_batches(args.paths, args.batch_size, errors):
-        parts.append(embedder.embed(images, paths, with_tokens=args.tokens, batch_size=args.batch_size))
-    if not parts:
-        _err("no image could be embedded")
-        return EXIT_FAILED
-    Embedded.concat(parts).save(args.out)
-    _log(f"embedded {sum(len(p) for p in parts)} images ({embedder.dim}-d) into {args.out}")
-    return EXIT_PARTIAL if errors.count else EXIT_OK
+    parts = [embedder.embed(images, paths, with_tokens=args.tokens, batch_size=args.batch_size)
+             for paths, images in iter_image_batches(_my_inputs(args.paths, w, errors), args.batch_size, errors)]
+    out = args.out if w.size == 1 else w.part_path(args.out)
+    if parts:
+        Embedded.concat(parts).save(out)
+    if w.size > 1:
+        w.merge_parts(args.out, lambda files: Embedded.concat([Embedded.load(f) for f in files]).save(args.out))
+    done, failed = w.total(sum(len(p) for p in parts)), w.total(errors.count)
+    if w.is_main:
+        _log(f"embedded {done} images ({embedder.dim}-d) into {args.out}" if done else "no image could be embedded")
+    return _exit_code(done, failed)
 
 
 class _ResultWriter:
@@ -180,43 +201,67 @@ def _load_decoder_and_embedder(args):
     return decoder, embedder
 
 
+def _merge_caption_parts(out: str, fmt: str):
+    """Concatenate the processes' JSON Lines parts into OUT (atomically), as JSON Lines or COCO results."""
+    from unembed.io import atomic_path, write_json
+
+    def merge(parts: list[str]) -> None:
+        lines = [line for part in parts for line in Path(part).read_text(encoding="utf-8").splitlines() if line]
+        if fmt == "coco":
+            write_json(out, [{"image_id": r["image_id"], "caption": r["caption"]} for r in map(json.loads, lines)])
+            return
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    return merge
+
+
 def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
-    from unembed.pipeline import caption_embeddings, caption_images, count_inputs
+    from unembed.distributed import world
+    from unembed.pipeline import caption_embeddings, caption_images
 
     if not args.paths and not args.embeddings:
         _err("give image files/folders/globs, or --embeddings FILE.safetensors")
         return EXIT_FAILED
+    w = world(args.device)
+    if w.size > 1 and not args.out:
+        _err("with several processes, give --out FILE (their outputs are merged into it)")
+        return EXIT_FAILED
+    args.device = w.device
     decoder, embedder = _load_decoder_and_embedder(args)
     generation = {name: getattr(args, name) for name in ("max_length", "num_beams", "top_p", "seed")
                   if getattr(args, name) is not None}
     if args.sample:
         generation["do_sample"] = True
     errors = _ErrorCounter()
-    writer = _ResultWriter(args.out, args.format)
+    writer = _ResultWriter(w.part_path(args.out), "jsonl") if w.size > 1 else _ResultWriter(args.out, args.format)
     done = 0
     try:
         if args.embeddings:
             from unembed.embedders import Embedded
 
-            batches = caption_embeddings(Embedded.load(args.embeddings), decoder, args.batch_size, **generation)
-            total = None
+            embedded = Embedded.load(args.embeddings)
+            embedded = embedded.select(w.block(range(len(embedded))))
+            batches, total = caption_embeddings(embedded, decoder, args.batch_size, **generation), len(embedded)
         else:
-            batches = caption_images(args.paths, decoder, embedder, args.batch_size, errors, **generation)
-            total = count_inputs(args.paths)
-        with tqdm(total=total, unit="img", desc="caption", disable=None, file=sys.stderr) as bar:
+            files = _my_inputs(args.paths, w, errors)
+            batches, total = caption_images(files, decoder, embedder, args.batch_size, errors, **generation), len(files)
+        with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar:
             for records in batches:
                 writer.write(records)
                 done += len(records)
                 bar.update(len(records))
     finally:
         writer.close()
-    _log(f"captioned {done} item(s)" + (f"; {errors.count} failed" if errors.count else "")
-         + (f"; wrote {args.out}" if args.out else ""))
-    if done == 0:
-        return EXIT_FAILED
-    return EXIT_PARTIAL if errors.count else EXIT_OK
+    if w.size > 1:
+        w.merge_parts(args.out, _merge_caption_parts(args.out, args.format))
+    done, failed = w.total(done), w.total(errors.count)
+    if w.is_main:
+        _log(f"captioned {done} item(s)" + (f"; {failed} failed" if failed else "")
+             + (f"; wrote {args.out}" if args.out else ""))
+    return _exit_code(done, failed)
 
 
 # --- eval ---------------------------------------------------------------------------------------

@@ -54,3 +54,19 @@ def import_transformers():
     import transformers
 
     return transformers
+
+
+def run_accelerate_cli(argv: list[str]) -> None:
+    """`accelerate ...` with the torchvision fix applied: accelerate's own command line imports
+    torchvision (through timm) and fails on the same mismatched builds."""
+    import_torchvision()
+    from accelerate.commands.accelerate_cli import main
+
+    sys.argv = ["accelerate", *argv]
+    main()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["accelerate"]:
+        sys.exit("usage: python -m unembed.compat accelerate launch [accelerate options] -m unembed.cli ...")
+    run_accelerate_cli(sys.argv[2:])

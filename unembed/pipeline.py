@@ -51,10 +51,6 @@ def iter_image_batches(paths: Sequence[str], batch_size: int,
         yield batch_paths, batch_images
 
 
-def count_inputs(paths: Sequence[str]) -> int:
-    return len(expand_inputs(paths)[0])
-
-
 def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
                    on_error: Callable[[BadInputError], None] = lambda e: None,
                    **generation) -> Iterator[list[dict]]:

@@ -120,9 +120,27 @@ class CorpusTokenizer:
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        specials = ["[UNK]", "[BOS]", "[EOS]"]
         tok.train_from_iterator(captions, trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>",
-                                                              special_tokens=["[UNK]", "[BOS]", "[EOS]"]))
-        return cls(tok)
+                                                              special_tokens=specials))
+        return cls(Tokenizer.from_str(cls._canonical_ids(tok.to_str(), specials)))
+
+    @staticmethod
+    def _canonical_ids(serialised: str, specials: list[str]) -> str:
+        """The trainer learns the same merges every run but numbers the initial alphabet in hash
+        order, which differs per process: renumber (specials, sorted alphabet, merges in order) so a
+        run is reproducible and every process of a distributed run gets the same token ids."""
+        import json
+
+        spec = json.loads(serialised)
+        model = spec["model"]
+        merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
+        alphabet = sorted(set(model["vocab"]) - set(specials) - set(merged))
+        order = specials + alphabet + [t for t in dict.fromkeys(merged) if t not in specials]
+        model["vocab"] = {token: i for i, token in enumerate(order)}
+        for added in spec.get("added_tokens", []):
+            added["id"] = model["vocab"][added["content"]]
+        return json.dumps(spec)
 
     @classmethod
     def load(cls, directory: Path) -> "CorpusTokenizer":
@@ -159,6 +177,19 @@ def make_tokenizer(config: PrefixConfig, directory: Path | None = None, captions
     if directory is not None and (directory / "tokenizer").is_dir():
         return HFTokenizer(str(directory / "tokenizer"))
     return HFTokenizer(name)
+
+
+def encode_captions(tokenizer, captions: list[str], limit: int,
+                    start: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, T] (the start token if asked, the caption cut to fit `limit`, the end token;
+    right-padded with the end token) and lengths [N]: padding is told apart by length, not by value."""
+    eos, head = tokenizer.eos_id, [tokenizer.bos_id] if start else []
+    ids = [head + tokenizer.encode(c)[:limit - 1 - len(head)] + [eos] for c in captions]
+    lengths = torch.tensor([len(i) for i in ids])
+    tokens = torch.full((len(ids), int(lengths.max())), eos, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        tokens[row, :len(seq)] = torch.tensor(seq)
+    return tokens, lengths
 
 
 # --- mappers ------------------------------------------------------------------------------------
@@ -222,6 +253,17 @@ def make_lm(config: PrefixConfig, tokenizer) -> nn.Module:
         raise ModelLoadError(f"cannot load LM {config.lm!r}: {str(e).splitlines()[0]}") from None
 
 
+def build_lm(config, tokenizer) -> nn.Module:
+    """The LM a config names, with its full HF config recorded back into `config.lm_config` so a saved
+    decoder rebuilds it offline; a scratch LM's size overrides are completed from the tokenizer first."""
+    if config.lm == "scratch" and "vocab_size" not in config.lm_config:
+        config.lm_config = scratch_lm_config(tokenizer, config.lm_config)
+    lm = make_lm(config, tokenizer)
+    config.lm_config = {k: v for k, v in lm.config.to_diff_dict().items() if not k.startswith("_")}
+    config.lm_config["model_type"] = lm.config.model_type
+    return lm
+
+
 def scratch_lm_config(tokenizer, overrides: dict | None = None) -> dict:
     cfg = dict(SCRATCH_LM, **(overrides or {}))
     return dict(cfg, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
@@ -254,11 +296,7 @@ class PrefixDecoder(Decoder):
     def __init__(self, config: PrefixConfig, tokenizer=None):
         super().__init__(config)
         self.tokenizer = tokenizer or make_tokenizer(config)
-        if config.lm == "scratch" and "vocab_size" not in config.lm_config:  # only size overrides given
-            config.lm_config = scratch_lm_config(self.tokenizer, config.lm_config)
-        lm = make_lm(config, self.tokenizer)
-        config.lm_config = {k: v for k, v in lm.config.to_diff_dict().items() if not k.startswith("_")}
-        config.lm_config["model_type"] = lm.config.model_type
+        lm = build_lm(config, self.tokenizer)
         self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r)
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,
@@ -267,14 +305,7 @@ class PrefixDecoder(Decoder):
     # training
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [N, T] (caption + end token, right-padded with the end token) and lengths [N]."""
-        eos, limit = self.tokenizer.eos_id, self.config.max_caption_tokens
-        ids = [self.tokenizer.encode(c)[:limit - 1] + [eos] for c in captions]
-        lengths = torch.tensor([len(i) for i in ids])
-        tokens = torch.full((len(ids), int(lengths.max())), eos, dtype=torch.long)
-        for row, seq in enumerate(ids):
-            tokens[row, :len(seq)] = torch.tensor(seq)
-        return tokens, lengths
+        return encode_captions(self.tokenizer, captions, self.config.max_caption_tokens)
 
     def prefix(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.config.normalize:

@@ -80,10 +80,19 @@ def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
     return retrieval_metrics(image_vecs, embedder.embed_texts(texts), owner)
 
 
+def contrastive_loss():
+    """open_clip's InfoNCE; across processes, each scores its own rows against everyone's (gathered
+    with gradients), which makes the DDP average equal the one-process loss on the whole batch."""
+    from open_clip.loss import ClipLoss
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=torch.distributed.get_rank(),
+                        world_size=torch.distributed.get_world_size())
+    return ClipLoss()
+
+
 class ClipTask(Task):
     def __init__(self, embedder: Embedder, train_dir, eval_dir=None):
-        from open_clip.loss import ClipLoss
-
         self.embedder = embedder
         self.model = embedder.model
         paths, captions, _ = load_coco_split(train_dir)
@@ -91,7 +100,7 @@ class ClipTask(Task):
         self.tokens = tokenize_captions(embedder.tokenizer, captions)
         self.preprocess = embedder.config["preprocess"]
         self.eval_dir = eval_dir
-        self.clip_loss = ClipLoss()
+        self.clip_loss = None
 
     def num_examples(self) -> int:
         return len(self.images)
@@ -103,6 +112,8 @@ class ClipTask(Task):
     def loss(self, model, batch):
         pixels = normalise_pixels(batch["pixels"], self.preprocess["mean"], self.preprocess["std"])
         out = model(pixels, batch["tokens"])
+        if self.clip_loss is None:
+            self.clip_loss = contrastive_loss()
         loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         return loss, {"logit_scale": round(out["logit_scale"].item(), 2)}
 

@@ -6,6 +6,11 @@ Determinism: the examples of step s are a pure function of (seed, s) — a seede
 epoch, and a per-step generator for any sampling the task does — so a resumed run sees exactly the
 batches an uninterrupted one would.
 
+Distributed (several processes launched by `accelerate launch`): every process builds the same
+global batch and keeps rows rank, rank+N, ...; the loss is rescaled by the process's share of the
+batch's loss units (tokens, for captioning) so that DDP's gradient average equals the gradient of
+the one-process loss on the whole batch. Same flags, same global batch, same weights.
+
 Checkpoint layout, under OUT/checkpoints/:
     step-00000400/{model.safetensors, optimizer.safetensors, state.json}
     latest.json   {"step": 400, "dir": "step-00000400"}  (replaced atomically after the directory is complete)
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from unembed.distributed import use_cpu
 from unembed.errors import BadInputError, UnembedError
 from unembed.io import load_module, load_tensors, read_json, save_module, save_tensors, write_json
 
@@ -60,7 +66,12 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The mean loss over the batch's loss units, and values to log."""
         raise NotImplementedError
+
+    def loss_units(self, batch: dict) -> float:
+        """How many things the loss averages over (rows by default; a token-level loss counts tokens)."""
+        return float(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
 
     def trainable_parameters(self, model: torch.nn.Module):
         return [p for p in model.parameters() if p.requires_grad]
@@ -89,6 +100,26 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _TaskLoss(torch.nn.Module):
+    """The task's loss as a module's forward, so DDP (which hooks forward) synchronises gradients."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+        self.model = task.model
+
+    def forward(self, batch: dict):
+        return self.task.loss(self.model, batch)
+
+
+def process_rows(batch: dict, rows: int, rank: int, size: int) -> dict:
+    """This process's rows (rank, rank+size, ...) of a global batch; other entries are shared."""
+    if size == 1:
+        return batch
+    return {k: v[rank::size] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v
+            for k, v in batch.items()}
 
 
 def step_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -165,7 +196,8 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=use_cpu(config.device), mixed_precision=config.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     n = task.num_examples()
     if n == 0:
@@ -175,10 +207,11 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     optimizer = torch.optim.AdamW(task.trainable_parameters(task.model), lr=config.lr,
                                   weight_decay=config.weight_decay)
     start = load_checkpoint(ckpt_root, task.model, optimizer) if resume else 0
-    if not resume and ckpt_root.exists():
+    if not resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)
-    model, optimizer = accelerator.prepare(task.model, optimizer)
-    log_path = out_dir / "train_log.jsonl"
+    accelerator.wait_for_everyone()
+    model, optimizer = accelerator.prepare(_TaskLoss(task), optimizer)
+    log_path = out_dir / "train_log.jsonl" if accelerator.is_main_process else os.devnull
 
     bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
@@ -186,14 +219,16 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, total):
             indices = step_indices(step, n, batch_size, config.seed)
-            indices = indices[accelerator.process_index::accelerator.num_processes]
             batch = task.batch(indices, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
-            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            mine = process_rows(batch, len(indices), rank, world)
+            share = world * task.loss_units(mine) / task.loss_units(batch)
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, config)
             model.train()
             with accelerator.autocast():
-                loss, logs = task.loss(model, batch)
+                loss, logs = model(batch)
+                loss = loss * share
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
                                     f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
@@ -202,25 +237,25 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
             if config.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            task.after_step(accelerator.unwrap_model(model))
-            loss_value, seen = loss.item(), seen + len(indices)
+            task.after_step(task.model)
+            loss_value = accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item()
+            seen += len(indices)
             done = step + 1
             record = {"step": done, "loss": round(loss_value, 5), "lr": group["lr"], **logs}
-            if config.validate_every and done % config.validate_every == 0 and done < total:
-                metrics = task.validate(accelerator.unwrap_model(model))
-                record.update(metrics)
+            if (config.validate_every and done % config.validate_every == 0 and done < total
+                    and accelerator.is_main_process):
+                record.update(task.validate(task.model))
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
             bar.update(1)
             if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == total):
                 log.flush()
-                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model), optimizer, config,
-                                config.keep_checkpoints)
+                save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints)
     bar.close()
-    unwrapped = accelerator.unwrap_model(model)
-    metrics = task.validate(unwrapped)
     seconds = time.time() - t0
     if accelerator.is_main_process:
-        task.save(unwrapped, out_dir, {**metrics, "train_steps": total, "train_seconds": round(seconds, 1),
-                                       "final_loss": loss_value})
+        metrics = task.validate(task.model)
+        task.save(task.model, out_dir, {**metrics, "train_steps": total, "train_seconds": round(seconds, 1),
+                                        "final_loss": loss_value})
+    accelerator.wait_for_everyone()
     return TrainResult(total, seconds, loss_value, metrics)

@@ -49,6 +49,9 @@ class PrefixTask(Task):
     def loss(self, model, batch):
         return model.caption_loss(batch["vectors"], batch["tokens"], batch["lengths"]), {}
 
+    def loss_units(self, batch):
+        return float(batch["lengths"].sum())
+
     def validate(self, model):
         if self.validation is None:
             return {}

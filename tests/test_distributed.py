@@ -1,0 +1,83 @@
+"""Real 2-process runs (torch.distributed, gloo on CPU) launched by `accelerate launch`, compared
+with the same command in one process: trained weights match to float tolerance for the same global
+batch, and sharded captioning / embedding give the same outputs in the same order."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unembed.io import load_tensors
+
+pytestmark = pytest.mark.slow
+# Dropout draws from each process's own random stream, so only a dropout-free model can match exactly.
+NO_DROPOUT_LM = json.dumps({"n_layer": 1, "n_embd": 32, "n_head": 2, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0})
+
+
+def run_unembed(args, processes: int, tmp_path):
+    """`unembed ARGS` in one process, or under `accelerate launch` with `processes` of them."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    if processes == 1:
+        command = [sys.executable, "-m", "unembed.cli", *args]
+    else:  # accelerate's launcher (torchrun underneath); through unembed.compat for this torch build
+        command = [sys.executable, "-m", "unembed.compat", "accelerate", "launch", "--multi_gpu",
+                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--main_process_port", env["MASTER_PORT"], "-m", "unembed.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_two_process_training_gives_the_one_process_weights(tmp_path, scenes_dir, embedder_dir):
+    weights, losses = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"capdec-{processes}"
+        result = run_unembed(["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir),
+                              "--out", str(out), "--lm", "scratch", "--tokenizer", "corpus:64",
+                              "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2",
+                              "--batch-size", "16", "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "1",
+                              "--device", "cpu"], processes, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[processes], _ = load_tensors(out / "model.safetensors")
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3]  # one log, written by the main process only
+        losses[processes] = [r["loss"] for r in log]
+    assert losses[1][0] != losses[1][-1]  # the weights moved, so equal weights below mean equal updates
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    assert weights[1].keys() == weights[2].keys()
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _images_with_a_bad_one(scenes_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in sorted((scenes_dir / "test" / "images").glob("*.png"))[:11]:
+        shutil.copy(p, folder / p.name)
+    (folder / "000005-broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes_dir, retrieval_dir, embedder_dir):
+    folder = _images_with_a_bad_one(scenes_dir, tmp_path)
+    captions, vectors = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"captions-{processes}.jsonl"
+        result = run_unembed(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out),
+                              "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
+        assert result.returncode != 0  # the broken file makes it partial
+        assert result.stderr.count("000005-broken.png") == 1, result.stderr[-3000:]
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        captions[processes] = [(r["file"], r["caption"]) for r in records]
+        assert not list(tmp_path.glob(f"captions-{processes}.jsonl.part*"))
+
+        emb = tmp_path / f"vectors-{processes}.safetensors"
+        result = run_unembed(["embed", str(folder), "--embedder", str(embedder_dir), "--out", str(emb),
+                              "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
+        assert result.returncode != 0 and "000005-broken.png" in result.stderr
+        vectors[processes] = load_tensors(emb)
+    assert len(captions[1]) == 11 and captions[2] == captions[1]
+    assert [name for name, _ in captions[1]] == sorted(name for name, _ in captions[1])
+    torch.testing.assert_close(vectors[2][0]["vectors"], vectors[1][0]["vectors"])
+    assert vectors[2][1]["ids"] == vectors[1][1]["ids"]

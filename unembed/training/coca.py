@@ -1,0 +1,208 @@
+"""Train CoCa (Yu et al. 2022) on a caption split: from scratch with both objectives, or fine-tune
+any open_clip CoCa checkpoint on captions alone (open_clip's recipe for its mscoco_finetuned weights).
+
+One forward pass, open_clip's CoCaLoss:
+    contrastive_weight * InfoNCE(image latent [B, D], text latent [B, D])
+  + caption_weight * CE(logits [B, L-1, V], caption tokens [B, 1:L]), pad positions ignored.
+Batches come from ClipTask (uint8 images [N, 3, H, W] decoded once, captions tokenised once); images
+are resized on the fly when the model's input size differs (a pretrained 224-px CoCa on 64-px scenes).
+
+Output: OUT/embedder/ (the CoCa model, `Embedder.save`: a joint embedder the other decoders can use)
+and OUT/ itself a CoCa decoder directory whose config names the embedder as "embedder" (found
+beside it), so `load_decoder(OUT)` and `unembed caption --decoder OUT` work; OUT/metrics.json holds
+the contrastive half's retrieval recall, validation captions' BLEU-4/CIDEr and the training time.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unembed.embedders import OPENAI_MEAN, OPENAI_STD, Embedder
+from unembed.errors import BadInputError
+from unembed.io import write_json
+from unembed.training.clip import ClipTask, contrastive_loss, evaluate_embedder, normalise_pixels
+from unembed.training.loop import TrainConfig, fit
+
+# From scratch (CLIP-like regime); fine-tuning a pretrained CoCa wants a far smaller lr (open_clip's
+# COCO fine-tune: lr 1e-5, 1 epoch, batch 128, warm-up 1000).
+COCA_DEFAULTS = dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=100)
+COCA_FINETUNE_DEFAULTS = dict(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.1, warmup_steps=100)
+# (contrastive, caption) weights: open_clip's pre-training defaults, and its fine-tuning recipe.
+SCRATCH_WEIGHTS, FINETUNE_WEIGHTS = (1.0, 2.0), (0.0, 1.0)
+VALIDATION_IMAGES = 200
+
+
+def scenes_coca_config(image_size: int = 64, embed_dim: int = 128, patch_size: int = 8, vision_width: int = 128,
+                       vision_layers: int = 4, text_layers: int = 2, decoder_layers: int = 2, image_tokens: int = 32,
+                       context_length: int = 32, name: str = "scenes-coca") -> dict:
+    """A small open_clip CoCa for the scenes world: ViT image tower with an attentional pooler
+    (1 contrastive query + `image_tokens` queries the decoder reads), a causal text tower and a
+    multimodal decoder. open_clip ties widths: image tokens, text and decoder are all `embed_dim` wide."""
+    heads = max(1, embed_dim // 32)
+    return {
+        "name": name,
+        "model_type": "coca",
+        "model_cfg": {
+            "embed_dim": embed_dim,
+            "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
+                           "layers": vision_layers, "head_width": 32, "attentional_pool": True,
+                           "attn_pooler_queries": image_tokens + 1, "attn_pooler_heads": heads,
+                           "output_tokens": True},
+            "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim, "heads": heads,
+                         "layers": text_layers, "embed_cls": True, "output_tokens": True},
+            "multimodal_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim,
+                               "heads": heads, "layers": decoder_layers, "attn_pooler_heads": heads},
+        },
+        "preprocess": {"image_size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+        "tokenizer": "clip-bpe",
+    }
+
+
+def init_decoder_projection(model, generator: torch.Generator | None = None) -> None:
+    """open_clip leaves a new CoCa's vocabulary projection as torch.empty (MultimodalTransformer's
+    init_parameters is never called), i.e. arbitrary memory; give it the init open_clip wrote for it."""
+    projection = model.text_decoder.text_projection
+    with torch.no_grad():
+        projection.normal_(0.0, projection.shape[0] ** -0.5, generator=generator)
+
+
+def pretrained_config(embedder: Embedder) -> dict:
+    """An `Embedder.from_config` config for an open_clip CoCa built from a pretrained spec, so the
+    fine-tuned model saves as a self-describing embedder directory."""
+    from unembed.compat import import_open_clip
+
+    open_clip = import_open_clip()
+    from open_clip.coca_model import CoCa
+
+    name = embedder.spec.partition(":")[0]
+    if name.startswith("hf-hub") or open_clip.get_model_config(name) is None:
+        raise BadInputError(embedder.spec, "fine-tuning needs an open_clip CoCa architecture name (with a "
+                            "pretrained tag) or an unembed embedder directory")
+    accepted = set(inspect.signature(CoCa).parameters)
+    model_cfg = {k: v for k, v in open_clip.get_model_config(name).items() if k in accepted}
+    visual = embedder.model.visual
+    size = visual.image_size
+    return {"name": f"{name}-finetuned", "model_type": "coca", "model_cfg": model_cfg,
+            "preprocess": {"image_size": size[0] if isinstance(size, (tuple, list)) else size,
+                           "mean": list(getattr(visual, "image_mean", OPENAI_MEAN)),
+                           "std": list(getattr(visual, "image_std", OPENAI_STD))},
+            "tokenizer": "clip-bpe"}
+
+
+class CoCaTask(ClipTask):
+    """ClipTask's data and logit-scale clamp; CoCa's two-part loss; saved as embedder + decoder."""
+
+    def __init__(self, embedder: Embedder, train_dir, eval_dir=None, contrastive_weight: float = 1.0,
+                 caption_weight: float = 2.0):
+        from unembed.decoders.coca import coca_model
+
+        coca_model(embedder)
+        super().__init__(embedder, train_dir, eval_dir)
+        self.weights = (contrastive_weight, caption_weight)
+        self.pad_id = embedder.model.pad_id
+        self.coca_loss = None
+
+    def _loss_function(self):
+        # Built at the first step: the distributed settings exist only once the loop has started.
+        from open_clip.loss import CoCaLoss
+
+        clip = contrastive_loss()
+        return CoCaLoss(caption_loss_weight=self.weights[1], clip_loss_weight=self.weights[0], pad_id=self.pad_id,
+                        local_loss=clip.local_loss, gather_with_grad=clip.gather_with_grad, rank=clip.rank,
+                        world_size=clip.world_size)
+
+    def loss(self, model, batch):
+        if self.coca_loss is None:
+            self.coca_loss = self._loss_function()
+        pixels = self._pixels(batch["pixels"])
+        tokens = batch["tokens"]
+        image_latent, image_tokens = model._encode_image(pixels)
+        text_latent, text_tokens = model._encode_text(tokens)  # full context: the CLS token sits where embed_texts puts it
+        # Causal decoder and pads without loss: positions after the batch's longest caption change
+        # nothing, so they skip the [B, L, 49408] vocabulary projection, the costliest part.
+        length = int(tokens.argmax(-1).max()) + 1  # the end token has the highest id
+        logits = model.text_decoder(image_tokens, text_tokens[:, :length - 1])
+        contrastive, caption = self.coca_loss(image_latent, text_latent, logits, tokens[:, 1:length],
+                                              model.logit_scale.exp())
+        return contrastive + caption, {"contrastive_loss": round(contrastive.item(), 5),
+                                       "caption_loss": round(caption.item(), 5),
+                                       "logit_scale": round(model.logit_scale.exp().item(), 2)}
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = normalise_pixels(images, self.preprocess["mean"], self.preprocess["std"])
+        size = self.preprocess["image_size"]
+        if pixels.shape[-1] != size:  # a linear resize commutes with the per-channel normalisation
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        return pixels
+
+    def validate(self, model):
+        metrics = super().validate(model)
+        if self.eval_dir is None:
+            return metrics
+        return {**metrics, **self._caption_metrics()}
+
+    def _caption_metrics(self) -> dict:
+        from unembed.data.coco import load_coco_split
+        from unembed.data.images import load_image
+        from unembed.decoders.coca import CoCaDecoder
+        from unembed.eval.metrics import coco_caption_metrics
+
+        paths, captions, ids = load_coco_split(self.eval_dir)
+        paths, ids = paths[:VALIDATION_IMAGES], [str(i) for i in ids[:VALIDATION_IMAGES]]
+        embedded = self.embedder.embed([load_image(p) for p in paths], ids, with_tokens=True)
+        predicted = CoCaDecoder.for_embedder(self.embedder).decode(embedded, num_beams=1)
+        scores = coco_caption_metrics(dict(zip(ids, predicted)), dict(zip(ids, captions)), spice=False, meteor=False)
+        return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
+                "val_example": predicted[0]}
+
+    def save(self, model, out_dir, metrics):
+        from unembed.decoders.coca import CoCaDecoder
+
+        out_dir = Path(out_dir)
+        self.embedder.save(out_dir / "embedder")
+        CoCaDecoder.for_embedder(self.embedder, embedder_spec="embedder").save(out_dir)
+        write_json(out_dir / "metrics.json", metrics)
+
+
+def initial_embedder(arch: dict | None, init: str | None, seed: int) -> Embedder:
+    """A new scenes CoCa (`arch`, default `scenes_coca_config()`), or the CoCa of spec `init`."""
+    if init is None:
+        torch.manual_seed(seed)  # the initial weights too are a function of the seed
+        embedder = Embedder.from_config(arch or scenes_coca_config(), device="cpu")
+        init_decoder_projection(embedder.model)
+    elif arch is not None:
+        raise BadInputError("arch", "applies to training from scratch; fine-tuning keeps the architecture of --init")
+    else:
+        embedder = Embedder.from_spec(init, device="cpu")
+        if "model_cfg" not in embedder.config:
+            embedder.config = pretrained_config(embedder)
+    embedder.device = torch.device("cpu")
+    return embedder
+
+
+def train_coca(data_dir, out_dir, config: TrainConfig, arch: dict | None = None, init: str | None = None,
+               contrastive_weight: float | None = None, caption_weight: float | None = None,
+               resume: bool = False, progress: bool = True) -> dict:
+    """Train a CoCa on DATA/train (validate on DATA/val, report recall on DATA/test and
+    DATA/compositional) and save it to out_dir. Loss weights default to (1, 2) from scratch and
+    (0, 1), captioning only, when fine-tuning from `init` (an embedder spec or directory)."""
+    data_dir = Path(data_dir)
+    embedder = initial_embedder(arch, init, config.seed)
+    default = FINETUNE_WEIGHTS if init else SCRATCH_WEIGHTS
+    weights = (default[0] if contrastive_weight is None else contrastive_weight,
+               default[1] if caption_weight is None else caption_weight)
+    val_dir = data_dir / "val" if (data_dir / "val" / "captions.json").is_file() else None
+    task = CoCaTask(embedder, data_dir / "train", val_dir, *weights)
+    result = fit(task, config, out_dir, resume=resume, progress=progress)
+    report = {"val": result.metrics, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+              "final_loss": round(result.final_loss, 5), "init": init, "contrastive_weight": weights[0],
+              "caption_weight": weights[1]}
+    trained = Embedder.load(Path(out_dir) / "embedder", device="cpu")
+    for split in ("test", "compositional"):
+        if (data_dir / split / "captions.json").is_file():
+            report[split] = evaluate_embedder(trained, data_dir / split)
+    write_json(Path(out_dir) / "metrics.json", report)
+    return report
