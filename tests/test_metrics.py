@@ -157,6 +157,15 @@ def test_line_breaks_in_captions_do_not_shift_images(no_meteor):
     assert metrics.coco_caption_metrics(predictions, TWO_IMAGES, spice=False)["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_punctuation_only_captions_score_zero_without_disturbing_the_others(no_meteor):
+    # The PTB tokenizer deletes punctuation, leaving empty token lists on either side.
+    references = {**TWO_IMAGES, 3: ["!!!", "a red circle"]}
+    predictions = {1: TWO_IMAGES[1][0], 2: "... ?!", 3: "a red circle"}
+    result = metrics.coco_caption_metrics(predictions, references, spice=False)
+    assert result["per_image"]["CIDEr"][2] == 0.0
+    assert result["per_image"]["CIDEr"][1] > 0 and result["per_image"]["CIDEr"][3] > 0
+
+
 def test_no_common_images_is_an_error():
     with pytest.raises(UnembedError, match="none of the 1 predicted images"):
         metrics.coco_caption_metrics({"a.jpg": "a dog"}, {1: ["a dog"]})

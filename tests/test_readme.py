@@ -66,6 +66,15 @@ def test_quickstart_then_prefix_decoders_run(tmp_path):
     assert "| capdec-test |" in result.stdout
     for kind in ("clipcap", "capdec", "decap"):
         assert (tmp_path / "models" / kind / "config.json").is_file()
+    for argv in commands("scaling"):
+        assert argv[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4"]
+        launcher = [sys.executable, "-m", "unembed.compat", "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(29000 + os.getpid() % 500)]
+        extra = SMALL.get(" ".join(argv[7:9]), [])
+        result = subprocess.run(launcher + argv[5:] + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
+    assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == 16
 
 
 def test_network_commands_fail_fast_and_clearly_offline(tmp_path):
