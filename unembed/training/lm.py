@@ -138,6 +138,7 @@ def train_lm(captions: list[str], out_dir, config: TrainConfig, lm: str = "scrat
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     if validation_captions is None:
         captions, validation_captions = split_validation(captions, config.seed)
+    # The LM half of an iterative decoder's config names the LM and tokenizer the same way here.
     spec = IterativeConfig(lm=lm, lm_config=dict(lm_config or {}),
                            tokenizer=tokenizer or ("corpus:4000" if lm == "scratch" else ""))
     # A resumed run keeps the tokenizer it started with (saved before the first step).
