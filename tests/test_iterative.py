@@ -161,3 +161,21 @@ def test_train_lm_lowers_the_loss_and_writes_a_transformers_model(lm_dir, decode
     ids = torch.tensor([[decoder.tokenizer.bos_id] + decoder.tokenizer.encode("a red circle")])
     with torch.no_grad():
         assert torch.allclose(lm(ids).logits, decoder.lm(ids).logits)
+
+
+def test_command_line_trains_an_lm_packages_the_decoder_and_captions(tmp_path, scenes_dir, embedder_dir):
+    from unembed.cli import EXIT_OK, main
+
+    lm, decoder = tmp_path / "lm", tmp_path / "iterative"
+    assert main(["train", "lm", "--data", str(scenes_dir), "--out", str(lm), "--tokenizer", "corpus:100",
+                 "--lm-config", json.dumps(TINY_LM), "--max-steps", "3", "--batch-size", "16", "--device", "cpu"]) == EXIT_OK
+    assert "val_perplexity" in json.loads((lm / "metrics.json").read_text())
+    assert main(["train", "iterative", "--embedder", str(embedder_dir), "--lm", str(lm), "--out", str(decoder),
+                 "--k", "3", "--max-length", "5", "--prompt", "Image of a", "--device", "cpu"]) == EXIT_OK
+    assert json.loads((decoder / "config.json").read_text())["config"]["prompt"] == "Image of a"
+    out = tmp_path / "captions.jsonl"
+    images = sorted((scenes_dir / "test" / "images").glob("*.png"))[:3]
+    assert main(["caption", *map(str, images), "--decoder", str(decoder), "--out", str(out), "--device", "cpu"]) == EXIT_OK
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["decoder"] for r in records] == ["iterative"] * 3
+    assert all(isinstance(r["caption"], str) and not r["caption"].startswith("Image of a") for r in records)

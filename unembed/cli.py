@@ -117,6 +117,48 @@ def cmd_train_prefix(args) -> int:
     return EXIT_OK
 
 
+def _caption_corpus(args) -> tuple[list[str], list[str] | None]:
+    """Training captions from --captions files and DATA/train; validation captions from DATA/val."""
+    from unembed.data.captions import load_captions
+    from unembed.data.coco import split_captions
+
+    captions = [c for path in args.captions or () for c in load_captions(path)]
+    validation = None
+    if args.data:
+        captions += split_captions(Path(args.data) / "train")
+        if (Path(args.data) / "val" / "captions.json").is_file():
+            validation = split_captions(Path(args.data) / "val")
+    return captions, validation
+
+
+def cmd_train_lm(args) -> int:
+    from unembed.training.lm import LM_DEFAULTS, train_lm
+
+    captions, validation = _caption_corpus(args)
+    options = {name: getattr(args, name) for name in ("tokenizer", "max_caption_tokens", "simctg_margin")
+               if getattr(args, name) is not None}
+    report = train_lm(captions, args.out, _train_config(args, LM_DEFAULTS), lm=args.lm,
+                      lm_config=_json_arg(args.lm_config) if args.lm_config else None,
+                      validation_captions=validation, resume=args.resume, **options)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
+
+
+def cmd_train_iterative(args) -> int:
+    from unembed.decoders.iterative import IterativeDecoder
+    from unembed.embedders import load_embedder
+
+    options = {name: getattr(args, name) for name in ITERATIVE_OPTIONS if getattr(args, name) is not None}
+    decoder = IterativeDecoder.build(load_embedder(args.embedder, args.device), lm=args.lm, **options)
+    decoder.save(args.out)
+    _log(f"iterative decoder (LM {args.lm}, k={decoder.config.k}, alpha={decoder.config.alpha}, "
+         f"beta={decoder.config.beta}) saved to {args.out}")
+    return EXIT_OK
+
+
 PREFIX_OPTIONS = ("lm", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_length", "mapper_length", "mapper_layers",
                   "noise_variance", "noise_kind", "mean_shift", "projection_size", "projection_tau", "label_smoothing")
 
@@ -408,6 +450,33 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--projection-tau", type=float)
         t.add_argument("--label-smoothing", type=float)
         t.set_defaults(func=cmd_train_prefix)
+
+    t = train.add_parser("lm", help="train a small causal LM on caption text (the iterative decoder's LM)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+    t.add_argument("--data", help="a COCO-style directory: train/ captions (and val/ for validation)")
+    t.add_argument("--lm", default="scratch", help="'scratch' (GPT-2 architecture) or an HF causal LM to fine-tune")
+    t.add_argument("--lm-config", help="JSON (or a JSON file) overriding the scratch LM's config")
+    t.add_argument("--tokenizer", help="'corpus:N' (default corpus:4000 from scratch), 'clip-bpe' or an HF id")
+    t.add_argument("--max-caption-tokens", type=int)
+    t.add_argument("--simctg-margin", type=float, help="SimCTG contrastive margin (MAGIC's LM training; 0 = off)")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train_lm)
+    t = train.add_parser("iterative", help="package an LM and an embedder as a training-free MAGIC decoder")
+    t.add_argument("--embedder", required=True)
+    t.add_argument("--lm", required=True, help="a directory from `unembed train lm` or an HF causal LM id")
+    t.add_argument("--out", required=True)
+    t.add_argument("--tokenizer", help="default: the LM's own")
+    t.add_argument("--k", type=int, help="candidates re-ranked per token (default 45)")
+    t.add_argument("--alpha", type=float, help="degeneration penalty weight (default 0.1)")
+    t.add_argument("--beta", type=float, help="embedder score weight (default 2.0)")
+    t.add_argument("--num-beams", type=int)
+    t.add_argument("--max-length", type=int, help="new tokens (default 16)")
+    t.add_argument("--prompt", help="text the LM continues, e.g. 'Image of a' (not part of the caption)")
+    t.add_argument("--stop", help="a caption ends at the token holding this text (default '.')")
+    t.add_argument("--logit-scale", type=float, help="softmax temperature of the embedder score (default: the embedder's)")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_train_iterative)
 
     p = sub.add_parser("data", help="make datasets")
     data = p.add_subparsers(dest="what", required=True)
