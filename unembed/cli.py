@@ -144,6 +144,24 @@ def cmd_train_lm(args) -> int:
     return EXIT_OK
 
 
+def cmd_train_coca(args) -> int:
+    from unembed.errors import BadInputError
+    from unembed.training.coca import COCA_DEFAULTS, COCA_FINETUNE_DEFAULTS, scenes_coca_config, train_coca
+
+    if args.arch and args.init:
+        raise BadInputError("--arch", "sets a new architecture; --init fine-tunes an existing one, so give one of them")
+    try:
+        arch = scenes_coca_config(**_json_arg(args.arch)) if args.arch else None
+    except TypeError as e:
+        raise BadInputError("--arch", str(e)) from None
+    defaults = COCA_FINETUNE_DEFAULTS if args.init else COCA_DEFAULTS
+    report = train_coca(args.data, args.out, _train_config(args, defaults), arch=arch, init=args.init,
+                        contrastive_weight=args.contrastive_weight, caption_weight=args.caption_weight,
+                        resume=args.resume)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
 ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
 
 
@@ -451,6 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--label-smoothing", type=float)
         t.set_defaults(func=cmd_train_prefix)
 
+    t = train.add_parser("coca", help="CoCa: contrastive + captioning from scratch, or caption fine-tuning (--init)")
+    t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
+    t.add_argument("--out", required=True, help="written as a CoCa decoder, with the model in OUT/embedder/")
+    t.add_argument("--init", help="fine-tune this open_clip CoCa (spec or directory) with the caption loss only")
+    t.add_argument("--contrastive-weight", type=float, help="default 1 from scratch, 0 with --init")
+    t.add_argument("--caption-weight", type=float, help="default 2 from scratch, 1 with --init")
+    t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, patch_size, "
+                   "vision_width, vision_layers, text_layers, decoder_layers, image_tokens, context_length")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train_coca)
     t = train.add_parser("lm", help="train a small causal LM on caption text (the iterative decoder's LM)")
     t.add_argument("--out", required=True)
     t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")

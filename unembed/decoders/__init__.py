@@ -18,6 +18,8 @@ BUILTIN_DECODERS = {
     "clipcap": "unembed.decoders.clipcap",
     "capdec": "unembed.decoders.capdec",
     "decap": "unembed.decoders.decap",
+    "iterative": "unembed.decoders.iterative",
+    "coca": "unembed.decoders.coca",
 }
 
 

@@ -28,7 +28,7 @@ from unembed.training.loop import TrainConfig, fit
 
 # From scratch (CLIP-like regime); fine-tuning a pretrained CoCa wants a far smaller lr (open_clip's
 # COCO fine-tune: lr 1e-5, 1 epoch, batch 128, warm-up 1000).
-COCA_DEFAULTS = dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=100)
+COCA_DEFAULTS = dict(epochs=5, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=100)
 COCA_FINETUNE_DEFAULTS = dict(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.1, warmup_steps=100)
 # (contrastive, caption) weights: open_clip's pre-training defaults, and its fine-tuning recipe.
 SCRATCH_WEIGHTS, FINETUNE_WEIGHTS = (1.0, 2.0), (0.0, 1.0)
@@ -120,7 +120,7 @@ class CoCaTask(ClipTask):
         pixels = self._pixels(batch["pixels"])
         tokens = batch["tokens"]
         image_latent, image_tokens = model._encode_image(pixels)
-        text_latent, text_tokens = model._encode_text(tokens)  # full context: the CLS token sits where embed_texts puts it
+        text_latent, text_tokens = model._encode_text(tokens)  # full context: CLS where embed_texts puts it
         # Causal decoder and pads without loss: positions after the batch's longest caption change
         # nothing, so they skip the [B, L, 49408] vocabulary projection, the costliest part.
         length = int(tokens.argmax(-1).max()) + 1  # the end token has the highest id

@@ -147,6 +147,8 @@ def train_lm(captions: list[str], out_dir, config: TrainConfig, lm: str = "scrat
         spec.tokenizer = read_json(out_dir / LM_METADATA)["tokenizer"]
     model, text_tokenizer = lm_and_tokenizer(spec, directory=out_dir if saved else None, captions=captions)
     text_tokenizer.save(out_dir)
+    # A caption longer than the LM's positions would index past its position table.
+    max_caption_tokens = min(max_caption_tokens, getattr(model.config, "n_positions", max_caption_tokens))
     write_json(out_dir / LM_METADATA, {"format": "unembed-lm", "lm": lm, "tokenizer": spec.tokenizer or lm,
                                        "max_caption_tokens": max_caption_tokens, "simctg_margin": simctg_margin})
     task = LMTask(model, text_tokenizer, captions, validation_captions, max_caption_tokens, simctg_margin)
