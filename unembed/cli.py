@@ -51,12 +51,9 @@ def cmd_data_scenes(args) -> int:
 def _train_config(args, defaults: dict):
     from unembed.training.loop import TrainConfig
 
-    values = dict(defaults)
-    for name in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "mixed_precision", "warmup_steps",
-                 "checkpoint_every", "validate_every"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    return TrainConfig(**values)
+    return TrainConfig(**{**defaults, **_given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
+                                                        "mixed_precision", "warmup_steps", "checkpoint_every",
+                                                        "validate_every"))})
 
 
 def _json_arg(value: str) -> dict:
@@ -72,17 +69,29 @@ def _json_arg(value: str) -> dict:
     return parsed
 
 
+def _given(args, names) -> dict:
+    """The options among `names` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _arch_arg(value: str | None, make_config):
+    """An architecture config from --arch JSON, or None for the method's default."""
+    from unembed.errors import BadInputError
+
+    if not value:
+        return None
+    try:
+        return make_config(**_json_arg(value))
+    except TypeError as e:
+        raise BadInputError("--arch", str(e)) from None
+
+
 def cmd_train_clip(args) -> int:
     from unembed.training.clip import CLIP_DEFAULTS, train_clip
 
     from unembed.embedders import scenes_config
 
-    from unembed.errors import BadInputError
-
-    try:
-        arch = scenes_config(**_json_arg(args.arch)) if args.arch else None
-    except TypeError as e:
-        raise BadInputError("--arch", str(e)) from None
+    arch = _arch_arg(args.arch, scenes_config)
     report = train_clip(args.data, args.out, _train_config(args, CLIP_DEFAULTS), arch=arch, resume=args.resume)
     print(json.dumps(report, indent=2))
     return EXIT_OK
@@ -107,7 +116,7 @@ def cmd_train_prefix(args) -> int:
     from unembed.embedders import load_embedder
     from unembed.training.prefix import PREFIX_DEFAULTS, train_prefix
 
-    options = {name: getattr(args, name) for name in PREFIX_OPTIONS if getattr(args, name, None) is not None}
+    options = _given(args, PREFIX_OPTIONS)
     if args.lm_config:
         options["lm_config"] = _json_arg(args.lm_config)
     embedder = load_embedder(args.embedder, args.device)
@@ -135,8 +144,7 @@ def cmd_train_lm(args) -> int:
     from unembed.training.lm import LM_DEFAULTS, train_lm
 
     captions, validation = _caption_corpus(args)
-    options = {name: getattr(args, name) for name in ("tokenizer", "max_caption_tokens", "simctg_margin")
-               if getattr(args, name) is not None}
+    options = _given(args, ("tokenizer", "max_caption_tokens", "simctg_margin"))
     report = train_lm(captions, args.out, _train_config(args, LM_DEFAULTS), lm=args.lm,
                       lm_config=_json_arg(args.lm_config) if args.lm_config else None,
                       validation_captions=validation, resume=args.resume, **options)
@@ -150,10 +158,7 @@ def cmd_train_coca(args) -> int:
 
     if args.arch and args.init:
         raise BadInputError("--arch", "sets a new architecture; --init fine-tunes an existing one, so give one of them")
-    try:
-        arch = scenes_coca_config(**_json_arg(args.arch)) if args.arch else None
-    except TypeError as e:
-        raise BadInputError("--arch", str(e)) from None
+    arch = _arch_arg(args.arch, scenes_coca_config)
     defaults = COCA_FINETUNE_DEFAULTS if args.init else COCA_DEFAULTS
     report = train_coca(args.data, args.out, _train_config(args, defaults), arch=arch, init=args.init,
                         contrastive_weight=args.contrastive_weight, caption_weight=args.caption_weight,
@@ -169,7 +174,7 @@ def cmd_train_iterative(args) -> int:
     from unembed.decoders.iterative import IterativeDecoder
     from unembed.embedders import load_embedder
 
-    options = {name: getattr(args, name) for name in ITERATIVE_OPTIONS if getattr(args, name) is not None}
+    options = _given(args, ITERATIVE_OPTIONS)
     decoder = IterativeDecoder.build(load_embedder(args.embedder, args.device), lm=args.lm, **options)
     decoder.save(args.out)
     _log(f"iterative decoder (LM {args.lm}, k={decoder.config.k}, alpha={decoder.config.alpha}, "
@@ -291,8 +296,7 @@ def cmd_caption(args) -> int:
         return EXIT_FAILED
     args.device = w.device
     decoder, embedder = _load_decoder_and_embedder(args)
-    generation = {name: getattr(args, name) for name in ("max_length", "num_beams", "top_p", "seed")
-                  if getattr(args, name) is not None}
+    generation = _given(args, ("max_length", "num_beams", "top_p", "seed"))
     if args.sample:
         generation["do_sample"] = True
     errors = _ErrorCounter()
