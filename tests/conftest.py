@@ -43,3 +43,16 @@ def retrieval_dir(tmp_path_factory, scenes_dir, embedder):
     out = tmp_path_factory.mktemp("retrieval")
     RetrievalDecoder.build(embedder, load_captions(scenes_dir / "train" / "captions.json")).save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def compare_dir(tmp_path_factory, scenes_dir, embedder_dir):
+    """`unembed compare` of two cheap decoders on the tiny scenes set (one trained here, decap for 2 steps)."""
+    from unembed.cli import main
+
+    out = tmp_path_factory.mktemp("compare")
+    config = '{"decap": {"lm_config": {"n_layer": 1, "n_embd": 32}, "projection_size": 50}}'
+    code = main(["compare", "--data", str(scenes_dir), "--decoders", "retrieval,decap", "--embedder",
+                 str(embedder_dir), "--out", str(out), "--max-steps", "2", "--config", config, "--no-spice",
+                 "--device", "cpu"])
+    return out, code

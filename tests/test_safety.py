@@ -100,3 +100,15 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, scenes
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
+    import os
+    import stat
+
+    from unembed.io import write_json
+
+    (tmp_path / "plain.json").write_text("{}")
+    write_json(tmp_path / "atomic.json", {"a": 1})
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("atomic.json") == mode("plain.json")

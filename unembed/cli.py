@@ -254,11 +254,23 @@ class _ResultWriter:
             self.stream.close()
 
 
+def _decoder_dir(decoder: str | None) -> str:
+    """A decoder directory; no --decoder, or the name of a bundled decoder, means the shipped bundle."""
+    from unembed.bundle import bundled_decoder
+
+    if decoder and (Path(decoder).exists() or "/" in decoder):
+        return decoder
+    path = bundled_decoder(decoder)
+    _log(f"using the bundled {path.name} decoder; it knows only the scenes world (give --decoder DIR for yours)")
+    return str(path)
+
+
 def _load_decoder_and_embedder(args):
     from unembed.decoders import load_decoder, read_decoder_config
     from unembed.embedders import load_embedder
     from unembed.pipeline import resolve_embedder_spec
 
+    args.decoder = _decoder_dir(args.decoder)
     saved = read_decoder_config(args.decoder)
     spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
     embedder = load_embedder(spec, args.device) if not args.embeddings else None
@@ -368,6 +380,60 @@ def _clip_scores(args, predictions: dict, references: dict) -> dict:
     return result
 
 
+def cmd_demo(args) -> int:
+    """New scenes images, captioned by every bundled decoder side by side."""
+    from unembed.bundle import bundled_decoder, manifest
+    from unembed.data.scenes import generate_split, render
+    from unembed.pipeline import caption
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, truths = [], []
+    for i, (scene, captions, seed) in enumerate(generate_split("test", args.n, args.seed)):
+        path = out / f"scene-{i}.png"
+        render(scene, seed=seed).save(path)
+        images.append(str(path))
+        truths.append(captions[0])
+    names = manifest()["decoders"]
+    rows = {name: caption(images, str(bundled_decoder(name)), device=args.device) for name in names}
+    lines = ["| image | a true caption | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for i, path in enumerate(images):
+        lines.append(f"| {Path(path).name} | {truths[i]} | " + " | ".join(rows[n][i] for n in names) + " |")
+    print("\n".join(lines))
+    _log(f"wrote {len(images)} scenes images to {out}; the bundle knows only the scenes world")
+    return EXIT_OK
+
+
+# --- compare / gap ------------------------------------------------------------------------------
+
+def cmd_compare(args) -> int:
+    from unembed.eval.compare import compare
+    from unembed.eval.report import markdown_table
+
+    result = compare(args.data, args.decoders, args.out, embedder=args.embedder, split=args.split,
+                     config=_json_arg(args.config) if args.config else None, max_steps=args.max_steps,
+                     max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                     spice=not args.no_spice, gap=not args.no_gap, log=_log)
+    print(markdown_table(result))
+    failed = [row for row in result["decoders"] if row["error"]]
+    for row in failed:
+        _err(f"{row['name']} failed: {row['error']}")
+    _log(f"compared {len(result['decoders'])} decoders on {result['n_images']} {result['split']} images in "
+         f"{result['seconds'] / 60:.1f} min; report: {Path(args.out) / 'report.html'}")
+    return _exit_code(len(result["decoders"]) - len(failed), len(failed))
+
+
+def cmd_gap(args) -> int:
+    from unembed.embedders import load_embedder
+    from unembed.eval.gap import format_gap, gap_report
+
+    result = gap_report(load_embedder(args.embedder, args.device), args.data, split=args.split, out_dir=args.out,
+                        max_pairs=args.max_pairs)
+    print(format_gap(result))
+    _log(f"wrote {Path(args.out) / 'gap.json'} and {Path(args.out) / 'gap.png'}")
+    return EXIT_OK
+
+
 # --- the parser ---------------------------------------------------------------------------------
 
 def _add_train_flags(p, resume: bool = True) -> None:
@@ -395,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption images (files, folders, globs) or precomputed embeddings")
     p.add_argument("paths", nargs="*", help="image files, folders or glob patterns")
-    p.add_argument("--decoder", required=True, help="a decoder directory")
+    p.add_argument("--decoder", help="a decoder directory, or the name of a bundled decoder (default: the "
+                   "bundle's default, which knows only the scenes world)")
     p.add_argument("--embedder", help="embedder spec (default: the one the decoder was built for)")
     p.add_argument("--embeddings", help="caption the vectors of this .safetensors file instead of images")
     p.add_argument("--batch-size", type=int, default=32)
@@ -427,6 +494,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="draw new scenes images and caption them with every bundled decoder")
+    p.add_argument("--out", default="unembed-demo", help="folder for the images (default ./unembed-demo)")
+    p.add_argument("--n", type=int, default=4, help="how many images")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="train, caption, score and time several decoders on the same images; "
+                       "writes a table, a plot and an HTML report")
+    p.add_argument("--data", required=True, help="a COCO-style directory with train/ (and val/) and the split")
+    p.add_argument("--decoders", default="retrieval,clipcap,capdec,decap,iterative,coca",
+                   help="comma-separated decoder kinds to train, or NAME=DIR for existing decoder directories")
+    p.add_argument("--embedder", help="embedder spec (default: train a scenes CLIP on DATA into OUT/models/embedder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--config", help="JSON (or a JSON file) of training options per decoder name, e.g. "
+                   "'{\"clipcap\": {\"max_steps\": 1000}}'")
+    p.add_argument("--max-steps", type=int, help="training steps for every model (overrides the recipes)")
+    p.add_argument("--max-images", type=int, help="caption only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=64, help="captioning batch size")
+    p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--no-gap", action="store_true", help="skip the modality-gap diagnostic")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("gap", help="measure the modality gap of an embedder on a dataset, and what bridges close it")
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--data", required=True, help="a COCO-style directory (train/ captions feed the projection memory)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="gap", help="folder for gap.json and gap.png (default ./gap)")
+    p.add_argument("--max-pairs", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_gap)
 
     p = sub.add_parser("train", help="train an embedder or a decoder")
     train = p.add_subparsers(dest="what", required=True)

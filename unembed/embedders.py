@@ -247,6 +247,8 @@ class Embedder:
         pre = config["preprocess"]
         preprocess = image_transform(pre["image_size"], is_train=False, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
+        if "vocab" in config:
+            tokenizer = PrunedTokenizer(tokenizer, config["vocab"])
         return cls(model, preprocess, tokenizer, spec, config.get("id", "untrained"), device, config)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -278,6 +280,60 @@ class Embedder:
         embedder.model.to(resolve_device(device)).eval()
         embedder.device = resolve_device(device)
         return embedder
+
+
+class PrunedTokenizer:
+    """CLIP's tokenizer over a pruned vocabulary: BPE ids map to the rows a pruned model kept.
+
+    `kept` is ascending, so padding (0) stays 0 and the end token stays the largest id, where CLIP's
+    text tower pools. A token outside the kept set becomes 0 (the model never learnt it anyway)."""
+
+    def __init__(self, base, kept: Sequence[int]):
+        self.base, self.kept = base, torch.tensor(kept)
+        self.lookup = torch.zeros(len(base.encoder), dtype=torch.long)
+        self.lookup[self.kept] = torch.arange(len(kept))
+        self.context_length = base.context_length
+        self.sot_token_id = int(self.lookup[base.sot_token_id])
+        self.eot_token_id = int(self.lookup[base.eot_token_id])
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        return self.lookup[self.base(texts, context_length)]
+
+    def decode(self, ids) -> str:
+        return self.base.decode(self.kept[torch.as_tensor(ids, dtype=torch.long)].tolist())
+
+
+def prune_vocabulary(embedder: Embedder, texts: Sequence[str]) -> Embedder:
+    """A copy of a CLIP-BPE embedder keeping only the token rows `texts` use: the same vectors for
+    those texts and for every image, a fraction of the size (CLIP's 49,408-row token embedding, and
+    CoCa's as large output layer, dominate a small model). The copy is unsaved: save() gives its id."""
+    base = getattr(embedder.tokenizer, "base", embedder.tokenizer)
+    if not hasattr(base, "encoder") or "model_cfg" not in embedder.config:
+        raise MismatchError(f"embedder {embedder.spec!r} is not a CLIP-BPE model built from a config; cannot prune it")
+    ids = torch.cat([base(list(texts[i:i + 4096])).unique() for i in range(0, len(texts), 4096)])
+    old = embedder.tokenizer.kept if isinstance(embedder.tokenizer, PrunedTokenizer) else None
+    kept = sorted(set(ids.tolist()) | {0, base.sot_token_id, base.eot_token_id})
+    rows = torch.tensor(kept) if old is None else embedder.tokenizer.lookup[torch.tensor(kept)]
+    vocab = embedder.model.text.token_embedding.num_embeddings if hasattr(embedder.model, "text") else \
+        embedder.model.token_embedding.num_embeddings
+    state = {k: _keep_rows(v, vocab, rows) for k, v in embedder.model.state_dict().items()}
+    config = json.loads(json.dumps(embedder.config))
+    for part in ("text_cfg", "multimodal_cfg"):
+        if part in config["model_cfg"]:
+            config["model_cfg"][part]["vocab_size"] = len(kept)
+    config["vocab"] = kept
+    pruned = Embedder.from_config(config, "", "cpu")
+    pruned.model.load_state_dict(state)
+    pruned.model.to(embedder.device)
+    pruned.device = embedder.device
+    return pruned
+
+
+def _keep_rows(tensor: torch.Tensor, vocab: int, rows: torch.Tensor) -> torch.Tensor:
+    for dim, size in enumerate(tensor.shape):
+        if size == vocab:
+            return tensor.index_select(dim, rows.to(tensor.device))
+    return tensor
 
 
 def scenes_config(image_size: int = 64, embed_dim: int = 256, vision_width: int = 16, text_width: int = 128,

@@ -22,11 +22,12 @@ def image_id(path: str) -> int | str:
 
 
 def resolve_embedder_spec(decoder_config: dict, decoder_dir) -> str:
-    """The decoder's recorded embedder; a relative directory is looked up beside the decoder too."""
+    """The decoder's recorded embedder; a relative directory beside the decoder comes first (a
+    bundle's decoders name "../embedder"), then one relative to where the decoder was trained."""
     spec = decoder_config.get("embedder_spec", "")
-    if spec and not os.path.isabs(spec) and not os.path.exists(spec):
+    if spec and not os.path.isabs(spec):
         beside = Path(decoder_dir) / spec
-        if beside.exists():
+        if beside.is_dir():
             return str(beside)
     return spec
 

@@ -72,9 +72,10 @@ class RetrievalDecoder(Decoder):
         self.memory = TextMemory(config.memory_size, config.embed_dim)
 
     @classmethod
-    def build(cls, embedder, captions: list[str], batch_size: int = 256) -> "RetrievalDecoder":
-        """Embed a caption corpus (deduplicated, order kept) into a new decoder's memory."""
-        captions = list(dict.fromkeys(captions))
+    def build(cls, embedder, captions: list[str], batch_size: int = 256, max_captions: int = 0) -> "RetrievalDecoder":
+        """Embed a caption corpus (deduplicated, order kept; the first `max_captions` when > 0, for a
+        smaller memory) into a new decoder's memory."""
+        captions = list(dict.fromkeys(captions))[:max_captions or None]
         vectors = embedder.embed_texts(captions, batch_size=batch_size)
         decoder = cls(RetrievalConfig(embedder.spec, embedder.id, vectors.shape[1], len(captions)))
         decoder.memory.fill(captions, vectors)

@@ -1,0 +1,84 @@
+"""The default bundle: pruned fp16 models that caption like the ones they came from, the shipped
+bundle loading and captioning with no flags, and `unembed demo`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unembed.bundle import BUNDLE_DIR, BUNDLE_ENV, MAX_BYTES, manifest, pack
+from unembed.cli import EXIT_OK, main
+from unembed.data.coco import split_captions
+from unembed.embedders import Embedder, prune_vocabulary
+from unembed.pipeline import caption
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pruned_vocabulary_gives_the_same_vectors_from_a_fraction_of_the_rows(embedder, scenes_dir, tmp_path):
+    captions = split_captions(scenes_dir / "train")
+    pruned = prune_vocabulary(embedder, captions)
+    assert pruned.model.token_embedding.num_embeddings < 500 < embedder.model.token_embedding.num_embeddings
+    texts = split_captions(scenes_dir / "test")[:20]
+    torch.testing.assert_close(pruned.embed_texts(texts), embedder.embed_texts(texts))
+    pruned.save(tmp_path / "pruned")
+    loaded = Embedder.load(tmp_path / "pruned", device="cpu")
+    torch.testing.assert_close(loaded.embed_texts(texts), embedder.embed_texts(texts))
+    assert loaded.tokenizer.decode(loaded.tokenizer([texts[0]])[0, 1:6].tolist()).split() == texts[0].split()[:5]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    info = pack(compare_dir[0], scenes_dir, out)
+    return out, info
+
+
+def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare_dir, scenes_dir):
+    out, info = tiny_bundle
+    assert info["decoders"] == ["retrieval", "decap"] and info["default"] in info["decoders"]
+    assert json.loads((out / "bundle.json").read_text())["scores"]["retrieval"]["CIDEr"] is not None
+    images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))
+    original = caption(images, str(compare_dir[0] / "models" / "retrieval"), device="cpu")
+    assert caption(images, str(out / "retrieval"), device="cpu") == original
+    from safetensors import safe_open
+
+    with safe_open(out / "decap" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.int64}
+
+
+def test_caption_without_a_decoder_uses_the_bundle_and_demo_shows_every_decoder(tiny_bundle, scenes_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    out, info = tiny_bundle
+    monkeypatch.setenv(BUNDLE_ENV, str(out))
+    image = sorted((scenes_dir / "test" / "images").glob("*.png"))[0]
+    assert main(["caption", str(image), "--device", "cpu"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["decoder"] == info["default"]
+    assert "knows only the scenes world" in captured.err
+    assert main(["caption", str(image), "--decoder", "decap", "--device", "cpu"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["decoder"] == "decap"
+    assert main(["caption", str(image), "--decoder", "nope", "--device", "cpu"]) == 2
+    assert "has no decoder 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "3", "--device", "cpu"]) == EXIT_OK
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| image | a true caption | retrieval | decap |" and len(table) == 2 + 3
+    assert len(list((tmp_path / "demo").glob("scene-*.png"))) == 3
+
+
+def test_the_shipped_bundle_is_small_and_captions_the_example_images_with_no_flags():
+    info = manifest(BUNDLE_DIR)
+    assert set(info["decoders"]) == {"retrieval", "clipcap", "capdec", "decap", "iterative", "coca"}
+    size = sum(f.stat().st_size for f in BUNDLE_DIR.rglob("*") if f.is_file())
+    assert size <= MAX_BYTES
+    examples = sorted(str(p) for p in (REPO / "examples").glob("*.png"))
+    assert examples
+    run = subprocess.run([sys.executable, "-m", "unembed.cli", "caption", *examples], capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != BUNDLE_ENV})
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(records) == len(examples) and all(r["caption"] for r in records)
+    assert {r["decoder"] for r in records} == {info["default"]}

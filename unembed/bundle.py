@@ -1,0 +1,129 @@
+"""The default bundle shipped inside the package: a scenes embedder and every decoder, in fp16.
+
+`make bundle` trains it from nothing (scripts/bundle.sh: scenes data -> `unembed compare` at bundle
+size -> `python -m unembed.bundle pack`). Packing keeps the compared models' weights in fp16, prunes
+the embedders' token tables to the scenes vocabulary (`prune_vocabulary`: the same vectors for every
+image and every scenes caption), points every decoder at the bundle's embedder, and records the
+comparison's scores in bundle.json. With no --decoder, `unembed caption` uses the bundle's default.
+It knows only the scenes world: shapes, colours and positions on plain or textured backgrounds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from unembed.errors import ModelLoadError, UnembedError
+from unembed.io import load_tensors, read_json, save_tensors, write_json
+
+BUNDLE_DIR = Path(__file__).with_name("bundle")
+BUNDLE_ENV = "UNEMBED_BUNDLE"  # another bundle directory to use instead of the shipped one
+MANIFEST = "bundle.json"
+MAX_BYTES = 25 * 2 ** 20
+DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json")  # beside config and weights
+SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
+
+
+def bundle_dir() -> Path:
+    return Path(os.environ.get(BUNDLE_ENV) or BUNDLE_DIR)
+
+
+def manifest(bundle: Path | None = None) -> dict:
+    bundle = bundle or bundle_dir()
+    if not (bundle / MANIFEST).is_file():
+        raise ModelLoadError(f"no model bundle at {bundle} (make it with `make bundle`); give --decoder DIR instead")
+    return read_json(bundle / MANIFEST)
+
+
+def bundled_decoder(name: str | None = None, bundle: Path | None = None) -> Path:
+    """The directory of a bundled decoder: `name`, or the bundle's default."""
+    bundle = bundle or bundle_dir()
+    info = manifest(bundle)
+    name = name or info["default"]
+    if name not in info["decoders"]:
+        raise ModelLoadError(f"the bundle has no decoder {name!r} (it has {', '.join(info['decoders'])})")
+    return bundle / name
+
+
+def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> dict:
+    """Pack a finished `unembed compare` run into a bundle directory (replaced as a whole)."""
+    from unembed.data.coco import split_captions
+    from unembed.embedders import Embedder, prune_vocabulary
+
+    compare_dir, out = Path(compare_dir), Path(out)
+    result = read_json(compare_dir / "compare.json")
+    rows = [r for r in result["decoders"] if not r["error"]]
+    if not rows:
+        raise UnembedError(f"{compare_dir}/compare.json has no successful decoder to pack")
+    splits = [p.parent for p in sorted(Path(data_dir).glob("*/captions.json"))]
+    vocabulary = [c for split in splits for c in split_captions(split)]
+    staging = out.with_name(out.name + ".packing")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def small_embedder(path: Path, target: Path) -> str:
+        pruned = prune_vocabulary(Embedder.load(path, device="cpu"), vocabulary)
+        pruned.model.half()
+        pruned.save(target)
+        return pruned.id
+
+    shared_id = small_embedder(Path(result["embedder"]), staging / "embedder")
+    for row in rows:
+        source, target = Path(row["path"]), staging / row["name"]
+        if (source / "embedder" / "config.json").is_file():  # CoCa: the decoder's weights are its own embedder
+            _copy_decoder(source, target, "embedder", small_embedder(source / "embedder", target / "embedder"))
+        else:
+            _copy_decoder(source, target, "../embedder", shared_id)
+    best = max(rows, key=lambda r: r["metrics"].get("CIDEr") or 0)["name"]
+    info = {"format": "unembed-bundle", "default": default or best, "decoders": [r["name"] for r in rows],
+            "embedder": "embedder", "made_by": "make bundle", "data": "scenes world (unembed data scenes --seed 0)",
+            "split": result["split"], "n_images": result["n_images"],
+            "scores": {r["name"]: {**{k: r["metrics"].get(k) for k in SCORE_KEYS},
+                                   "captions_per_second": r.get("captions_per_second"),
+                                   "train_minutes": r.get("train_minutes")} for r in rows}}
+    write_json(staging / MANIFEST, info)
+    size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+    if size > MAX_BYTES:
+        raise UnembedError(f"the bundle is {size / 2 ** 20:.1f} MB, over the {MAX_BYTES / 2 ** 20:.0f} MB limit; "
+                           f"train smaller models (scripts/bundle.json); left in {staging}")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return dict(info, bytes=size)
+
+
+def _copy_decoder(source: Path, target: Path, embedder_spec: str, embedder_id: str) -> None:
+    """The decoder's files with fp16 weights, its config pointing at the bundle's embedder."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in DECODER_EXTRAS:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    tensors, metadata = load_tensors(source / "model.safetensors")
+    save_tensors(target / "model.safetensors", {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
+                 metadata)
+    saved = read_json(source / "config.json")
+    saved["config"].update(embedder_spec=embedder_spec, embedder_id=embedder_id)
+    write_json(target / "config.json", saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unembed.bundle", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="pack a finished `unembed compare` run into a bundle")
+    p.add_argument("compare", help="the compare run's --out directory")
+    p.add_argument("--data", required=True, help="the dataset it ran on (its captions give the vocabulary)")
+    p.add_argument("--out", default=str(BUNDLE_DIR))
+    p.add_argument("--default", help="the decoder `unembed caption` uses (default: best CIDEr)")
+    args = parser.parse_args(argv)
+    try:
+        info = pack(args.compare, args.data, args.out, args.default)
+    except UnembedError as e:
+        print(f"unembed: {e}", file=sys.stderr)
+        return 2
+    print(f"packed {', '.join(info['decoders'])} (default {info['default']}) into {args.out}: "
+          f"{info['bytes'] / 2 ** 20:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""`unembed compare`: which decoder should I use on my embedder and my data?
+
+For each decoder: train it on DATA/train (or take an existing decoder directory), caption the same
+DATA/<split> images, score every decoder with the same metrics, and time it. One embedding pass of
+the split serves every decoder built for the compare's embedder and the CLIPScores of all of them
+(CoCa, its own embedder, decodes from its own pass of image tokens). Each training and each
+captioning runs in a fresh process, so its peak memory is its own and a decoder that fails is one
+failed row, not a failed comparison. Writes into OUT:
+    models/<name>/                 trained decoders (a complete one is reused when the run restarts)
+    captions/<name>.jsonl          every decoder's captions
+    compare.json, compare.md       the table (and everything the report shows)
+    quality_vs_speed.png, report.html, gap.json, gap.png, images/
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from unembed.errors import BadInputError, UnembedError
+
+# Scenes-sized training recipes: the README's scenes commands. Keys are TrainConfig fields or the
+# method's own options; `--config` overrides them per decoder name.
+SCRATCH_LM = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256}}
+PREFIX_RECIPE = {**SCRATCH_LM, "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
+RECIPES = {
+    "embedder": {},
+    "retrieval": {},
+    "clipcap": PREFIX_RECIPE,
+    "capdec": PREFIX_RECIPE,
+    "decap": PREFIX_RECIPE,
+    "iterative": {**SCRATCH_LM, "lr": 1e-3, "warmup_steps": 50, "batch_size": 64, "max_steps": 250},
+    "coca": {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30},
+}
+LM_OPTIONS = ("lm", "lm_config", "tokenizer", "max_caption_tokens", "simctg_margin")
+THUMBNAIL = 256
+
+
+@dataclasses.dataclass
+class Entry:
+    """One decoder of the comparison: a kind to train, or an existing directory."""
+
+    name: str
+    kind: str
+    path: Path
+    given: bool  # an existing decoder directory, not trained here
+
+
+def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
+    """'retrieval,clipcap,mine=path/to/dir' -> entries; a bare directory is taken as it is."""
+    from unembed.decoders import list_decoders, read_decoder_config
+
+    entries = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, path = item.partition("=")
+        if not path and Path(name).is_dir():
+            name, path = Path(name).name, name
+        if path:
+            entries.append(Entry(name, read_decoder_config(path)["kind"], Path(path), True))
+        elif name in list_decoders():
+            entries.append(Entry(name, name, models_dir / name, False))
+        else:
+            raise BadInputError(item, f"is neither a decoder kind ({', '.join(list_decoders())}) nor a decoder directory")
+    if len({e.name for e in entries}) < len(entries):
+        raise BadInputError(spec, "names a decoder twice")
+    return entries
+
+
+def recipe(name: str, kind: str, overrides: dict, max_steps: int | None) -> dict:
+    options = {**RECIPES.get(kind, {}), **overrides.get(name, {})}
+    if max_steps:
+        options["max_steps"] = max_steps
+    return options
+
+
+# --- work done in fresh processes -----------------------------------------------------------------
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _in_fresh_process(function, *args) -> dict:
+    """Run function(*args) in a new spawned process; its exceptions come back as {"error": line}."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_guarded, function, *args).result()
+
+
+def _guarded(function, *args) -> dict:
+    try:
+        return function(*args)
+    except UnembedError as e:
+        return {"error": str(e)}
+    except Exception as e:  # a failed decoder is one row of the table; the others still run
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def _train_config(options: dict, device: str):
+    from unembed.training.loop import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in options.items() if k in fields}, device=device)
+    return config, {k: v for k, v in options.items() if k not in fields}
+
+
+def train_job(kind: str, out_dir: str, data_dir: str, embedder_spec: str, options: dict, device: str) -> dict:
+    """Train one decoder (or, kind "embedder", the scenes CLIP) into out_dir."""
+    from unembed.data.coco import split_captions
+
+    t0 = time.perf_counter()
+    config, options = _train_config(options, device)
+    data = Path(data_dir)
+    if kind == "embedder":
+        from unembed.embedders import scenes_config
+        from unembed.training.clip import train_clip
+
+        train_clip(data, out_dir, config, arch=scenes_config(**options.get("arch", {})), progress=False)
+    elif kind == "coca":
+        from unembed.training.coca import scenes_coca_config, train_coca
+
+        train_coca(data, out_dir, config, arch=scenes_coca_config(**options.pop("arch", {})), progress=False, **options)
+    else:
+        from unembed.embedders import load_embedder
+
+        embedder = load_embedder(embedder_spec, device)
+        if kind == "retrieval":
+            from unembed.decoders.retrieval import RetrievalDecoder
+
+            RetrievalDecoder.build(embedder, split_captions(data / "train"), **options).save(out_dir)
+        elif kind == "iterative":
+            _train_iterative(embedder, data, Path(out_dir), config, options)
+        else:
+            from unembed.training.prefix import train_prefix
+
+            train_prefix(kind, embedder, out_dir, config, data_dir=data, progress=False, **options)
+    return {"train_minutes": round((time.perf_counter() - t0) / 60, 2), "train_peak_memory_mb": _peak_memory_mb()}
+
+
+def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict) -> None:
+    """Train the LM on DATA's captions (unless the recipe names an existing one), then package it."""
+    from unembed.data.coco import split_captions
+    from unembed.decoders.iterative import IterativeDecoder
+    from unembed.training.lm import train_lm
+
+    lm_options = {k: options.pop(k) for k in LM_OPTIONS if k in options}
+    lm = lm_options.get("lm", "scratch")
+    if lm == "scratch":
+        lm = str(out_dir.with_name(out_dir.name + "-lm"))
+        validation = split_captions(data / "val") if (data / "val" / "captions.json").is_file() else None
+        train_lm(split_captions(data / "train"), lm, config, validation_captions=validation, progress=False,
+                 **lm_options)
+    IterativeDecoder.build(embedder, lm=lm, **options).save(out_dir)
+
+
+def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_images: int, batch_size: int,
+                device: str, out_file: str) -> dict:
+    """Caption the split with one decoder, from the shared pass when the decoder was built for its
+    embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
+    from unembed.data.coco import embed_split
+    from unembed.decoders import load_decoder
+    from unembed.embedders import Embedded
+    from unembed.io import atomic_path
+    from unembed.pipeline import caption_embeddings
+
+    decoder = load_decoder(decoder_dir, device=device)
+    t0 = time.perf_counter()
+    embedded = Embedded.load(shared_pass) if shared_pass else None
+    if embedded is None or decoder.needs_tokens or embedded.embedder_id != decoder.config.embedder_id:
+        from unembed.embedders import load_embedder
+        from unembed.pipeline import resolve_embedder_spec
+
+        embedder = decoder.embedder if decoder.needs_embedder else load_embedder(
+            resolve_embedder_spec(decoder.config.to_dict(), decoder_dir), device)
+        embedded = embed_split(embedder, split_dir, with_tokens=decoder.needs_tokens)
+    embedded = embedded.select(range(min(max_images, len(embedded))))
+    embed_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    records = [r for batch in caption_embeddings(embedded, decoder, batch_size) for r in batch]
+    seconds = time.perf_counter() - t0
+    with atomic_path(out_file) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    peak = _peak_memory_mb()
+    if str(device).startswith("cuda"):
+        import torch
+
+        peak = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return {"captions": {r["image_id"]: r["caption"] for r in records}, "decode_seconds": round(seconds, 3),
+            "embed_seconds": round(embed_seconds, 3), "captions_per_second": round(len(records) / max(seconds, 1e-9), 2),
+            "peak_memory_mb": peak}
+
+
+# --- the comparison -------------------------------------------------------------------------------
+
+def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split: str = "test",
+            config: dict | None = None, max_steps: int | None = None, max_images: int | None = None,
+            batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True,
+            log=lambda message: None) -> dict:
+    """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
+    from unembed.embedders import resolve_device
+
+    start = time.perf_counter()
+    data, out = Path(data_dir), Path(out_dir)
+    split_dir = data / split
+    if not (split_dir / "captions.json").is_file():
+        raise BadInputError(split_dir, "has no captions.json to compare on")
+    overrides = config or {}
+    entries = parse_decoders(decoders, out / "models")
+    device = str(resolve_device(device))
+    embedder_spec, embedder_minutes = _embedder(embedder, data, out, overrides, max_steps, device, log)
+    rows = {e.name: {"name": e.name, "kind": e.kind, "path": str(e.path), "metrics": {}, "train_minutes": None,
+                     "error": None} for e in entries}
+    for e in entries:
+        if not e.given:
+            rows[e.name].update(_train(e, data, embedder_spec, recipe(e.name, e.kind, overrides, max_steps), device, log))
+
+    shared = _shared_pass(embedder_spec, split_dir, device, log)
+    n_images = min(max_images or len(shared["embedded"]), len(shared["embedded"]))
+    captions = {}
+    for e in entries:
+        if rows[e.name]["error"]:
+            continue
+        log(f"captioning {n_images} {split} images with {e.name}")
+        done = _in_fresh_process(caption_job, str(e.path), str(split_dir), shared["path"], n_images, batch_size,
+                                 device, str(out / "captions" / f"{e.name}.jsonl"))
+        captions[e.name] = done.pop("captions", None)
+        rows[e.name].update(done)
+    result = _score(rows, captions, shared, split_dir, n_images, spice, log)
+    result.update(data=str(data), split=split, embedder=embedder_spec, embedder_train_minutes=embedder_minutes,
+                  embed_seconds=shared["seconds"], device=_device_name(device),
+                  images=_image_records(result.pop("per_image"), split_dir, out, n_images))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    _write_json(result, out)  # the numbers are safe before the diagnostic and the report run
+    if gap:
+        result["gap"] = _gap(shared["embedder"], data, split, out, log)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    _write_json(result, out)
+    from unembed.eval.report import write_report
+
+    write_report(result, out)
+    return result
+
+
+def _embedder(spec, data: Path, out: Path, overrides: dict, max_steps, device: str, log) -> tuple[str, float | None]:
+    if spec:
+        return spec, None
+    path = out / "models" / "embedder"
+    if (path / "config.json").is_file() and (path / "compare_train.json").is_file():
+        return str(path), json.loads((path / "compare_train.json").read_text())["train_minutes"]
+    log(f"training the embedder into {path}")
+    done = _in_fresh_process(train_job, "embedder", str(path), str(data), "", recipe("embedder", "embedder",
+                                                                                     overrides, max_steps), device)
+    if "error" in done:
+        raise UnembedError(f"training the embedder failed: {done['error']}")
+    _record_training(path, done)
+    return str(path), done["train_minutes"]
+
+
+def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: str, log) -> dict:
+    record = entry.path / "compare_train.json"
+    if (entry.path / "config.json").is_file() and record.is_file():
+        log(f"{entry.name}: reusing {entry.path}")
+        return json.loads(record.read_text())
+    log(f"training {entry.name} into {entry.path}")
+    done = _in_fresh_process(train_job, entry.kind, str(entry.path), str(data), embedder_spec, options, device)
+    if "error" in done:
+        log(f"{entry.name}: training failed: {done['error']}")
+        return done
+    _record_training(entry.path, done)
+    return done
+
+
+def _record_training(path: Path, done: dict) -> None:
+    from unembed.io import write_json
+
+    write_json(path / "compare_train.json", done)
+
+
+def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
+    """The one embedding pass of the split (cached beside it), and the embedder for CLIPScore."""
+    from unembed.data.coco import CACHE_DIR, embed_split
+    from unembed.embedders import load_embedder
+
+    embedder = load_embedder(embedder_spec, device)
+    log(f"embedding {split_dir} with {embedder_spec}")
+    t0 = time.perf_counter()
+    embedded = embed_split(embedder, split_dir)
+    return {"embedder": embedder, "embedded": embedded, "seconds": round(time.perf_counter() - t0, 2),
+            "path": str(split_dir / CACHE_DIR / f"{embedder.id}.safetensors")}
+
+
+def _score(rows: dict, captions: dict, shared: dict, split_dir: Path, n_images: int, spice: bool, log) -> dict:
+    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) per decoder."""
+    from unembed.data.coco import load_coco_split
+    from unembed.eval.metrics import clip_scores, coco_caption_metrics
+
+    _, references, ids = load_coco_split(split_dir)
+    references = dict(zip(ids, references[:n_images]))
+    ids = ids[:n_images]
+    image_vecs = shared["embedded"].vectors[:n_images]
+    per_image = {}
+    for name, predicted in captions.items():
+        if predicted is None:
+            continue
+        log(f"scoring {name}")
+        predicted = {int(k) if str(k).isdigit() else k: v for k, v in predicted.items()}
+        metrics = coco_caption_metrics(predicted, references, spice=spice)
+        ordered = [predicted.get(i, "") for i in ids]
+        clip = clip_scores(shared["embedder"], image_vecs, ordered, [references[i] for i in ids], ids)
+        per_image[name] = {"caption": predicted, "cider": metrics.pop("per_image")["CIDEr"]}
+        metrics.update({k: v for k, v in clip.items() if k != "per_image"})
+        rows[name]["unavailable"] = metrics.pop("unavailable")
+        metrics.pop("skipped")
+        rows[name]["metrics"] = metrics
+    return {"decoders": list(rows.values()), "n_images": n_images,
+            "per_image": {"ids": ids, "references": references, "decoders": per_image}}
+
+
+def _image_records(per_image: dict, split_dir: Path, out: Path, n_images: int) -> list[dict]:
+    """Per-image rows for the report, with thumbnails copied beside it (the report moves with OUT)."""
+    from unembed.data.coco import load_coco_split
+
+    paths, _, ids = load_coco_split(split_dir)
+    records = []
+    for path, image in zip(paths[:n_images], ids[:n_images]):
+        records.append({"id": image, "file": _thumbnail(path, out / "images"),
+                        "references": per_image["references"][image],
+                        "captions": {n: d["caption"].get(image, "") for n, d in per_image["decoders"].items()},
+                        "cider": {n: d["cider"].get(image, 0.0) for n, d in per_image["decoders"].items()}})
+    return records
+
+
+def _thumbnail(path: Path, folder: Path) -> str:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    with Image.open(path) as im:
+        if max(im.size) <= THUMBNAIL:
+            shutil.copyfile(path, target)
+        else:
+            target = target.with_suffix(".jpg")
+            im.convert("RGB").resize(_fit(im.size)).save(target, quality=85)
+    return f"images/{target.name}"
+
+
+def _fit(size: tuple[int, int]) -> tuple[int, int]:
+    scale = THUMBNAIL / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _gap(embedder, data: Path, split: str, out: Path, log) -> dict | None:
+    from unembed.eval.gap import gap_report
+
+    log("measuring the modality gap")
+    try:
+        return gap_report(embedder, data, split=split, out_dir=out)
+    except UnembedError as e:
+        log(f"modality gap not measured: {e}")
+        return None
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    import torch
+
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def _write_json(result: dict, out: Path) -> None:
+    from unembed.io import write_json
+
+    result["plot"] = "quality_vs_speed.png"
+    write_json(out / "compare.json", result)
