@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU, nothing installed):
 #   make demo   create .venv and run the offline quickstart (scenes -> embedder -> retrieval -> caption -> eval)
-#   make test   create .venv and run the whole test suite
+#   make test   create .venv (and install Debian's chromium for the HTML report's browser test) and run the tests
+# and one more trains the shipped model bundle (unembed/bundle) from nothing:
+#   make bundle
 # torch and torchvision go on ONE pip line with exact versions: that takes the CPU build of torch
 # on this machine's disk; a bare `torch`, or torchvision on a later line, pulls a multi-GB CUDA build.
 # constraints-cpu.txt pins every other package to versions tested together here: without it pip's
@@ -11,7 +13,7 @@ TORCH_PIN ?= torch==2.13.0 torchvision==0.28.0
 BIN := $(VENV)/bin
 DEMO ?= demo-run
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test browser bundle clean
 
 $(BIN)/.installed: pyproject.toml Makefile constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +25,18 @@ setup: $(BIN)/.installed
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/quickstart.sh $(DEMO)
 
-test: setup
+# The report test drives a real headless chromium; without root (no apt) it is skipped, unless
+# UNEMBED_REQUIRE_BROWSER=1 (set by CI) makes a missing browser a failure.
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the HTML report's browser tests will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest -q -rs tests
+
+bundle: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/bundle.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO)

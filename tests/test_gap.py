@@ -115,3 +115,13 @@ def test_format_gap_names_every_bridge(gap):
     for name in BRIDGES:
         assert f"| {name} |" in table
     assert f"{gap[0]['centroid_distance']:.3f}" in table.splitlines()[0]
+
+
+def test_gap_command_prints_the_table_and_writes_json_and_plot(scenes_dir, embedder_dir, tmp_path, capsys):
+    from unembed.cli import EXIT_OK, main
+
+    assert main(["gap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--out", str(tmp_path / "gap"),
+                 "--device", "cpu"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("none", "noise", "mean_shift", "projection"))
+    assert (tmp_path / "gap" / "gap.json").is_file() and (tmp_path / "gap" / "gap.png").is_file()

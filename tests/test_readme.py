@@ -1,8 +1,10 @@
 """Every command in README.md runs: the quickstart at a small scale, the network commands to
 their offline failure, the library example on the tiny fixtures, and the set-up targets exist."""
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,9 @@ SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-
          "train clipcap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "train capdec": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "train decap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
-         "caption scenes/test/images": ["--max-length", "6"]}
+         "caption scenes/test/images": ["--max-length", "6"],
+         "compare --data": ["--max-steps", "2", "--max-images", "8", "--no-spice"],
+         "demo --out": ["--n", "2"]}
 
 
 def block(name: str) -> str:
@@ -37,7 +41,7 @@ def run(argv, cwd, env=None):
 
 
 def test_setup_commands_are_make_targets():
-    for argv in commands("setup"):
+    for argv in commands("setup") + commands("make-bundle"):
         assert argv[0] == "make"
         subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, check=True, capture_output=True)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
@@ -75,6 +79,19 @@ def test_quickstart_then_prefix_decoders_run(tmp_path):
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
     assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == 16
+    for argv in commands("compare"):
+        result = run_small(argv, tmp_path)
+    compared = json.loads((tmp_path / "compare-run" / "compare.json").read_text())
+    assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
+        (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "iterative", "coca")]
+    assert (tmp_path / "compare-run" / "report.html").is_file() and (tmp_path / "gap" / "gap.png").is_file()
+
+
+def test_bundle_commands_caption_with_the_shipped_models(tmp_path):
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    outputs = [run_small(argv, tmp_path).stdout for argv in commands("bundle")]
+    assert len(outputs[0].splitlines()) == len(list((ROOT / "examples").glob("*.png")))
+    assert outputs[1].startswith("| image | a true caption |")
 
 
 def test_network_commands_fail_fast_and_clearly_offline(tmp_path):

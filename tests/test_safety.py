@@ -112,3 +112,20 @@ def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
     write_json(tmp_path / "atomic.json", {"a": 1})
     mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
     assert mode("atomic.json") == mode("plain.json")
+
+
+def test_a_safetensors_header_length_starting_with_pickles_magic_byte_still_loads(tmp_path):
+    """0x80 is pickle's first byte and also the low byte of some safetensors header lengths."""
+    import torch
+
+    from unembed.io import load_tensors, save_tensors
+
+    for pad in range(256):
+        path = tmp_path / "weights.safetensors"
+        save_tensors(path, {"w": torch.ones(2)}, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        raise AssertionError("no padding gave a header length with low byte 0x80")
+    tensors, metadata = load_tensors(path)
+    assert tensors["w"].tolist() == [1.0, 1.0]

@@ -99,8 +99,11 @@ def _copy_decoder(source: Path, target: Path, embedder_spec: str, embedder_id: s
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
     tensors, metadata = load_tensors(source / "model.safetensors")
-    save_tensors(target / "model.safetensors", {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
-                 metadata)
+    if tensors:
+        save_tensors(target / "model.safetensors",
+                     {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, metadata)
+    else:  # CoCa's holds none; safetensors writes an empty file with metadata as invalid JSON
+        shutil.copyfile(source / "model.safetensors", target / "model.safetensors")
     saved = read_json(source / "config.json")
     saved["config"].update(embedder_spec=embedder_spec, embedder_id=embedder_id)
     write_json(target / "config.json", saved)

@@ -126,24 +126,11 @@ def cmd_train_prefix(args) -> int:
     return EXIT_OK
 
 
-def _caption_corpus(args) -> tuple[list[str], list[str] | None]:
-    """Training captions from --captions files and DATA/train; validation captions from DATA/val."""
-    from unembed.data.captions import load_captions
-    from unembed.data.coco import split_captions
-
-    captions = [c for path in args.captions or () for c in load_captions(path)]
-    validation = None
-    if args.data:
-        captions += split_captions(Path(args.data) / "train")
-        if (Path(args.data) / "val" / "captions.json").is_file():
-            validation = split_captions(Path(args.data) / "val")
-    return captions, validation
-
-
 def cmd_train_lm(args) -> int:
+    from unembed.data.captions import caption_corpus
     from unembed.training.lm import LM_DEFAULTS, train_lm
 
-    captions, validation = _caption_corpus(args)
+    captions, validation = caption_corpus(args.captions or (), args.data)
     options = _given(args, ("tokenizer", "max_caption_tokens", "simctg_margin"))
     report = train_lm(captions, args.out, _train_config(args, LM_DEFAULTS), lm=args.lm,
                       lm_config=_json_arg(args.lm_config) if args.lm_config else None,

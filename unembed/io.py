@@ -74,12 +74,13 @@ def check_safetensors(path: str | os.PathLike) -> Path:
         raise BadInputError(path, "no such file")
     with open(path, "rb") as f:
         head = f.read(9)
+    # safetensors starts with a little-endian u64 header length followed by '{'; checked first,
+    # because a header length whose low byte is 0x80 starts with pickle's magic byte
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return path
     if head[:1] in PICKLE_MAGIC or head[:4] in PICKLE_MAGIC:
         raise UnsafeFileError(f"{path}: is a pickle/torch.save file; unembed loads weights and embeddings only from .safetensors")
-    # safetensors starts with a little-endian u64 header length followed by '{'
-    if len(head) < 9 or head[8:9] != b"{":
-        raise BadInputError(path, "is not a safetensors file")
-    return path
+    raise BadInputError(path, "is not a safetensors file")
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -75,3 +75,17 @@ def load_captions(path) -> list[str]:
     if not texts:
         raise BadInputError(path, "holds no captions")
     return texts
+
+
+def caption_corpus(caption_files=(), data_dir=None) -> tuple[list[str], list[str] | None]:
+    """Training captions from corpus files and DATA/train, and validation captions from DATA/val
+    (None when there is none): what every text-trained model reads."""
+    from unembed.data.coco import split_captions
+
+    captions = [c for path in caption_files for c in load_captions(path)]
+    validation = None
+    if data_dir:
+        captions += split_captions(Path(data_dir) / "train")
+        if (Path(data_dir) / "val" / "captions.json").is_file():
+            validation = split_captions(Path(data_dir) / "val")
+    return captions, validation

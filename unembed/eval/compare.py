@@ -144,17 +144,16 @@ def train_job(kind: str, out_dir: str, data_dir: str, embedder_spec: str, option
 
 def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict) -> None:
     """Train the LM on DATA's captions (unless the recipe names an existing one), then package it."""
-    from unembed.data.coco import split_captions
+    from unembed.data.captions import caption_corpus
     from unembed.decoders.iterative import IterativeDecoder
     from unembed.training.lm import train_lm
 
     lm_options = {k: options.pop(k) for k in LM_OPTIONS if k in options}
     lm = lm_options.get("lm", "scratch")
     if lm == "scratch":
-        lm = str(out_dir.with_name(out_dir.name + "-lm"))
-        validation = split_captions(data / "val") if (data / "val" / "captions.json").is_file() else None
-        train_lm(split_captions(data / "train"), lm, config, validation_captions=validation, progress=False,
-                 **lm_options)
+        lm = str(out_dir.with_name(out_dir.name + "-lm"))  # the trained LM's directory
+        captions, validation = caption_corpus((), data)
+        train_lm(captions, lm, config, validation_captions=validation, progress=False, **lm_options)
     IterativeDecoder.build(embedder, lm=lm, **options).save(out_dir)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unembed.data.coco import embed_split, load_coco_split, split_captions
+from unembed.data.coco import embed_split, load_coco_split
 from unembed.errors import BadInputError
 from unembed.io import write_json
 from unembed.training.loop import Task, TrainConfig, fit
@@ -90,7 +90,7 @@ def _validation_set(embedder, data_dir: Path | None):
 def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
                  resume: bool = False, progress: bool = True, **decoder_options) -> dict:
     """Train a clipcap / capdec / decap decoder and save it to out_dir."""
-    from unembed.data.captions import load_captions
+    from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
 
     data_dir = Path(data_dir) if data_dir else None
@@ -98,9 +98,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     cls = decoder_class(kind)
     images = _split_images(embedder, data_dir, "train")
     if cls.trainable_from_text:
-        captions = [c for f in caption_files for c in load_captions(f)]
-        if data_dir is not None:
-            captions += split_captions(data_dir / "train")
+        captions, _ = caption_corpus(caption_files, data_dir)
         if not captions:
             raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
         unique = list(dict.fromkeys(captions))
