@@ -369,8 +369,10 @@ def _clip_scores(args, predictions: dict, references: dict) -> dict:
 
 def cmd_demo(args) -> int:
     """New scenes images, captioned by every bundled decoder side by side."""
-    from unembed.bundle import bundled_decoder, manifest
+    from unembed.bundle import bundle_dir, bundled_decoder, manifest
     from unembed.data.scenes import generate_split, render
+    from unembed.decoders import read_decoder_config
+    from unembed.embedders import load_embedder
     from unembed.pipeline import caption
 
     out = Path(args.out)
@@ -381,8 +383,14 @@ def cmd_demo(args) -> int:
         render(scene, seed=seed).save(path)
         images.append(str(path))
         truths.append(captions[0])
-    names = manifest()["decoders"]
-    rows = {name: caption(images, str(bundled_decoder(name)), device=args.device) for name in names}
+    info = manifest()
+    names = info["decoders"]
+    shared = load_embedder(str(bundle_dir() / info["embedder"]), args.device)  # loaded once for all but CoCa
+    rows = {}
+    for name in names:
+        path = bundled_decoder(name)
+        own = read_decoder_config(path)["config"]["embedder_id"] != shared.id
+        rows[name] = caption(images, str(path), embedder=None if own else shared, device=args.device)
     lines = ["| image | a true caption | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for i, path in enumerate(images):
         lines.append(f"| {Path(path).name} | {truths[i]} | " + " | ".join(rows[n][i] for n in names) + " |")

@@ -311,11 +311,11 @@ def prune_vocabulary(embedder: Embedder, texts: Sequence[str]) -> Embedder:
     if not hasattr(base, "encoder") or "model_cfg" not in embedder.config:
         raise MismatchError(f"embedder {embedder.spec!r} is not a CLIP-BPE model built from a config; cannot prune it")
     ids = torch.cat([base(list(texts[i:i + 4096])).unique() for i in range(0, len(texts), 4096)])
-    old = embedder.tokenizer.kept if isinstance(embedder.tokenizer, PrunedTokenizer) else None
     kept = sorted(set(ids.tolist()) | {0, base.sot_token_id, base.eot_token_id})
-    rows = torch.tensor(kept) if old is None else embedder.tokenizer.lookup[torch.tensor(kept)]
-    vocab = embedder.model.text.token_embedding.num_embeddings if hasattr(embedder.model, "text") else \
-        embedder.model.token_embedding.num_embeddings
+    if isinstance(embedder.tokenizer, PrunedTokenizer):  # pruned before: its rows are numbered by its lookup
+        rows, vocab = embedder.tokenizer.lookup[torch.tensor(kept)], len(embedder.tokenizer.kept)
+    else:
+        rows, vocab = torch.tensor(kept), len(base.encoder)
     state = {k: _keep_rows(v, vocab, rows) for k, v in embedder.model.state_dict().items()}
     config = json.loads(json.dumps(embedder.config))
     for part in ("text_cfg", "multimodal_cfg"):

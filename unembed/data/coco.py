@@ -31,13 +31,18 @@ def split_captions(split_dir) -> list[str]:
     return [ann["caption"] for ann in coco.get("annotations", [])]
 
 
+def split_cache(split_dir, embedder_id: str, with_tokens: bool = False) -> Path:
+    """Where embed_split keeps a split's embeddings by one embedder."""
+    return Path(split_dir) / CACHE_DIR / f"{embedder_id}{'-tokens' if with_tokens else ''}.safetensors"
+
+
 def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128):
     """The split's image embeddings (ids = image ids as strings), from the cache when present."""
     from unembed.data.images import load_image
     from unembed.embedders import Embedded
 
     split_dir = Path(split_dir)
-    cache = split_dir / CACHE_DIR / f"{embedder.id}{'-tokens' if with_tokens else ''}.safetensors"
+    cache = split_cache(split_dir, embedder.id, with_tokens)
     paths, _, ids = load_coco_split(split_dir)
     if cache.is_file():
         cached = Embedded.load(cache)

@@ -201,6 +201,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True,
             log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
+    from unembed.data.coco import load_coco_split
     from unembed.embedders import resolve_device
 
     start = time.perf_counter()
@@ -229,10 +230,14 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
                                  device, str(out / "captions" / f"{e.name}.jsonl"))
         captions[e.name] = done.pop("captions", None)
         rows[e.name].update(done)
-    result = _score(rows, captions, shared, split_dir, n_images, spice, log)
-    result.update(data=str(data), split=split, embedder=embedder_spec, embedder_train_minutes=embedder_minutes,
-                  embed_seconds=shared["seconds"], device=_device_name(device),
-                  images=_image_records(result.pop("per_image"), split_dir, out, n_images))
+    paths, references, ids = (part[:n_images] for part in load_coco_split(split_dir))
+    references = dict(zip(ids, references))
+    per_image = _score(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
+                       spice, log)
+    result = {"decoders": list(rows.values()), "n_images": n_images, "data": str(data), "split": split,
+              "embedder": embedder_spec, "embedder_train_minutes": embedder_minutes,
+              "embed_seconds": shared["seconds"], "device": _device_name(device),
+              "images": _image_records(per_image, paths, ids, references, out)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     _write_json(result, out)  # the numbers are safe before the diagnostic and the report run
     if gap:
@@ -248,19 +253,17 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
 def _embedder(spec, data: Path, out: Path, overrides: dict, max_steps, device: str, log) -> tuple[str, float | None]:
     if spec:
         return spec, None
-    path = out / "models" / "embedder"
-    if (path / "config.json").is_file() and (path / "compare_train.json").is_file():
-        return str(path), json.loads((path / "compare_train.json").read_text())["train_minutes"]
-    log(f"training the embedder into {path}")
-    done = _in_fresh_process(train_job, "embedder", str(path), str(data), "", recipe("embedder", "embedder",
-                                                                                     overrides, max_steps), device)
+    entry = Entry("embedder", "embedder", out / "models" / "embedder", False)
+    done = _train(entry, data, "", recipe("embedder", "embedder", overrides, max_steps), device, log)
     if "error" in done:
         raise UnembedError(f"training the embedder failed: {done['error']}")
-    _record_training(path, done)
-    return str(path), done["train_minutes"]
+    return str(entry.path), done["train_minutes"]
 
 
 def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: str, log) -> dict:
+    """Train in a fresh process, or reuse what an earlier run of the same command trained."""
+    from unembed.io import write_json
+
     record = entry.path / "compare_train.json"
     if (entry.path / "config.json").is_file() and record.is_file():
         log(f"{entry.name}: reusing {entry.path}")
@@ -269,20 +272,14 @@ def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: 
     done = _in_fresh_process(train_job, entry.kind, str(entry.path), str(data), embedder_spec, options, device)
     if "error" in done:
         log(f"{entry.name}: training failed: {done['error']}")
-        return done
-    _record_training(entry.path, done)
+    else:
+        write_json(record, done)
     return done
-
-
-def _record_training(path: Path, done: dict) -> None:
-    from unembed.io import write_json
-
-    write_json(path / "compare_train.json", done)
 
 
 def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
     """The one embedding pass of the split (cached beside it), and the embedder for CLIPScore."""
-    from unembed.data.coco import CACHE_DIR, embed_split
+    from unembed.data.coco import embed_split, split_cache
     from unembed.embedders import load_embedder
 
     embedder = load_embedder(embedder_spec, device)
@@ -290,48 +287,36 @@ def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
     t0 = time.perf_counter()
     embedded = embed_split(embedder, split_dir)
     return {"embedder": embedder, "embedded": embedded, "seconds": round(time.perf_counter() - t0, 2),
-            "path": str(split_dir / CACHE_DIR / f"{embedder.id}.safetensors")}
+            "path": str(split_cache(split_dir, embedder.id))}
 
 
-def _score(rows: dict, captions: dict, shared: dict, split_dir: Path, n_images: int, spice: bool, log) -> dict:
-    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) per decoder."""
-    from unembed.data.coco import load_coco_split
+def _score(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log) -> dict:
+    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) into each
+    decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
     from unembed.eval.metrics import clip_scores, coco_caption_metrics
 
-    _, references, ids = load_coco_split(split_dir)
-    references = dict(zip(ids, references[:n_images]))
-    ids = ids[:n_images]
-    image_vecs = shared["embedded"].vectors[:n_images]
     per_image = {}
     for name, predicted in captions.items():
         if predicted is None:
             continue
         log(f"scoring {name}")
-        predicted = {int(k) if str(k).isdigit() else k: v for k, v in predicted.items()}
         metrics = coco_caption_metrics(predicted, references, spice=spice)
         ordered = [predicted.get(i, "") for i in ids]
-        clip = clip_scores(shared["embedder"], image_vecs, ordered, [references[i] for i in ids], ids)
+        clip = clip_scores(embedder, image_vecs, ordered, [references[i] for i in ids], ids)
         per_image[name] = {"caption": predicted, "cider": metrics.pop("per_image")["CIDEr"]}
         metrics.update({k: v for k, v in clip.items() if k != "per_image"})
         rows[name]["unavailable"] = metrics.pop("unavailable")
         metrics.pop("skipped")
         rows[name]["metrics"] = metrics
-    return {"decoders": list(rows.values()), "n_images": n_images,
-            "per_image": {"ids": ids, "references": references, "decoders": per_image}}
+    return per_image
 
 
-def _image_records(per_image: dict, split_dir: Path, out: Path, n_images: int) -> list[dict]:
+def _image_records(per_image: dict, paths: list, ids: list, references: dict, out: Path) -> list[dict]:
     """Per-image rows for the report, with thumbnails copied beside it (the report moves with OUT)."""
-    from unembed.data.coco import load_coco_split
-
-    paths, _, ids = load_coco_split(split_dir)
-    records = []
-    for path, image in zip(paths[:n_images], ids[:n_images]):
-        records.append({"id": image, "file": _thumbnail(path, out / "images"),
-                        "references": per_image["references"][image],
-                        "captions": {n: d["caption"].get(image, "") for n, d in per_image["decoders"].items()},
-                        "cider": {n: d["cider"].get(image, 0.0) for n, d in per_image["decoders"].items()}})
-    return records
+    return [{"id": image, "file": _thumbnail(path, out / "images"), "references": references[image],
+             "captions": {n: d["caption"].get(image, "") for n, d in per_image.items()},
+             "cider": {n: d["cider"].get(image, 0.0) for n, d in per_image.items()}}
+            for path, image in zip(paths, ids)]
 
 
 def _thumbnail(path: Path, folder: Path) -> str:
@@ -365,12 +350,10 @@ def _gap(embedder, data: Path, split: str, out: Path, log) -> dict | None:
 
 
 def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
     import torch
 
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
