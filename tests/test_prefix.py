@@ -187,7 +187,7 @@ def test_transformer_mapper_round_trips(embedder, tmp_path):
 
 def test_corpus_tokenizer_is_learned_saved_and_reloaded(embedder, tmp_path):
     from unembed.decoders.capdec import CapDecConfig, CapDecDecoder
-    from unembed.decoders.prefix import CorpusTokenizer
+    from unembed.tokenizers import CorpusTokenizer
 
     captions = ["a red circle left of a blue square", "two green hearts on a noisy background"] * 20
     tokenizer = CorpusTokenizer.train(captions, 200)
@@ -206,7 +206,7 @@ def test_corpus_tokenizer_numbers_tokens_the_same_every_time(scenes_dir):
     """The BPE trainer numbers its alphabet in hash order; the ids must not depend on the run
     (reproducibility, and every process of a distributed run trains its own copy)."""
     from unembed.data.coco import split_captions
-    from unembed.decoders.prefix import CorpusTokenizer
+    from unembed.tokenizers import CorpusTokenizer
 
     captions = split_captions(scenes_dir / "train")
     runs = [CorpusTokenizer.train(captions, 64) for _ in range(4)]

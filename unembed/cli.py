@@ -255,7 +255,7 @@ def _decoder_dir(decoder: str | None) -> str:
 def _load_decoder_and_embedder(args):
     from unembed.decoders import load_decoder, read_decoder_config
     from unembed.embedders import load_embedder
-    from unembed.pipeline import resolve_embedder_spec
+    from unembed.decoders import resolve_embedder_spec
 
     args.decoder = _decoder_dir(args.decoder)
     saved = read_decoder_config(args.decoder)

@@ -21,17 +21,6 @@ def image_id(path: str) -> int | str:
     return int(stem) if stem.isdigit() else stem
 
 
-def resolve_embedder_spec(decoder_config: dict, decoder_dir) -> str:
-    """The decoder's recorded embedder; a relative directory beside the decoder comes first (a
-    bundle's decoders name "../embedder"), then one relative to where the decoder was trained."""
-    spec = decoder_config.get("embedder_spec", "")
-    if spec and not os.path.isabs(spec):
-        beside = Path(decoder_dir) / spec
-        if beside.is_dir():
-            return str(beside)
-    return spec
-
-
 def iter_image_batches(paths: Sequence[str], batch_size: int,
                        on_error: Callable[[BadInputError], None]) -> Iterator[tuple[list[str], list]]:
     """Load images batch by batch (memory stays bounded by one batch), reporting bad ones."""
@@ -80,7 +69,7 @@ def caption(images: Sequence[str], decoder, embedder=None, batch_size: int = 32,
             **generation) -> list[str]:
     """Library one-liner: captions for image files (a decoder object or a decoder directory).
     Raises on the first bad image, unlike the CLI which reports and goes on."""
-    from unembed.decoders import load_decoder, read_decoder_config
+    from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
     from unembed.embedders import load_embedder
 
     if isinstance(decoder, (str, os.PathLike)):

@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 
 from unembed.decoders.base import (DECODER_FORMAT, Decoder, DecoderConfig, build_saved_decoder, read_decoder_config,
-                                   register_decoder, registered)
+                                   register_decoder, registered, resolve_embedder_spec)
 from unembed.errors import ModelLoadError
 
 BUILTIN_DECODERS = {
@@ -52,7 +52,6 @@ def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
     if cls.needs_embedder:
         if embedder is None:
             from unembed.embedders import load_embedder
-            from unembed.pipeline import resolve_embedder_spec
 
             embedder = load_embedder(resolve_embedder_spec(saved["config"], path), device)
             check_embedder(saved["config"], embedder, path)
@@ -72,4 +71,4 @@ def check_embedder(config: dict, embedder, where) -> None:
 
 
 __all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_class", "list_decoders",
-           "check_embedder", "load_decoder", "read_decoder_config", "register_decoder"]
+           "check_embedder", "load_decoder", "read_decoder_config", "register_decoder", "resolve_embedder_spec"]

@@ -129,6 +129,17 @@ def read_decoder_config(path: str | os.PathLike) -> dict:
     return saved
 
 
+def resolve_embedder_spec(decoder_config: dict, decoder_dir) -> str:
+    """The decoder's recorded embedder; a relative directory beside the decoder comes first (a
+    bundle's decoders name "../embedder"), then one relative to where the decoder was trained."""
+    spec = decoder_config.get("embedder_spec", "")
+    if spec and not os.path.isabs(spec):
+        beside = Path(decoder_dir) / spec
+        if beside.is_dir():
+            return str(beside)
+    return spec
+
+
 def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str = "cpu") -> Decoder:
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = set(saved.get("config", {})) - fields

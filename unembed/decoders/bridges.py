@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unembed.decoders.retrieval import TextMemory
+from unembed.memory import TextMemory
 from unembed.errors import MismatchError
 
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from unembed.compat import import_transformers
 from unembed.decoders.base import Decoder, DecoderConfig, register_decoder
-from unembed.decoders.prefix import build_lm, make_tokenizer
+from unembed.lm import build_lm
+from unembed.tokenizers import make_tokenizer
 from unembed.errors import MismatchError
 from unembed.io import read_json
 
@@ -192,7 +193,7 @@ class CaptionEnd:
 
 def lm_and_tokenizer(config: IterativeConfig, tokenizer=None, directory: Path | None = None,
                      captions: list[str] | None = None):
-    """The LM and tokenizer a config names (see prefix.make_tokenizer for `directory` and `captions`).
+    """The LM and tokenizer a config names (see tokenizers.make_tokenizer for `directory` and `captions`).
     A hub LM is made before its tokenizer: offline, make_lm fails in seconds with one clear line where
     the tokenizer would retry for a minute."""
     lm = None if config.lm == "scratch" or tokenizer is not None else build_lm(config, None)

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unembed.compat import import_transformers
 from unembed.decoders.base import Decoder, DecoderConfig
 from unembed.decoders.bridges import ModalityBridge
 from unembed.errors import ModelLoadError
-
-SCRATCH_LM = dict(model_type="gpt2", n_layer=4, n_head=4, n_embd=768, n_positions=96)
+from unembed.lm import apply_lm_mode, build_lm
+from unembed.tokenizers import encode_captions, make_tokenizer
 
 
 @dataclass
@@ -50,146 +49,6 @@ class PrefixConfig(DecoderConfig):
     projection_tau: float = 0.01
     num_beams: int = 5              # generation defaults
     max_length: int = 30
-
-
-# --- tokenizers ---------------------------------------------------------------------------------
-
-class ClipBpeTokenizer:
-    """open_clip's CLIP BPE (bundled, works offline); DeCap's choice. Lower-cases, as CLIP does."""
-
-    name = "clip-bpe"
-
-    def __init__(self):
-        from unembed.compat import import_open_clip
-
-        self._bpe = import_open_clip().tokenizer.SimpleTokenizer()
-        self.vocab_size = len(self._bpe.encoder)
-        self.bos_id = self._bpe.all_special_ids[0]
-        self.eos_id = self._bpe.all_special_ids[1]
-
-    def encode(self, text: str) -> list[int]:
-        return self._bpe.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._bpe.decode(ids).strip()
-
-    def save(self, path: Path) -> None:
-        """Nothing to write: the BPE ships inside open_clip."""
-
-
-class HFTokenizer:
-    def __init__(self, name_or_path: str):
-        transformers = import_transformers()
-        try:
-            self._tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        except OSError as e:
-            raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
-        self.name = name_or_path
-        self.vocab_size = len(self._tok)
-        self.eos_id = self._tok.eos_token_id
-        self.bos_id = self._tok.bos_token_id if self._tok.bos_token_id is not None else self.eos_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(" " + text.strip(), add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True).strip()
-
-    def save(self, path: Path) -> None:
-        self._tok.save_pretrained(path / "tokenizer")
-
-
-class CorpusTokenizer:
-    """A BPE vocabulary learned from the training captions (`tokenizers`): for an LM trained from
-    scratch on one domain, a few thousand tokens instead of CLIP's 49,408 make the output layer,
-    which dominates a small LM's cost, ~20x cheaper. Spec "corpus:N" learns at most N tokens."""
-
-    FILE = "tokenizer.json"
-
-    def __init__(self, tokenizer):
-        self._tok = tokenizer
-        self.name = "corpus"
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.bos_id, self.eos_id = tokenizer.token_to_id("[BOS]"), tokenizer.token_to_id("[EOS]")
-
-    @classmethod
-    def train(cls, captions: list[str], vocab_size: int) -> "CorpusTokenizer":
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-        tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.decoder = decoders.BPEDecoder(suffix="</w>")
-        specials = ["[UNK]", "[BOS]", "[EOS]"]
-        tok.train_from_iterator(captions, trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>",
-                                                              special_tokens=specials))
-        return cls(Tokenizer.from_str(cls._canonical_ids(tok.to_str(), specials)))
-
-    @staticmethod
-    def _canonical_ids(serialised: str, specials: list[str]) -> str:
-        """The trainer learns the same merges every run but numbers the initial alphabet in hash
-        order, which differs per process: renumber (specials, sorted alphabet, merges in order) so a
-        run is reproducible and every process of a distributed run gets the same token ids."""
-        import json
-
-        spec = json.loads(serialised)
-        model = spec["model"]
-        merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
-        alphabet = sorted(set(model["vocab"]) - set(specials) - set(merged))
-        order = specials + alphabet + [t for t in dict.fromkeys(merged) if t not in specials]
-        model["vocab"] = {token: i for i, token in enumerate(order)}
-        for added in spec.get("added_tokens", []):
-            added["id"] = model["vocab"][added["content"]]
-        return json.dumps(spec)
-
-    @classmethod
-    def load(cls, directory: Path) -> "CorpusTokenizer":
-        from tokenizers import Tokenizer
-
-        if not (directory / cls.FILE).is_file():
-            raise ModelLoadError(f"{directory / cls.FILE} is missing: this decoder's tokenizer")
-        return cls(Tokenizer.from_file(str(directory / cls.FILE)))
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids).strip()
-
-    def save(self, path: Path) -> None:
-        from unembed.io import atomic_path
-
-        with atomic_path(path / self.FILE) as tmp:
-            self._tok.save(str(tmp))
-
-
-def make_tokenizer(config: PrefixConfig, directory: Path | None = None, captions: list[str] | None = None):
-    """The tokenizer a config names; "corpus:N" is learned from `captions` or read from `directory`."""
-    name = config.tokenizer or ("clip-bpe" if config.lm == "scratch" else config.lm)
-    if name == "clip-bpe":
-        return ClipBpeTokenizer()
-    if name.startswith("corpus"):
-        if directory is not None:
-            return CorpusTokenizer.load(directory)
-        if not captions:
-            raise ModelLoadError(f"tokenizer {name!r} is learned from training captions; none were given")
-        return CorpusTokenizer.train(captions, int(name.partition(":")[2] or 4000))
-    if directory is not None and (directory / "tokenizer").is_dir():
-        return HFTokenizer(str(directory / "tokenizer"))
-    return HFTokenizer(name)
-
-
-def encode_captions(tokenizer, captions: list[str], limit: int,
-                    start: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [N, T] (the start token if asked, the caption cut to fit `limit`, the end token;
-    right-padded with the end token) and lengths [N]: padding is told apart by length, not by value."""
-    eos, head = tokenizer.eos_id, [tokenizer.bos_id] if start else []
-    ids = [head + tokenizer.encode(c)[:limit - 1 - len(head)] + [eos] for c in captions]
-    lengths = torch.tensor([len(i) for i in ids])
-    tokens = torch.full((len(ids), int(lengths.max())), eos, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        tokens[row, :len(seq)] = torch.tensor(seq)
-    return tokens, lengths
 
 
 # --- mappers ------------------------------------------------------------------------------------
@@ -229,61 +88,6 @@ def make_mapper(config: PrefixConfig, dim_lm: int) -> nn.Module:
     if config.mapper in ("mlp", "linear"):
         return MLPMapper(config.embed_dim, dim_lm, config.prefix_length, hidden=config.mapper == "mlp")
     raise ModelLoadError(f"unknown mapper {config.mapper!r} (linear | mlp | transformer)")
-
-
-# --- the LM -------------------------------------------------------------------------------------
-
-def make_lm(config: PrefixConfig, tokenizer) -> nn.Module:
-    """Build the LM from its recorded config (no download); a hub LM's weights are fetched only when
-    a new decoder is created, and saved with the decoder after that."""
-    transformers = import_transformers()
-    if config.lm_config:
-        hf_config = transformers.AutoConfig.for_model(**config.lm_config)
-        return transformers.AutoModelForCausalLM.from_config(hf_config)
-    if config.lm == "scratch":
-        raise ModelLoadError("a scratch LM needs lm_config")
-    from unembed.embedders import hub_reachable
-
-    if not Path(config.lm).is_dir() and not hub_reachable():
-        raise ModelLoadError(f"cannot download LM {config.lm!r}: the Hugging Face hub is unreachable. Offline, use "
-                             "--lm scratch (a GPT-2-architecture LM trained from scratch on your captions)")
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(config.lm)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load LM {config.lm!r}: {str(e).splitlines()[0]}") from None
-
-
-def build_lm(config, tokenizer) -> nn.Module:
-    """The LM a config names, with its full HF config recorded back into `config.lm_config` so a saved
-    decoder rebuilds it offline; a scratch LM's size overrides are completed from the tokenizer first."""
-    if config.lm == "scratch" and "vocab_size" not in config.lm_config:
-        config.lm_config = scratch_lm_config(tokenizer, config.lm_config)
-    lm = make_lm(config, tokenizer)
-    config.lm_config = {k: v for k, v in lm.config.to_diff_dict().items() if not k.startswith("_")}
-    config.lm_config["model_type"] = lm.config.model_type
-    return lm
-
-
-def scratch_lm_config(tokenizer, overrides: dict | None = None) -> dict:
-    cfg = dict(SCRATCH_LM, **(overrides or {}))
-    return dict(cfg, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-
-
-def apply_lm_mode(lm: nn.Module, mode: str, lora_r: int) -> nn.Module:
-    if mode == "full":
-        return lm
-    if mode == "frozen":
-        lm.requires_grad_(False)
-        return lm
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        # GPT-2 stores its projections as Conv1D (weights transposed), which LoRA must be told.
-        gpt2_like = getattr(lm.config, "model_type", "") == "gpt2"
-        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, fan_in_fan_out=gpt2_like,
-                          target_modules=["c_attn", "c_proj"] if gpt2_like else None)
-        return get_peft_model(lm, lora)
-    raise ModelLoadError(f"unknown LM mode {mode!r} (frozen | lora | full)")
 
 
 # --- the decoder --------------------------------------------------------------------------------

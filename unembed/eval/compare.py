@@ -172,7 +172,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
     embedded = Embedded.load(shared_pass) if shared_pass else None
     if embedded is None or decoder.needs_tokens or embedded.embedder_id != decoder.config.embedder_id:
         from unembed.embedders import load_embedder
-        from unembed.pipeline import resolve_embedder_spec
+        from unembed.decoders import resolve_embedder_spec
 
         embedder = decoder.embedder if decoder.needs_embedder else load_embedder(
             resolve_embedder_spec(decoder.config.to_dict(), decoder_dir), device)

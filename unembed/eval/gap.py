@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from unembed.decoders.bridges import ModalityBridge, add_noise
-from unembed.decoders.retrieval import TextMemory
+from unembed.memory import TextMemory
 from unembed.errors import BadInputError, MismatchError
 from unembed.io import atomic_path, write_json
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from unembed.decoders.iterative import LM_METADATA, IterativeConfig, lm_and_tokenizer
-from unembed.decoders.prefix import encode_captions
+from unembed.tokenizers import encode_captions
 from unembed.errors import BadInputError
 from unembed.io import read_json, write_json
 from unembed.training.loop import Task, TrainConfig, fit

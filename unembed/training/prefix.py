@@ -117,7 +117,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     projection = decoder_options.pop("projection_size", cls.config_class.projection_size)
     if projection and unique is not None:
         projection = min(projection, len(unique))
-    from unembed.decoders.prefix import make_tokenizer
+    from unembed.tokenizers import make_tokenizer
 
     decoder_config = cls.config_class(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
                                       projection_size=projection, **decoder_options)
