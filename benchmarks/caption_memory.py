@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import split_captions
     from unembed.data.scenes import write_scenes
     from unembed.decoders.retrieval import RetrievalDecoder
     from unembed.embedders import Embedder, scenes_config

@@ -11,7 +11,7 @@ import torch
 
 from unembed.bundle import BUNDLE_DIR, BUNDLE_ENV, MAX_BYTES, manifest, pack
 from unembed.cli import EXIT_OK, main
-from unembed.data.coco import split_captions
+from unembed.data.splits import split_captions
 from unembed.embedders import Embedder, prune_vocabulary
 from unembed.pipeline import caption
 

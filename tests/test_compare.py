@@ -4,7 +4,7 @@ import json
 import shutil
 
 from unembed.cli import EXIT_OK, EXIT_PARTIAL, main
-from unembed.data.coco import CACHE_DIR, load_coco_split
+from unembed.data.splits import CACHE_DIR, load_split
 from unembed.embedders import Embedder
 from unembed.eval.compare import parse_decoders
 
@@ -13,7 +13,7 @@ def test_compare_trains_captions_scores_and_reports_every_decoder(compare_dir, s
     out, code = compare_dir
     assert code == EXIT_OK
     result = json.loads((out / "compare.json").read_text())
-    _, references, ids = load_coco_split(scenes_dir / "test")
+    _, references, ids = load_split(scenes_dir / "test")
     assert [d["name"] for d in result["decoders"]] == ["retrieval", "decap"]
     for row in result["decoders"]:
         assert row["error"] is None

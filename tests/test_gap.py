@@ -96,7 +96,7 @@ def test_random_pairs_are_true_mismatches(n):
 def test_gap_report_writes_json_and_plot(scenes_dir, embedder, tmp_path):
     from PIL import Image
 
-    from unembed.data.coco import load_coco_split
+    from unembed.data.splits import load_split
 
     result = gap_report(embedder, scenes_dir, split="test", out_dir=tmp_path)
     saved = json.loads((tmp_path / "gap.json").read_text())
@@ -104,7 +104,7 @@ def test_gap_report_writes_json_and_plot(scenes_dir, embedder, tmp_path):
     for key in ("n_pairs", "dim", "centroid_distance", "gap_vector", "matched_cosine", "random_cosine",
                 "bridges", "embedder", "split", "data", "plot"):
         assert key in saved
-    assert saved["n_pairs"] == len(load_coco_split(scenes_dir / "test")[0])
+    assert saved["n_pairs"] == len(load_split(scenes_dir / "test")[0])
     assert saved["embedder"] == embedder.spec and saved["plot"] == "gap.png"
     assert saved["memory"]["split"] == "train"
     assert np.asarray(Image.open(tmp_path / "gap.png").convert("L"), dtype=float).std() > 20

@@ -20,7 +20,7 @@ TEXTS = ["a red circle", "two blue squares", "a green heart at the top", "three 
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, scenes_dir):
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import split_captions
 
     out = tmp_path_factory.mktemp("lm")
     config = TrainConfig(max_steps=40, batch_size=32, lr=3e-3, warmup_steps=2, device="cpu", checkpoint_every=100)

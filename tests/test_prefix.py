@@ -47,7 +47,7 @@ def test_loss_falls_and_validation_runs(trained, kind):
 
 @pytest.mark.parametrize("kind", PREFIX_KINDS)
 def test_save_load_round_trip_gives_identical_captions(trained, kind, embedder, scenes_dir, tmp_path):
-    from unembed.data.coco import embed_split
+    from unembed.data.splits import embed_split
 
     directory, _ = trained[kind]
     embedded = embed_split(embedder, scenes_dir / "test")
@@ -64,7 +64,7 @@ def test_save_load_round_trip_gives_identical_captions(trained, kind, embedder, 
 def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_dir):
     """The LM library's cached generation must match re-running the whole sequence for each token
     (DeCap's one-vector prefix once tripped transformers into re-feeding the prefix every step)."""
-    from unembed.data.coco import embed_split
+    from unembed.data.splits import embed_split
 
     decoder = load_decoder(trained[kind][0]).eval()
     embedded = embed_split(embedder, scenes_dir / "test").select(range(3))
@@ -81,7 +81,7 @@ def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_d
 
 
 def test_decoding_options(trained, embedder, scenes_dir):
-    from unembed.data.coco import embed_split
+    from unembed.data.splits import embed_split
 
     decoder = load_decoder(trained["clipcap"][0])
     embedded = embed_split(embedder, scenes_dir / "test").select(range(4))
@@ -205,7 +205,7 @@ def test_corpus_tokenizer_is_learned_saved_and_reloaded(embedder, tmp_path):
 def test_corpus_tokenizer_numbers_tokens_the_same_every_time(scenes_dir):
     """The BPE trainer numbers its alphabet in hash order; the ids must not depend on the run
     (reproducibility, and every process of a distributed run trains its own copy)."""
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import split_captions
     from unembed.tokenizers import CorpusTokenizer
 
     captions = split_captions(scenes_dir / "train")

@@ -49,7 +49,7 @@ def bundled_decoder(name: str | None = None, bundle: Path | None = None) -> Path
 
 def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> dict:
     """Pack a finished `unembed compare` run into a bundle directory (replaced as a whole)."""
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import split_captions, split_dirs
     from unembed.embedders import Embedder, prune_vocabulary
 
     compare_dir, out = Path(compare_dir), Path(out)
@@ -57,7 +57,7 @@ def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> d
     rows = [r for r in result["decoders"] if not r["error"]]
     if not rows:
         raise UnembedError(f"{compare_dir}/compare.json has no successful decoder to pack")
-    splits = [p.parent for p in sorted(Path(data_dir).glob("*/captions.json"))]
+    splits = split_dirs(data_dir)
     vocabulary = [c for split in splits for c in split_captions(split)]
     staging = out.with_name(out.name + ".packing")
     shutil.rmtree(staging, ignore_errors=True)

@@ -80,12 +80,12 @@ def load_captions(path) -> list[str]:
 def caption_corpus(caption_files=(), data_dir=None) -> tuple[list[str], list[str] | None]:
     """Training captions from corpus files and DATA/train, and validation captions from DATA/val
     (None when there is none): what every text-trained model reads."""
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import has_split, split_captions
 
     captions = [c for path in caption_files for c in load_captions(path)]
     validation = None
     if data_dir:
         captions += split_captions(Path(data_dir) / "train")
-        if (Path(data_dir) / "val" / "captions.json").is_file():
+        if has_split(data_dir, "val"):
             validation = split_captions(Path(data_dir) / "val")
     return captions, validation

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from unembed.errors import BadInputError
+from unembed.data.splits import split_file
 from unembed.io import write_json, write_text
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
@@ -506,7 +507,7 @@ def _write_split(split_dir: Path, split: str, n: int, seed: int, image_size: int
     info = {"description": "unembed scenes world: procedural shapes with captions",
             "generator": "unembed.data.scenes", "split": split, "seed": seed,
             "image_size": image_size, "text_only": text_only}
-    write_json(split_dir / "captions.json", {"info": info, "images": images, "annotations": annotations})
+    write_json(split_file(split_dir), {"info": info, "images": images, "annotations": annotations})
 
 
 def write_scenes(out_dir, n: int = 20000, seed: int = 0, n_eval: int | None = None,

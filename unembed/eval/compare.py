@@ -111,7 +111,7 @@ def _train_config(options: dict, device: str):
 
 def train_job(kind: str, out_dir: str, data_dir: str, embedder_spec: str, options: dict, device: str) -> dict:
     """Train one decoder (or, kind "embedder", the scenes CLIP) into out_dir."""
-    from unembed.data.coco import split_captions
+    from unembed.data.splits import split_captions
 
     t0 = time.perf_counter()
     config, options = _train_config(options, device)
@@ -161,7 +161,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
                 device: str, out_file: str) -> dict:
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
-    from unembed.data.coco import embed_split
+    from unembed.data.splits import embed_split
     from unembed.decoders import load_decoder
     from unembed.embedders import Embedded
     from unembed.io import atomic_path
@@ -201,13 +201,13 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True,
             log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
-    from unembed.data.coco import load_coco_split
+    from unembed.data.splits import has_split, load_split
     from unembed.embedders import resolve_device
 
     start = time.perf_counter()
     data, out = Path(data_dir), Path(out_dir)
     split_dir = data / split
-    if not (split_dir / "captions.json").is_file():
+    if not has_split(data, split):
         raise BadInputError(split_dir, "has no captions.json to compare on")
     overrides = config or {}
     entries = parse_decoders(decoders, out / "models")
@@ -230,7 +230,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
                                  device, str(out / "captions" / f"{e.name}.jsonl"))
         captions[e.name] = done.pop("captions", None)
         rows[e.name].update(done)
-    paths, references, ids = (part[:n_images] for part in load_coco_split(split_dir))
+    paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
     per_image = _score(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
                        spice, log)
@@ -279,7 +279,7 @@ def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: 
 
 def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
     """The one embedding pass of the split (cached beside it), and the embedder for CLIPScore."""
-    from unembed.data.coco import embed_split, split_cache
+    from unembed.data.splits import embed_split, split_cache
     from unembed.embedders import load_embedder
 
     embedder = load_embedder(embedder_spec, device)

@@ -168,17 +168,17 @@ def gap_report(embedder, data_dir: str | Path, split: str = "test", out_dir: str
     """The gap of a caption split: each image (embeddings cached by embed_split) paired with its
     first caption, DeCap's memory taken from the train split's captions as the decoder's would be
     (the split's own texts when there is no train split). With `out_dir`, writes gap.json and gap.png."""
-    from unembed.data.coco import embed_split, load_coco_split, split_captions
+    from unembed.data.splits import embed_split, has_split, load_split, split_captions
 
     data_dir = Path(data_dir)
     embedded = embed_split(embedder, data_dir / split)
-    _, captions, ids = load_coco_split(data_dir / split)
+    _, captions, ids = load_split(data_dir / split)
     if embedded.ids != [str(i) for i in ids]:
         raise MismatchError(f"{data_dir / split}: the cached image embeddings do not list the split's images in order")
     images = embedded.vectors[:max_pairs]
     texts = embedder.embed_texts([c[0] for c in captions[:max_pairs]])
     train = data_dir / "train"
-    if (train / "captions.json").is_file():
+    if has_split(data_dir, "train"):
         memory_split, memory = "train", embedder.embed_texts(list(dict.fromkeys(split_captions(train)))[:memory_size])
     else:
         memory_split, memory = split, texts

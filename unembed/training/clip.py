@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from unembed.data.coco import load_coco_split
+from unembed.data.splits import has_split, load_split
 from unembed.embedders import Embedder, scenes_config
 from unembed.io import write_json
 from unembed.training.loop import Task, TrainConfig
@@ -73,7 +73,7 @@ def retrieval_metrics(image_vecs: torch.Tensor, text_vecs: torch.Tensor, text_ow
 def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
     from unembed.data.images import load_image
 
-    paths, captions, _ = load_coco_split(split_dir)
+    paths, captions, _ = load_split(split_dir)
     image_vecs = embedder.embed_images([load_image(p) for p in paths])
     texts = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
@@ -95,7 +95,7 @@ class ClipTask(Task):
     def __init__(self, embedder: Embedder, train_dir, eval_dir=None):
         self.embedder = embedder
         self.model = embedder.model
-        paths, captions, _ = load_coco_split(train_dir)
+        paths, captions, _ = load_split(train_dir)
         self.images = image_tensor(paths)
         self.tokens = tokenize_captions(embedder.tokenizer, captions)
         self.preprocess = embedder.config["preprocess"]
@@ -142,11 +142,11 @@ def train_clip(data_dir, out_dir, config: TrainConfig, arch: dict | None = None,
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     embedder = Embedder.from_config(arch or scenes_config(), device="cpu")
     embedder.device = torch.device("cpu")
-    task = ClipTask(embedder, data_dir / "train", data_dir / "val" if (data_dir / "val").is_dir() else None)
+    task = ClipTask(embedder, data_dir / "train", data_dir / "val" if has_split(data_dir, "val") else None)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     report = {"val": result.metrics, "train_steps": result.steps, "train_seconds": round(result.seconds, 1)}
     for split in ("test", "compositional"):
-        if (data_dir / split / "captions.json").is_file():
+        if has_split(data_dir, split):
             report[split] = evaluate_embedder(Embedder.load(out_dir, device="cpu"), data_dir / split)
     write_json(Path(out_dir) / "metrics.json", report)
     return report

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from unembed.embedders import OPENAI_MEAN, OPENAI_STD, Embedder
 from unembed.errors import BadInputError
+from unembed.data.splits import has_split
 from unembed.io import write_json
 from unembed.training.clip import ClipTask, contrastive_loss, evaluate_embedder, normalise_pixels
 from unembed.training.loop import TrainConfig, fit
@@ -145,12 +146,12 @@ class CoCaTask(ClipTask):
         return {**metrics, **self._caption_metrics()}
 
     def _caption_metrics(self) -> dict:
-        from unembed.data.coco import load_coco_split
+        from unembed.data.splits import load_split
         from unembed.data.images import load_image
         from unembed.decoders.coca import CoCaDecoder
         from unembed.eval.metrics import coco_caption_metrics
 
-        paths, captions, ids = load_coco_split(self.eval_dir)
+        paths, captions, ids = load_split(self.eval_dir)
         paths, ids = paths[:VALIDATION_IMAGES], [str(i) for i in ids[:VALIDATION_IMAGES]]
         embedded = self.embedder.embed([load_image(p) for p in paths], ids, with_tokens=True)
         predicted = CoCaDecoder.for_embedder(self.embedder).decode(embedded, num_beams=1)
@@ -194,7 +195,7 @@ def train_coca(data_dir, out_dir, config: TrainConfig, arch: dict | None = None,
     default = FINETUNE_WEIGHTS if init else SCRATCH_WEIGHTS
     weights = (default[0] if contrastive_weight is None else contrastive_weight,
                default[1] if caption_weight is None else caption_weight)
-    val_dir = data_dir / "val" if (data_dir / "val" / "captions.json").is_file() else None
+    val_dir = data_dir / "val" if has_split(data_dir, "val") else None
     task = CoCaTask(embedder, data_dir / "train", val_dir, *weights)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     report = {"val": result.metrics, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
@@ -202,7 +203,7 @@ def train_coca(data_dir, out_dir, config: TrainConfig, arch: dict | None = None,
               "caption_weight": weights[1]}
     trained = Embedder.load(Path(out_dir) / "embedder", device="cpu")
     for split in ("test", "compositional"):
-        if (data_dir / split / "captions.json").is_file():
+        if has_split(data_dir, split):
             report[split] = evaluate_embedder(trained, data_dir / split)
     write_json(Path(out_dir) / "metrics.json", report)
     return report

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unembed.data.coco import embed_split, load_coco_split
+from unembed.data.splits import embed_split, has_split, load_split
 from unembed.errors import BadInputError
 from unembed.io import write_json
 from unembed.training.loop import Task, TrainConfig, fit
@@ -70,7 +70,7 @@ class PrefixTask(Task):
 
 def _split_images(embedder, data_dir: Path | None, split: str):
     """The split's cached image embeddings, or None when there is no such split or it has no images."""
-    if data_dir is None or not (data_dir / split / "captions.json").is_file():
+    if data_dir is None or not has_split(data_dir, split):
         return None
     try:
         return embed_split(embedder, data_dir / split)
@@ -82,7 +82,7 @@ def _validation_set(embedder, data_dir: Path | None):
     embedded = _split_images(embedder, data_dir, "val")
     if embedded is None:
         return None
-    _, captions, ids = load_coco_split(data_dir / "val")
+    _, captions, ids = load_split(data_dir / "val")
     embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
     return embedded, {str(i): refs for i, refs in zip(ids, captions)}
 
@@ -108,7 +108,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     else:
         if images is None:
             raise BadInputError(kind, "trains on (image, caption) pairs: --data DIR with train/captions.json and images")
-        _, per_image, _ = load_coco_split(data_dir / "train")
+        _, per_image, _ = load_split(data_dir / "train")
         captions = [c for caps in per_image for c in caps]
         pair_vector = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
         vectors = images.vectors

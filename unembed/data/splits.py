@@ -1,6 +1,10 @@
-"""COCO-style caption splits (a directory with captions.json and its images), and their image
-embeddings computed once per embedder and cached beside the split, so training, validation,
-captioning and comparison share one embedding pass."""
+"""The one reader of dataset splits. A dataset directory holds splits (train/, val/, test/, ...);
+a split is a directory with SPLIT_FILE (COCO caption format: images[] with file_name, annotations[]
+with image_id and caption) and its images. Every command reads splits through these functions, and
+every dataset importer writes this layout, so a new format plugs in at one point.
+
+A split's image embeddings are computed once per embedder and cached beside it, so training,
+validation, captioning and comparison share one embedding pass."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,25 +13,40 @@ from unembed.errors import BadInputError
 from unembed.io import read_json
 
 CACHE_DIR = ".unembed-cache"
+SPLIT_FILE = "captions.json"  # written last by every writer: its presence marks a finished split
 
 
-def load_coco_split(split_dir) -> tuple[list[Path], list[list[str]], list[int]]:
+def split_file(split_dir) -> Path:
+    return Path(split_dir) / SPLIT_FILE
+
+
+def has_split(data_dir, name: str) -> bool:
+    """Whether DATA/<name> is a finished split."""
+    return split_file(Path(data_dir) / name).is_file()
+
+
+def split_dirs(data_dir) -> list[Path]:
+    """Every finished split of a dataset directory, by name."""
+    return sorted(p.parent for p in Path(data_dir).glob(f"*/{SPLIT_FILE}"))
+
+
+def load_split(split_dir) -> tuple[list[Path], list[list[str]], list[int]]:
     """(image paths, their captions, image ids) of a COCO caption split directory."""
     split_dir = Path(split_dir)
-    coco = read_json(split_dir / "captions.json")
+    coco = read_json(split_file(split_dir))
     captions: dict[int, list[str]] = {}
     for ann in coco.get("annotations", []):
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
     images = [im for im in coco.get("images", []) if im["id"] in captions and im.get("file_name")]
     if not images:
-        raise BadInputError(split_dir / "captions.json", "has no images with captions")
+        raise BadInputError(split_file(split_dir), "has no images with captions")
     return ([split_dir / im["file_name"] for im in images], [captions[im["id"]] for im in images],
             [im["id"] for im in images])
 
 
 def split_captions(split_dir) -> list[str]:
     """Every caption of a split, images or not (text-only splits have no image files)."""
-    coco = read_json(Path(split_dir) / "captions.json")
+    coco = read_json(split_file(split_dir))
     return [ann["caption"] for ann in coco.get("annotations", [])]
 
 
@@ -43,7 +62,7 @@ def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int 
 
     split_dir = Path(split_dir)
     cache = split_cache(split_dir, embedder.id, with_tokens)
-    paths, _, ids = load_coco_split(split_dir)
+    paths, _, ids = load_split(split_dir)
     if cache.is_file():
         cached = Embedded.load(cache)
         if cached.ids == [str(i) for i in ids]:
