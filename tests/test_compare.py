@@ -6,7 +6,7 @@ import shutil
 from unembed.cli import EXIT_OK, EXIT_PARTIAL, main
 from unembed.data.splits import CACHE_DIR, load_split
 from unembed.embedders import Embedder
-from unembed.eval.compare import parse_decoders
+from unembed.compare import parse_decoders
 
 
 def test_compare_trains_captions_scores_and_reports_every_decoder(compare_dir, scenes_dir, embedder_dir, capsys):

@@ -337,7 +337,10 @@ def cmd_eval(args) -> int:
     references = load_references(args.refs)
     scores = coco_caption_metrics(predictions, references, spice=not args.no_spice)
     if args.embedder:
-        scores.update(_clip_scores(args, predictions, references))
+        from unembed.embedders import load_embedder
+        from unembed.eval.scoring import clip_scores_for_refs
+
+        scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references))
     name = args.name or Path(args.results).stem
     print(format_table({name: scores}))
     for metric, reason in scores.get("unavailable", {}).items():
@@ -345,26 +348,6 @@ def cmd_eval(args) -> int:
     if args.out:
         write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
     return EXIT_OK
-
-
-def _clip_scores(args, predictions: dict, references: dict) -> dict:
-    """CLIPScore / RefCLIPScore need the images: found through the refs file's images[].file_name."""
-    from unembed.data.images import load_image
-    from unembed.embedders import load_embedder
-    from unembed.errors import BadInputError
-    from unembed.eval.metrics import clip_scores
-    from unembed.io import read_json
-
-    coco = read_json(args.refs)
-    files = {im["id"]: Path(args.refs).parent / im["file_name"] for im in coco.get("images", []) if "file_name" in im}
-    ids = [i for i in predictions if i in files and i in references]
-    if not ids:
-        raise BadInputError(args.refs, "its images[] give no file_name for the scored image ids, so CLIPScore cannot run")
-    embedder = load_embedder(args.embedder, args.device)
-    image_vecs = embedder.embed_images([load_image(files[i]) for i in ids])
-    result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
-    result.pop("per_image", None)
-    return result
 
 
 def cmd_demo(args) -> int:
@@ -402,7 +385,7 @@ def cmd_demo(args) -> int:
 # --- compare / gap ------------------------------------------------------------------------------
 
 def cmd_compare(args) -> int:
-    from unembed.eval.compare import compare
+    from unembed.compare import compare
     from unembed.eval.report import markdown_table
 
     result = compare(args.data, args.decoders, args.out, embedder=args.embedder, split=args.split,

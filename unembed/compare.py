@@ -202,6 +202,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
     from unembed.data.splits import has_split, load_split
+    from unembed.eval.scoring import score_decoders
     from unembed.embedders import resolve_device
 
     start = time.perf_counter()
@@ -232,7 +233,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
-    per_image = _score(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
+    per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
                        spice, log)
     result = {"decoders": list(rows.values()), "n_images": n_images, "data": str(data), "split": split,
               "embedder": embedder_spec, "embedder_train_minutes": embedder_minutes,
@@ -288,27 +289,6 @@ def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
     embedded = embed_split(embedder, split_dir)
     return {"embedder": embedder, "embedded": embedded, "seconds": round(time.perf_counter() - t0, 2),
             "path": str(split_cache(split_dir, embedder.id))}
-
-
-def _score(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log) -> dict:
-    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) into each
-    decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
-    from unembed.eval.metrics import clip_scores, coco_caption_metrics
-
-    per_image = {}
-    for name, predicted in captions.items():
-        if predicted is None:
-            continue
-        log(f"scoring {name}")
-        metrics = coco_caption_metrics(predicted, references, spice=spice)
-        ordered = [predicted.get(i, "") for i in ids]
-        clip = clip_scores(embedder, image_vecs, ordered, [references[i] for i in ids], ids)
-        per_image[name] = {"caption": predicted, "cider": metrics.pop("per_image")["CIDEr"]}
-        metrics.update({k: v for k, v in clip.items() if k != "per_image"})
-        rows[name]["unavailable"] = metrics.pop("unavailable")
-        metrics.pop("skipped")
-        rows[name]["metrics"] = metrics
-    return per_image
 
 
 def _image_records(per_image: dict, paths: list, ids: list, references: dict, out: Path) -> list[dict]:

@@ -1,0 +1,44 @@
+"""Scoring a set of captions against references: COCO metrics and CLIPScore together, for one
+decoder's results (`unembed eval`) or several side by side (`unembed compare`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from unembed.errors import BadInputError
+from unembed.eval.metrics import clip_scores, coco_caption_metrics
+
+
+def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log) -> dict:
+    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) into each
+    decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
+    per_image = {}
+    for name, predicted in captions.items():
+        if predicted is None:
+            continue
+        log(f"scoring {name}")
+        metrics = coco_caption_metrics(predicted, references, spice=spice)
+        ordered = [predicted.get(i, "") for i in ids]
+        clip = clip_scores(embedder, image_vecs, ordered, [references[i] for i in ids], ids)
+        per_image[name] = {"caption": predicted, "cider": metrics.pop("per_image")["CIDEr"]}
+        metrics.update({k: v for k, v in clip.items() if k != "per_image"})
+        rows[name]["unavailable"] = metrics.pop("unavailable")
+        metrics.pop("skipped")
+        rows[name]["metrics"] = metrics
+    return per_image
+
+
+def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict) -> dict:
+    """CLIPScore / RefCLIPScore of `predictions` {image_id: caption}; the images are found through the
+    refs file's images[].file_name (relative to the refs file)."""
+    from unembed.data.images import load_image
+    from unembed.io import read_json
+
+    coco = read_json(refs)
+    files = {im["id"]: Path(refs).parent / im["file_name"] for im in coco.get("images", []) if "file_name" in im}
+    ids = [i for i in predictions if i in files and i in references]
+    if not ids:
+        raise BadInputError(refs, "its images[] give no file_name for the scored image ids, so CLIPScore cannot run")
+    image_vecs = embedder.embed_images([load_image(files[i]) for i in ids])
+    result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
+    result.pop("per_image", None)
+    return result
