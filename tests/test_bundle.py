@@ -9,13 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from unembed.bundle import BUNDLE_DIR, BUNDLE_ENV, MAX_BYTES, manifest, pack
+from unembed.bundle import BUNDLE_DIR, BUNDLE_ENV, MAX_BYTES, manifest
 from unembed.cli import EXIT_OK, main
 from unembed.data.splits import split_captions
 from unembed.embedders import Embedder, prune_vocabulary
 from unembed.pipeline import caption
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pack(*args, **kwargs):
+    """The packer of `make bundle` (a build script, not part of the installed package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pack_bundle", REPO / "scripts" / "pack_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pack(*args, **kwargs)
 
 
 def test_pruned_vocabulary_gives_the_same_vectors_from_a_fraction_of_the_rows(embedder, scenes_dir, tmp_path):

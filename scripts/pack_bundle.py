@@ -1,50 +1,23 @@
-"""The default bundle shipped inside the package: a scenes embedder and every decoder, in fp16.
+"""Pack a finished `unembed compare` run into the shipped bundle (unembed/bundle): the build step of
+`make bundle` (scripts/bundle.sh: scenes data -> `unembed compare` at bundle size -> this script).
 
-`make bundle` trains it from nothing (scripts/bundle.sh: scenes data -> `unembed compare` at bundle
-size -> `python -m unembed.bundle pack`). Packing keeps the compared models' weights in fp16, prunes
-the embedders' token tables to the scenes vocabulary (`prune_vocabulary`: the same vectors for every
-image and every scenes caption), points every decoder at the bundle's embedder, and records the
-comparison's scores in bundle.json. With no --decoder, `unembed caption` uses the bundle's default.
-It knows only the scenes world: shapes, colours and positions on plain or textured backgrounds.
+Packing keeps the compared models' weights in fp16, prunes the embedders' token tables to the scenes
+vocabulary (`prune_vocabulary`: the same vectors for every image and every scenes caption), points
+every decoder at the bundle's embedder, and records the comparison's scores in bundle.json.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from unembed.errors import ModelLoadError, UnembedError
+from unembed.bundle import BUNDLE_DIR, MANIFEST, MAX_BYTES
+from unembed.errors import UnembedError
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
-BUNDLE_DIR = Path(__file__).with_name("bundle")
-BUNDLE_ENV = "UNEMBED_BUNDLE"  # another bundle directory to use instead of the shipped one
-MANIFEST = "bundle.json"
-MAX_BYTES = 25 * 2 ** 20
 DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json")  # beside config and weights
 SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
-
-
-def bundle_dir() -> Path:
-    return Path(os.environ.get(BUNDLE_ENV) or BUNDLE_DIR)
-
-
-def manifest(bundle: Path | None = None) -> dict:
-    bundle = bundle or bundle_dir()
-    if not (bundle / MANIFEST).is_file():
-        raise ModelLoadError(f"no model bundle at {bundle} (make it with `make bundle`); give --decoder DIR instead")
-    return read_json(bundle / MANIFEST)
-
-
-def bundled_decoder(name: str | None = None, bundle: Path | None = None) -> Path:
-    """The directory of a bundled decoder: `name`, or the bundle's default."""
-    bundle = bundle or bundle_dir()
-    info = manifest(bundle)
-    name = name or info["default"]
-    if name not in info["decoders"]:
-        raise ModelLoadError(f"the bundle has no decoder {name!r} (it has {', '.join(info['decoders'])})")
-    return bundle / name
 
 
 def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> dict:
@@ -110,7 +83,7 @@ def _copy_decoder(source: Path, target: Path, embedder_spec: str, embedder_id: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unembed.bundle", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python scripts/pack_bundle.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="pack a finished `unembed compare` run into a bundle")
     p.add_argument("compare", help="the compare run's --out directory")
