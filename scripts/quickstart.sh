@@ -6,7 +6,7 @@ mkdir -p "${1:-demo-run}"
 cd "${1:-demo-run}"
 unembed data scenes --out scenes --n 20000 --seed 0
 unembed train clip --data scenes --out models/scenes-clip
-unembed train retrieval --captions scenes/train/captions.json --embedder models/scenes-clip --out models/retrieval
+unembed build retrieval --captions scenes/train/captions.json --embedder models/scenes-clip --out models/retrieval
 unembed caption scenes/test/images --decoder models/retrieval --out test-captions.jsonl
 unembed eval --results test-captions.jsonl --refs scenes/test/captions.json --embedder models/scenes-clip --out test-scores.json
 unembed caption scenes/compositional/images --decoder models/retrieval --out compositional-captions.jsonl

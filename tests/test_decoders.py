@@ -84,4 +84,4 @@ def test_every_decoder_declares_its_needs(kind):
     from unembed.decoders import decoder_class
 
     cls = decoder_class(kind)
-    assert cls.kind == kind and isinstance(cls.needs_tokens, bool) and isinstance(cls.trainable_from_text, bool)
+    assert cls.kind == kind and isinstance(cls.needs_tokens, bool) and isinstance(cls.text_only, bool)

@@ -25,19 +25,6 @@ from pathlib import Path
 
 from unembed.errors import BadInputError, UnembedError
 
-# Scenes-sized training recipes: the README's scenes commands. Keys are TrainConfig fields or the
-# method's own options; `--config` overrides them per decoder name.
-SCRATCH_LM = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256}}
-PREFIX_RECIPE = {**SCRATCH_LM, "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
-RECIPES = {
-    "embedder": {},
-    "retrieval": {},
-    "clipcap": PREFIX_RECIPE,
-    "capdec": PREFIX_RECIPE,
-    "decap": PREFIX_RECIPE,
-    "iterative": {**SCRATCH_LM, "lr": 1e-3, "warmup_steps": 50, "batch_size": 64, "max_steps": 250},
-    "coca": {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30},
-}
 LM_OPTIONS = ("lm", "lm_config", "tokenizer", "max_caption_tokens", "simctg_margin")
 THUMBNAIL = 256
 
@@ -73,7 +60,11 @@ def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
 
 
 def recipe(name: str, kind: str, overrides: dict, max_steps: int | None) -> dict:
-    options = {**RECIPES.get(kind, {}), **overrides.get(name, {})}
+    """Scenes-sized training options: the decoder's own `compare_recipe` (keys are TrainConfig fields
+    or the method's options), then `--config` overrides per decoder name, then --max-steps."""
+    from unembed.decoders import decoder_class
+
+    options = {**(decoder_class(kind).compare_recipe if kind != "embedder" else {}), **overrides.get(name, {})}
     if max_steps:
         options["max_steps"] = max_steps
     return options

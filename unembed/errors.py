@@ -1,4 +1,4 @@
-"""Typed errors. Library code raises these with one clear sentence; only cli.py maps them to
+"""Typed errors. Library code raises these with one clear sentence; only the CLI (unembed/cli/) maps them to
 exit codes and stderr lines."""
 
 

@@ -41,9 +41,15 @@ class DecoderConfig:
 class Decoder(torch.nn.Module):
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+    summary: ClassVar[str] = ""                  # one line for `unembed train KIND --help` and listings
     needs_tokens: ClassVar[bool] = False         # decodes from image tokens (CoCa), not only vectors
-    trainable_from_text: ClassVar[bool] = False  # can be trained on captions alone
+    text_only: ClassVar[bool] = False            # made from captions alone: no images needed (the LM of a
+                                                 # training-free decoder counts: it learns from text)
     needs_embedder: ClassVar[bool] = False       # decodes with the embedder's own towers (re-ranking, CoCa)
+    # Declared here, once, and read by the CLI, the trainers and `unembed compare`:
+    cli_options: ClassVar[tuple[str, ...]] = ()  # config fields that `unembed train KIND` takes as options
+    train_defaults: ClassVar[dict] = {}          # TrainConfig defaults of `unembed train KIND` (the paper's)
+    compare_recipe: ClassVar[dict] = {}          # `unembed compare`'s scenes-sized training options
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -64,6 +70,13 @@ class Decoder(torch.nn.Module):
 
     def decode(self, embedded, **generation) -> list[str]:
         raise NotImplementedError
+
+    @classmethod
+    def example(cls, embedder, captions: list[str], workdir: Path) -> "Decoder":
+        """A tiny decoder of this kind for `embedder`, with random or quickly fitted weights: what the
+        registry-driven tests create, save, load and decode for every registered kind. `workdir`
+        is for any file it needs (CoCa saves its own small model there)."""
+        raise NotImplementedError(f"the {cls.kind} decoder declares no example")
 
     def check_embedded(self, embedded) -> None:
         """Refuse embeddings from another embedder or of another dimension, naming both."""

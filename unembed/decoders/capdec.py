@@ -22,5 +22,7 @@ class CapDecConfig(PrefixConfig):
 @register_decoder
 class CapDecDecoder(PrefixDecoder):
     kind = "capdec"
+    summary = "CapDec: text-only training with noise-injected text embeddings"
     config_class = CapDecConfig
-    trainable_from_text = True
+    train_defaults = dict(epochs=10, batch_size=32, lr=2e-5, warmup_steps=5000, weight_decay=0.0)  # the paper's
+    text_only = True

@@ -20,4 +20,6 @@ class ClipCapConfig(PrefixConfig):
 @register_decoder
 class ClipCapDecoder(PrefixDecoder):
     kind = "clipcap"
+    summary = "ClipCap: prefix mapper trained on (image, caption) pairs"
     config_class = ClipCapConfig
+    train_defaults = dict(epochs=10, batch_size=40, lr=2e-5, warmup_steps=5000, weight_decay=0.0)  # the paper's

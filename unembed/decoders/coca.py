@@ -24,12 +24,48 @@ sampling; transformers' logits processors for minimum length, repetition penalty
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from unembed.decoders.base import Decoder, DecoderConfig, register_decoder
+from unembed.embedders import OPENAI_MEAN, OPENAI_STD
 from unembed.errors import BadInputError, MismatchError
+
+
+def scenes_coca_config(image_size: int = 64, embed_dim: int = 128, patch_size: int = 8, vision_width: int = 128,
+                       vision_layers: int = 4, text_layers: int = 2, decoder_layers: int = 2, image_tokens: int = 32,
+                       context_length: int = 32, name: str = "scenes-coca") -> dict:
+    """A small open_clip CoCa for the scenes world: ViT image tower with an attentional pooler
+    (1 contrastive query + `image_tokens` queries the decoder reads), a causal text tower and a
+    multimodal decoder. open_clip ties widths: image tokens, text and decoder are all `embed_dim` wide."""
+    heads = max(1, embed_dim // 32)
+    return {
+        "name": name,
+        "model_type": "coca",
+        "model_cfg": {
+            "embed_dim": embed_dim,
+            "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
+                           "layers": vision_layers, "head_width": 32, "attentional_pool": True,
+                           "attn_pooler_queries": image_tokens + 1, "attn_pooler_heads": heads,
+                           "output_tokens": True},
+            "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim, "heads": heads,
+                         "layers": text_layers, "embed_cls": True, "output_tokens": True},
+            "multimodal_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim,
+                               "heads": heads, "layers": decoder_layers, "attn_pooler_heads": heads},
+        },
+        "preprocess": {"image_size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+        "tokenizer": "clip-bpe",
+    }
+
+
+def init_decoder_projection(model, generator: torch.Generator | None = None) -> None:
+    """open_clip leaves a new CoCa's vocabulary projection as torch.empty (MultimodalTransformer's
+    init_parameters is never called), i.e. arbitrary memory; give it the init open_clip wrote for it."""
+    projection = model.text_decoder.text_projection
+    with torch.no_grad():
+        projection.normal_(0.0, projection.shape[0] ** -0.5, generator=generator)
 
 
 @dataclass
@@ -229,9 +265,23 @@ def _keep_best(scores, ids, new_scores, new_ids):
 @register_decoder
 class CoCaDecoder(Decoder):
     kind = "coca"
+    summary = "CoCa: contrastive + captioning from scratch, or caption fine-tuning (--init)"
     config_class = CoCaConfig
     needs_tokens = True
     needs_embedder = True
+    compare_recipe = {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30}
+
+    @classmethod
+    def example(cls, embedder, captions, workdir: Path) -> "CoCaDecoder":
+        """Its own tiny random CoCa (a CoCa decodes with its own towers), saved in workdir."""
+        from unembed.embedders import Embedder
+
+        arch = scenes_coca_config(image_size=32, embed_dim=32, vision_width=32, vision_layers=1, text_layers=1,
+                                  decoder_layers=1, image_tokens=4, context_length=16, name="example-coca")
+        model = Embedder.from_config(arch, device="cpu")
+        init_decoder_projection(model.model, torch.Generator().manual_seed(0))
+        model.save(workdir / "coca-embedder")
+        return cls.for_embedder(Embedder.load(workdir / "coca-embedder", device="cpu"), num_beams=2, max_length=6)
 
     @classmethod
     def for_embedder(cls, embedder, embedder_spec: str | None = None, **generation) -> "CoCaDecoder":

@@ -28,5 +28,7 @@ class DeCapConfig(PrefixConfig):
 @register_decoder
 class DeCapDecoder(PrefixDecoder):
     kind = "decap"
+    summary = "DeCap: text-only decoder + projection onto a text-embedding memory"
     config_class = DeCapConfig
-    trainable_from_text = True
+    train_defaults = dict(epochs=10, batch_size=64, lr=1e-5, warmup_steps=1000, weight_decay=0.0)  # the paper's
+    text_only = True

@@ -205,8 +205,23 @@ def lm_and_tokenizer(config: IterativeConfig, tokenizer=None, directory: Path | 
 class IterativeDecoder(Decoder):
     kind = "iterative"
     config_class = IterativeConfig
-    trainable_from_text = True  # only its LM is trained, on captions alone
+    summary = "MAGIC: an LM proposes next tokens, the embedder re-ranks them (training-free)"
+    text_only = True  # training-free; its LM, if trained here, learns from captions alone
     needs_embedder = True       # re-ranks with the embedder's text tower
+    # `unembed compare` trains a small scratch LM on the training captions, then packages it.
+    compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
+                      "lr": 1e-3, "warmup_steps": 50, "batch_size": 64, "max_steps": 250}
+
+    @classmethod
+    def example(cls, embedder, captions, workdir) -> "IterativeDecoder":
+        from unembed.tokenizers import CorpusTokenizer
+
+        config = IterativeConfig(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
+                                 lm="scratch", tokenizer="corpus:200", k=4, max_length=6,
+                                 lm_config={"n_layer": 1, "n_head": 2, "n_embd": 32})
+        decoder = cls(config, CorpusTokenizer.train(captions, 200))
+        decoder.attach_embedder(embedder)
+        return decoder
 
     def __init__(self, config: IterativeConfig, tokenizer=None):
         super().__init__(config)

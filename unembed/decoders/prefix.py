@@ -15,6 +15,7 @@ Tokenizers: "clip-bpe" (open_clip's bundled CLIP BPE, offline) or the LM's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -28,25 +29,36 @@ from unembed.lm import apply_lm_mode, build_lm
 from unembed.tokenizers import encode_captions, make_tokenizer
 
 
+def option(default, help: str, choices: tuple | None = None, **kwargs):
+    """A config field that is also a command-line option of `unembed train KIND` (see cli_options):
+    its help and choices live here, beside the field, as peft's configs keep theirs."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class PrefixConfig(DecoderConfig):
-    lm: str = "gpt2"                # "scratch" or a Hugging Face causal LM id / directory
-    lm_config: dict = field(default_factory=dict)  # the LM's HF config, completed at creation (scratch: overrides)
-    tokenizer: str = ""             # "clip-bpe" or an HF tokenizer id; "" = the LM's own (clip-bpe for scratch)
-    lm_mode: str = "full"           # frozen | lora | full
-    lora_r: int = 8
-    mapper: str = "mlp"             # linear | mlp | transformer
-    prefix_length: int = 10
-    mapper_length: int = 10         # transformer mapper: tokens made from the embedding
-    mapper_layers: int = 8
-    max_caption_tokens: int = 40
-    label_smoothing: float = 0.0
+    lm: str = option("gpt2", "'scratch' or a Hugging Face causal LM id or directory (default: gpt2; decap: scratch)")
+    lm_config: dict = option({}, "JSON (or a JSON file) of the LM's HF config; for a scratch LM, overrides of its "
+                             "size, e.g. '{\"n_layer\": 4, \"n_embd\": 256}' (completed at creation)")
+    tokenizer: str = option("", "'clip-bpe', 'corpus:N' (a BPE of at most N tokens learned from the training "
+                            "captions) or an HF tokenizer id (default: the LM's own; scratch LMs: clip-bpe)")
+    lm_mode: str = option("full", "how the LM is trained", ("frozen", "lora", "full"))
+    lora_r: int = option(8, "LoRA rank (--lm-mode lora)")
+    mapper: str = option("mlp", "embedding -> prefix mapper", ("linear", "mlp", "transformer"))
+    prefix_length: int = option(10, "prefix tokens the mapper makes")
+    mapper_length: int = option(10, "transformer mapper: tokens made from the embedding")
+    mapper_layers: int = option(8, "transformer mapper: encoder layers")
+    max_caption_tokens: int = option(40, "training captions are cut to this many tokens")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     normalize: bool = True          # L2-normalise embeddings before the mapper
-    noise_variance: float = 0.0     # bridges (see bridges.py)
-    noise_kind: str = "gaussian"
-    mean_shift: bool = False
-    projection_size: int = 0        # > 0: project onto a memory of this many text embeddings
-    projection_tau: float = 0.01
+    noise_variance: float = option(0.0, "CapDec noise variance per dimension (0 = none)")
+    noise_kind: str = option("gaussian", "CapDec noise distribution", ("gaussian", "uniform"))
+    mean_shift: bool = option(False, "subtract each modality's mean embedding (needs some images in --data)")
+    projection_size: int = option(0, "DeCap memory size (0 = no projection)")
+    projection_tau: float = option(0.01, "DeCap projection temperature")
     num_beams: int = 5              # generation defaults
     max_length: int = 30
 
@@ -93,9 +105,17 @@ def make_mapper(config: PrefixConfig, dim_lm: int) -> nn.Module:
 # --- the decoder --------------------------------------------------------------------------------
 
 class PrefixDecoder(Decoder):
-    """Base of clipcap / capdec / decap: they differ in defaults and in how they are trained."""
+    """Base of clipcap / capdec / decap: they differ in defaults and in how they are trained.
+    A subclass that registers is trained by `unembed train KIND` (training/prefix.py) with the
+    options below, and compared with its `compare_recipe`."""
 
     config_class = PrefixConfig
+    cli_options = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_length", "mapper_length",
+                   "mapper_layers", "noise_variance", "noise_kind", "mean_shift", "projection_size", "projection_tau",
+                   "label_smoothing")
+    # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
+    compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
+                      "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
 
     def __init__(self, config: PrefixConfig, tokenizer=None):
         super().__init__(config)
@@ -105,6 +125,19 @@ class PrefixDecoder(Decoder):
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,
                                      config.projection_tau, config.noise_variance, config.noise_kind)
+
+    @classmethod
+    def example(cls, embedder, captions, workdir) -> "PrefixDecoder":
+        """A one-layer scratch LM on a small corpus BPE, the bridge fitted to the captions' embeddings."""
+        unique = list(dict.fromkeys(captions))
+        config = cls.config_class(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
+                                  lm="scratch", tokenizer="corpus:200", mapper_layers=1, max_length=8,
+                                  lm_config={"n_layer": 1, "n_head": 2, "n_embd": 32},
+                                  projection_size=min(cls.config_class.projection_size, len(unique)))
+        decoder = cls(config, make_tokenizer(config, captions=captions))
+        vectors = embedder.embed_texts(unique)
+        decoder.bridge.fit(vectors, None, unique[:config.projection_size], vectors[:config.projection_size])
+        return decoder
 
     # training
 
@@ -116,17 +149,47 @@ class PrefixDecoder(Decoder):
             vectors = F.normalize(vectors, dim=-1)
         return self.mapper(vectors.to(self.mapper_device()))
 
-    def caption_loss(self, vectors: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the caption tokens given the prefix; vectors already bridged."""
-        prefix = self.prefix(vectors)
-        k, t = prefix.shape[1], tokens.shape[1]
-        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(tokens)], dim=1)
+    def caption_loss(self, vectors: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                     prompts: list[list[int]] | None = None) -> torch.Tensor:
+        """Cross-entropy of the caption tokens given the prefix (and each row's text prompt, e.g. the
+        entities an entity-aware decoder names); vectors already bridged. Prompts carry no loss."""
+        head, head_mask = self.lm_inputs(self.prefix(vectors), prompts)
+        k, t = head.shape[1], tokens.shape[1]
+        embeds = torch.cat([head, self.lm.get_input_embeddings()(tokens)], dim=1)
         valid = torch.arange(t, device=tokens.device)[None, :] < lengths[:, None]
-        mask = torch.cat([torch.ones(len(tokens), k, dtype=torch.long, device=tokens.device), valid.long()], dim=1)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, k - 1:-1]  # position k-1+i predicts token i
+        mask = torch.cat([head_mask, valid.long()], dim=1)
+        # Rows with shorter prompts are left-padded: positions count attended slots only, as generate does.
+        positions = None if prompts is None else (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask,
+                         position_ids=positions).logits[:, k - 1:-1]  # position k-1+i predicts token i
         labels = tokens.masked_fill(~valid, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
                                label_smoothing=self.config.label_smoothing)
+
+    def lm_inputs(self, prefix: torch.Tensor, prompts: list[list[int]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the LM reads before the caption: the soft prefix [N, k, E], then each row's prompt
+        tokens; rows with shorter prompts are left-padded (HF's padding scheme: a masked slot is never
+        attended, and positions count from the first attended slot). Returns (embeddings [N, L, E],
+        attention mask [N, L])."""
+        n, k = prefix.shape[:2]
+        longest = max((len(p) for p in prompts), default=0) if prompts is not None else 0
+        if longest == 0:
+            return prefix, torch.ones(n, k, dtype=torch.long, device=prefix.device)
+        embed = self.lm.get_input_embeddings()
+        inputs = prefix.new_zeros(n, k + longest, prefix.shape[2])
+        mask = torch.zeros(n, k + longest, dtype=torch.long, device=prefix.device)
+        for row, prompt in enumerate(prompts):
+            start = longest - len(prompt)
+            inputs[row, start:start + k] = prefix[row]
+            if prompt:
+                inputs[row, start + k:] = embed(torch.tensor(prompt, device=prefix.device))
+            mask[row, start:] = 1
+        return inputs, mask
+
+    def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
+        """Per-item prompt token ids placed after the soft prefix at inference (None: no prompt).
+        The hook of entity-aware decoders, which name what they detect in each image."""
+        return None
 
     def mapper_device(self) -> torch.device:
         return next(self.mapper.parameters()).device
@@ -140,7 +203,7 @@ class PrefixDecoder(Decoder):
         self.check_embedded(embedded)
         self.eval()
         vectors = self.bridge.for_inference(embedded.vectors, "text" if embedded.modality == "text" else "image")
-        prefix = self.prefix(vectors)
+        inputs, attention = self.lm_inputs(self.prefix(vectors), self.text_prompts(embedded, vectors))
         if seed is not None:
             torch.manual_seed(seed)
         eos = self.tokenizer.eos_id
@@ -149,14 +212,13 @@ class PrefixDecoder(Decoder):
             options.update(do_sample=True, top_p=top_p or 0.9, temperature=temperature, num_beams=1)
         else:
             options.update(do_sample=False, num_beams=num_beams or self.config.num_beams)
-        attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        if prefix.shape[1] == 1:
+        if inputs.shape[1] == 1:
             # transformers takes "as many cache positions as inputs_embeds" to mean the first step, so a
             # one-vector prefix would be fed again at every step. One masked left-pad slot (HF's own
             # padding scheme: no attention to it, positions from the mask) keeps the computation exact.
-            prefix = torch.cat([torch.zeros_like(prefix), prefix], dim=1)
+            inputs = torch.cat([torch.zeros_like(inputs), inputs], dim=1)
             attention = torch.cat([torch.zeros_like(attention), attention], dim=1)
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=attention, **options)
+        out = self.lm.generate(inputs_embeds=inputs, attention_mask=attention, **options)
         return [self.tokenizer.decode(self._until_eos(row.tolist(), eos)) for row in out]
 
     @staticmethod

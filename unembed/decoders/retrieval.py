@@ -20,8 +20,13 @@ class RetrievalConfig(DecoderConfig):
 @register_decoder
 class RetrievalDecoder(Decoder):
     kind = "retrieval"
+    summary = "the nearest-caption baseline: a memory of caption embeddings"
     config_class = RetrievalConfig
-    trainable_from_text = True
+    text_only = True
+
+    @classmethod
+    def example(cls, embedder, captions, workdir) -> "RetrievalDecoder":
+        return cls.build(embedder, captions)
 
     def __init__(self, config: RetrievalConfig):
         super().__init__(config)

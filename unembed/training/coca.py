@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unembed.decoders.coca import init_decoder_projection, scenes_coca_config  # noqa: F401 (re-exported)
 from unembed.embedders import OPENAI_MEAN, OPENAI_STD, Embedder
 from unembed.errors import BadInputError
 from unembed.data.splits import has_split
@@ -34,40 +35,6 @@ COCA_FINETUNE_DEFAULTS = dict(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.1
 # (contrastive, caption) weights: open_clip's pre-training defaults, and its fine-tuning recipe.
 SCRATCH_WEIGHTS, FINETUNE_WEIGHTS = (1.0, 2.0), (0.0, 1.0)
 VALIDATION_IMAGES = 200
-
-
-def scenes_coca_config(image_size: int = 64, embed_dim: int = 128, patch_size: int = 8, vision_width: int = 128,
-                       vision_layers: int = 4, text_layers: int = 2, decoder_layers: int = 2, image_tokens: int = 32,
-                       context_length: int = 32, name: str = "scenes-coca") -> dict:
-    """A small open_clip CoCa for the scenes world: ViT image tower with an attentional pooler
-    (1 contrastive query + `image_tokens` queries the decoder reads), a causal text tower and a
-    multimodal decoder. open_clip ties widths: image tokens, text and decoder are all `embed_dim` wide."""
-    heads = max(1, embed_dim // 32)
-    return {
-        "name": name,
-        "model_type": "coca",
-        "model_cfg": {
-            "embed_dim": embed_dim,
-            "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
-                           "layers": vision_layers, "head_width": 32, "attentional_pool": True,
-                           "attn_pooler_queries": image_tokens + 1, "attn_pooler_heads": heads,
-                           "output_tokens": True},
-            "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim, "heads": heads,
-                         "layers": text_layers, "embed_cls": True, "output_tokens": True},
-            "multimodal_cfg": {"context_length": context_length, "vocab_size": 49408, "width": embed_dim,
-                               "heads": heads, "layers": decoder_layers, "attn_pooler_heads": heads},
-        },
-        "preprocess": {"image_size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
-        "tokenizer": "clip-bpe",
-    }
-
-
-def init_decoder_projection(model, generator: torch.Generator | None = None) -> None:
-    """open_clip leaves a new CoCa's vocabulary projection as torch.empty (MultimodalTransformer's
-    init_parameters is never called), i.e. arbitrary memory; give it the init open_clip wrote for it."""
-    projection = model.text_decoder.text_projection
-    with torch.no_grad():
-        projection.normal_(0.0, projection.shape[0] ** -0.5, generator=generator)
 
 
 def pretrained_config(embedder: Embedder) -> dict:

@@ -17,12 +17,6 @@ from unembed.errors import BadInputError
 from unembed.io import write_json
 from unembed.training.loop import Task, TrainConfig, fit
 
-# The papers' optimisation settings (METHODS.md); overridable from the command line.
-PREFIX_DEFAULTS = {
-    "clipcap": dict(epochs=10, batch_size=40, lr=2e-5, warmup_steps=5000, weight_decay=0.0),
-    "capdec": dict(epochs=10, batch_size=32, lr=2e-5, warmup_steps=5000, weight_decay=0.0),
-    "decap": dict(epochs=10, batch_size=64, lr=1e-5, warmup_steps=1000, weight_decay=0.0),
-}
 VALIDATION_IMAGES = 200
 
 
@@ -97,7 +91,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
     images = _split_images(embedder, data_dir, "train")
-    if cls.trainable_from_text:
+    if cls.text_only:
         captions, _ = caption_corpus(caption_files, data_dir)
         if not captions:
             raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
@@ -126,7 +120,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:projection]
         decoder.bridge.fit(vectors, None if images is None else images.vectors,
                            [unique[i] for i in memory.tolist()], vectors[memory])
-    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.trainable_from_text,
+    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
                       _validation_set(embedder, data_dir))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),

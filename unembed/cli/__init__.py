@@ -1,0 +1,54 @@
+"""The `unembed` command line. argparse lives in this package and only here; each command is a thin
+call into the library, and library errors become one stderr line and an exit code:
+
+    0  everything succeeded
+    1  some inputs failed (each named on stderr); the others were processed and written
+    2  nothing could be done: bad usage, a model that cannot load, mismatched embedder, bad data
+  130  interrupted (what was already written is kept)
+
+One module per command group, each with its handlers and, next to them, `register(subparsers)`
+adding its arguments: adding a command touches one module and COMMAND_GROUPS.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unembed.cli import caption, data, evaluate, train
+from unembed.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
+
+COMMAND_GROUPS = (caption, evaluate, train, data)
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command about to run, the per-decoder `train` commands (which
+    import every decoder module, hence torch) are added only when that command is `train`."""
+    from unembed import __version__
+
+    parser = argparse.ArgumentParser(prog="unembed", description="Turn joint (CLIP-style) embeddings back into text.",
+                                     epilog="exit codes: 0 ok, 1 some inputs failed, 2 failed, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"unembed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in COMMAND_GROUPS:
+        if group is train:
+            group.register(sub, decoders=command in (None, "train"))
+        else:
+            group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unembed.errors import UnembedError
+
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        err("interrupted; output written so far is kept")
+        return EXIT_INTERRUPTED
+    except UnembedError as e:
+        err(str(e))
+        return EXIT_FAILED

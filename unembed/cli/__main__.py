@@ -1,0 +1,5 @@
+import sys
+
+from unembed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""`unembed caption` and `unembed embed`: images (or precomputed vectors) in, captions or vectors
+out, streamed batch by batch; several processes split the inputs and merge their outputs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from unembed.cli.common import EXIT_FAILED, ErrorCounter, err, exit_code, given, log
+
+
+def my_inputs(paths, world, errors) -> list[str]:
+    """This process's block of the input files; paths that name no file are reported once, by the main process."""
+    from unembed.data.images import expand_inputs
+
+    files, bad = expand_inputs(paths)
+    if world.is_main:
+        for e in bad:
+            errors(e)
+    return world.block(files)
+
+
+def cmd_embed(args) -> int:
+    from unembed.distributed import world
+    from unembed.embedders import Embedded, load_embedder
+    from unembed.pipeline import iter_image_batches
+
+    w = world(args.device)
+    embedder = load_embedder(args.embedder, w.device)
+    errors = ErrorCounter()
+    parts = [embedder.embed(images, paths, with_tokens=args.tokens, batch_size=args.batch_size)
+             for paths, images in iter_image_batches(my_inputs(args.paths, w, errors), args.batch_size, errors)]
+    out = args.out if w.size == 1 else w.part_path(args.out)
+    if parts:
+        Embedded.concat(parts).save(out)
+    if w.size > 1:
+        w.merge_parts(args.out, lambda files: Embedded.concat([Embedded.load(f) for f in files]).save(args.out))
+    done, failed = w.total(sum(len(p) for p in parts)), w.total(errors.count)
+    if w.is_main:
+        log(f"embedded {done} images ({embedder.dim}-d) into {args.out}" if done else "no image could be embedded")
+    return exit_code(done, failed)
+
+
+class _ResultWriter:
+    """Streams JSON Lines (flushed per batch, so an interruption keeps every finished batch), or
+    collects COCO results and writes them atomically at the end."""
+
+    def __init__(self, out: str | None, fmt: str):
+        self.fmt, self.out, self.records = fmt, out, []
+        self.stream = sys.stdout if out is None or fmt == "coco" else open(out, "w", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        if self.fmt == "coco":
+            self.records += [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
+            return
+        for r in records:
+            self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "coco":
+            from unembed.io import write_json
+
+            if self.out:
+                write_json(self.out, self.records)
+            else:
+                print(json.dumps(self.records, indent=2, ensure_ascii=False))
+        elif self.stream is not sys.stdout:
+            self.stream.close()
+
+
+def _decoder_dir(decoder: str | None) -> str:
+    """A decoder directory; no --decoder, or the name of a bundled decoder, means the shipped bundle."""
+    from unembed.bundle import bundled_decoder
+
+    if decoder and (Path(decoder).exists() or "/" in decoder):
+        return decoder
+    path = bundled_decoder(decoder)
+    log(f"using the bundled {path.name} decoder; it knows only the scenes world (give --decoder DIR for yours)")
+    return str(path)
+
+
+def _load_decoder_and_embedder(args):
+    from unembed.decoders import load_decoder, read_decoder_config
+    from unembed.embedders import load_embedder
+    from unembed.decoders import resolve_embedder_spec
+
+    args.decoder = _decoder_dir(args.decoder)
+    saved = read_decoder_config(args.decoder)
+    spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
+    embedder = load_embedder(spec, args.device) if not args.embeddings else None
+    decoder = load_decoder(args.decoder, device=str(embedder.device) if embedder else "cpu", embedder=embedder)
+    return decoder, embedder
+
+
+def _merge_caption_parts(out: str, fmt: str):
+    """Concatenate the processes' JSON Lines parts into OUT (atomically), as JSON Lines or COCO results."""
+    from unembed.io import atomic_path, write_json
+
+    def merge(parts: list[str]) -> None:
+        lines = [line for part in parts for line in Path(part).read_text(encoding="utf-8").splitlines() if line]
+        if fmt == "coco":
+            write_json(out, [{"image_id": r["image_id"], "caption": r["caption"]} for r in map(json.loads, lines)])
+            return
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    return merge
+
+
+def cmd_caption(args) -> int:
+    from tqdm.auto import tqdm
+
+    from unembed.distributed import world
+    from unembed.pipeline import caption_embeddings, caption_images
+
+    if not args.paths and not args.embeddings:
+        err("give image files/folders/globs, or --embeddings FILE.safetensors")
+        return EXIT_FAILED
+    w = world(args.device)
+    if w.size > 1 and not args.out:
+        err("with several processes, give --out FILE (their outputs are merged into it)")
+        return EXIT_FAILED
+    args.device = w.device
+    decoder, embedder = _load_decoder_and_embedder(args)
+    generation = given(args, ("max_length", "num_beams", "top_p", "seed"))
+    if args.sample:
+        generation["do_sample"] = True
+    errors = ErrorCounter()
+    writer = _ResultWriter(w.part_path(args.out), "jsonl") if w.size > 1 else _ResultWriter(args.out, args.format)
+    done = 0
+    try:
+        if args.embeddings:
+            from unembed.embedders import Embedded
+
+            embedded = Embedded.load(args.embeddings)
+            embedded = embedded.select(w.block(range(len(embedded))))
+            batches, total = caption_embeddings(embedded, decoder, args.batch_size, **generation), len(embedded)
+        else:
+            files = my_inputs(args.paths, w, errors)
+            batches, total = caption_images(files, decoder, embedder, args.batch_size, errors, **generation), len(files)
+        with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar:
+            for records in batches:
+                writer.write(records)
+                done += len(records)
+                bar.update(len(records))
+    finally:
+        writer.close()
+    if w.size > 1:
+        w.merge_parts(args.out, _merge_caption_parts(args.out, args.format))
+    done, failed = w.total(done), w.total(errors.count)
+    if w.is_main:
+        log(f"captioned {done} item(s)" + (f"; {failed} failed" if failed else "")
+             + (f"; wrote {args.out}" if args.out else ""))
+    return exit_code(done, failed)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("caption", help="caption images (files, folders, globs) or precomputed embeddings")
+    p.add_argument("paths", nargs="*", help="image files, folders or glob patterns")
+    p.add_argument("--decoder", help="a decoder directory, or the name of a bundled decoder (default: the "
+                   "bundle's default, which knows only the scenes world)")
+    p.add_argument("--embedder", help="embedder spec (default: the one the decoder was built for)")
+    p.add_argument("--embeddings", help="caption the vectors of this .safetensors file instead of images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="longest caption in tokens (generative decoders)")
+    p.add_argument("--num-beams", type=int, help="beam search width (1 = greedy; default: the decoder's)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output file (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("embed", help="embed images once into a .safetensors file for reuse")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tokens", action="store_true", help="also store image token embeddings (CoCa)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_embed)

@@ -1,0 +1,123 @@
+"""What every command shares: exit codes, the two stderr helpers, option parsing helpers, and the
+options generated from a decoder config's fields."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def err(message: str) -> None:
+    print(f"unembed: {message}", file=sys.stderr, flush=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class ErrorCounter:
+    """The `on_error` of a run over many inputs: names each bad one on stderr and counts them."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, error) -> None:
+        self.count += 1
+        err(f"skipped {error}")
+
+
+def exit_code(done: int, failed: int) -> int:
+    if done == 0:
+        return EXIT_FAILED
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def json_arg(value: str) -> dict:
+    """A JSON object given inline or as a file path."""
+    from unembed.errors import BadInputError
+
+    try:
+        parsed = json.loads(Path(value).read_text() if Path(value).is_file() else value)
+    except json.JSONDecodeError as e:
+        raise BadInputError(value, f"is neither a JSON object nor a JSON file ({e.msg})") from None
+    if not isinstance(parsed, dict):
+        raise BadInputError(value, "must be a JSON object")
+    return parsed
+
+
+def given(args, names) -> dict:
+    """The options among `names` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def arch_arg(value: str | None, make_config):
+    """An architecture config from --arch JSON, or None for the method's default."""
+    from unembed.errors import BadInputError
+
+    if not value:
+        return None
+    try:
+        return make_config(**json_arg(value))
+    except TypeError as e:
+        raise BadInputError("--arch", str(e)) from None
+
+
+# --- options generated from a config dataclass ----------------------------------------------------
+
+def _field_metadata(config_class, name: str) -> dict:
+    """A field's help and choices, from the first class in the MRO that declares them (a subclass
+    that only changes a default keeps its parent's help)."""
+    for klass in config_class.__mro__:
+        found = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if found is not None and found.metadata:
+            return dict(found.metadata)
+    return {}
+
+
+def add_config_options(parser, config_class, names) -> None:
+    """--option-name for each config field in `names`: typed by the field, help and choices from its
+    metadata; a dict field takes JSON (inline or a file), a bool field is a switch."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for name in names:
+        f, meta = fields[name], _field_metadata(config_class, name)
+        flag, kind = "--" + name.replace("_", "-"), str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=meta.get("help"))
+        else:
+            convert = {"int": int, "float": float}.get(kind, str)  # JSON is parsed by config_options
+            parser.add_argument(flag, type=convert, choices=meta.get("choices"), help=meta.get("help"))
+
+
+def config_options(args, config_class, names) -> dict:
+    """The config fields among `names` given on the command line, JSON ones parsed."""
+    options = given(args, names)
+    for f in dataclasses.fields(config_class):
+        if f.name in options and str(f.type) == "dict":
+            options[f.name] = json_arg(options[f.name])
+    return options
+
+
+def add_train_flags(p, resume: bool = True) -> None:
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--validate-every", type=int, help="steps between validations (default: only at the end)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+
+
+def train_config(args, defaults: dict):
+    from unembed.training.loop import TrainConfig
+
+    return TrainConfig(**{**defaults, **given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
+                                                       "mixed_precision", "warmup_steps", "checkpoint_every",
+                                                       "validate_every"))})

@@ -1,0 +1,136 @@
+"""`unembed eval`, `compare`, `gap` and `demo`: scoring captions, comparing decoders, measuring the
+modality gap, and showing the bundled decoders side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from unembed.cli.common import EXIT_OK, err, exit_code, json_arg, log
+
+
+def cmd_eval(args) -> int:
+    from unembed.eval.metrics import coco_caption_metrics, format_table, load_references, load_results
+    from unembed.io import write_json
+
+    predictions = load_results(args.results)
+    references = load_references(args.refs)
+    scores = coco_caption_metrics(predictions, references, spice=not args.no_spice)
+    if args.embedder:
+        from unembed.embedders import load_embedder
+        from unembed.eval.scoring import clip_scores_for_refs
+
+        scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references))
+    name = args.name or Path(args.results).stem
+    print(format_table({name: scores}))
+    for metric, reason in scores.get("unavailable", {}).items():
+        log(f"{metric} unavailable: {reason}")
+    if args.out:
+        write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    """New scenes images, captioned by every bundled decoder side by side."""
+    from unembed.bundle import bundle_dir, bundled_decoder, manifest
+    from unembed.data.scenes import generate_split, render
+    from unembed.decoders import read_decoder_config
+    from unembed.embedders import load_embedder
+    from unembed.pipeline import caption
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, truths = [], []
+    for i, (scene, captions, seed) in enumerate(generate_split("test", args.n, args.seed)):
+        path = out / f"scene-{i}.png"
+        render(scene, seed=seed).save(path)
+        images.append(str(path))
+        truths.append(captions[0])
+    info = manifest()
+    names = info["decoders"]
+    shared = load_embedder(str(bundle_dir() / info["embedder"]), args.device)  # loaded once for all but CoCa
+    rows = {}
+    for name in names:
+        path = bundled_decoder(name)
+        own = read_decoder_config(path)["config"]["embedder_id"] != shared.id
+        rows[name] = caption(images, str(path), embedder=None if own else shared, device=args.device)
+    lines = ["| image | a true caption | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for i, path in enumerate(images):
+        lines.append(f"| {Path(path).name} | {truths[i]} | " + " | ".join(rows[n][i] for n in names) + " |")
+    print("\n".join(lines))
+    log(f"wrote {len(images)} scenes images to {out}; the bundle knows only the scenes world")
+    return EXIT_OK
+
+
+# --- compare / gap ------------------------------------------------------------------------------
+
+def cmd_compare(args) -> int:
+    from unembed.compare import compare
+    from unembed.eval.report import markdown_table
+
+    result = compare(args.data, args.decoders, args.out, embedder=args.embedder, split=args.split,
+                     config=json_arg(args.config) if args.config else None, max_steps=args.max_steps,
+                     max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                     spice=not args.no_spice, gap=not args.no_gap, log=log)
+    print(markdown_table(result))
+    failed = [row for row in result["decoders"] if row["error"]]
+    for row in failed:
+        err(f"{row['name']} failed: {row['error']}")
+    log(f"compared {len(result['decoders'])} decoders on {result['n_images']} {result['split']} images in "
+         f"{result['seconds'] / 60:.1f} min; report: {Path(args.out) / 'report.html'}")
+    return exit_code(len(result["decoders"]) - len(failed), len(failed))
+
+
+def cmd_gap(args) -> int:
+    from unembed.embedders import load_embedder
+    from unembed.eval.gap import format_gap, gap_report
+
+    result = gap_report(load_embedder(args.embedder, args.device), args.data, split=args.split, out_dir=args.out,
+                        max_pairs=args.max_pairs)
+    print(format_gap(result))
+    log(f"wrote {Path(args.out) / 'gap.json'} and {Path(args.out) / 'gap.png'}")
+    return EXIT_OK
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score captions with COCO metrics (and CLIPScore with --embedder)")
+    p.add_argument("--results", required=True, help="COCO results JSON or caption JSON Lines")
+    p.add_argument("--refs", required=True, help="COCO caption annotation file")
+    p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder")
+    p.add_argument("--name", help="row name in the table")
+    p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="draw new scenes images and caption them with every bundled decoder")
+    p.add_argument("--out", default="unembed-demo", help="folder for the images (default ./unembed-demo)")
+    p.add_argument("--n", type=int, default=4, help="how many images")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="train, caption, score and time several decoders on the same images; "
+                       "writes a table, a plot and an HTML report")
+    p.add_argument("--data", required=True, help="a COCO-style directory with train/ (and val/) and the split")
+    p.add_argument("--decoders", default="retrieval,clipcap,capdec,decap,iterative,coca",
+                   help="comma-separated decoder kinds to train, or NAME=DIR for existing decoder directories")
+    p.add_argument("--embedder", help="embedder spec (default: train a scenes CLIP on DATA into OUT/models/embedder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--config", help="JSON (or a JSON file) of training options per decoder name, e.g. "
+                   "'{\"clipcap\": {\"max_steps\": 1000}}'")
+    p.add_argument("--max-steps", type=int, help="training steps for every model (overrides the recipes)")
+    p.add_argument("--max-images", type=int, help="caption only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=64, help="captioning batch size")
+    p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--no-gap", action="store_true", help="skip the modality-gap diagnostic")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("gap", help="measure the modality gap of an embedder on a dataset, and what bridges close it")
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--data", required=True, help="a COCO-style directory (train/ captions feed the projection memory)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="gap", help="folder for gap.json and gap.png (default ./gap)")
+    p.add_argument("--max-pairs", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_gap)

@@ -1,0 +1,197 @@
+"""`unembed train` (an embedder, an LM, or a decoder) and `unembed build` (decoders that are made,
+not trained: retrieval's caption memory, iterative's LM + embedder package).
+
+Every registered prefix-LM decoder (clipcap, capdec, decap, and any kind registered later) gets its
+`unembed train KIND` command from its own declaration: `summary`, `cli_options` (the config fields,
+with their help), `train_defaults` and `text_only` (which adds --captions)."""
+from __future__ import annotations
+
+import json
+import time
+
+from unembed.cli.common import (EXIT_OK, add_config_options, add_train_flags, arch_arg, config_options, given, json_arg,
+                                log, train_config)
+
+ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
+RENAMED = {"retrieval": "build retrieval", "iterative": "build iterative"}  # old `train X` spellings, kept
+
+
+def cmd_train_clip(args) -> int:
+    from unembed.embedders import scenes_config
+    from unembed.training.clip import CLIP_DEFAULTS, train_clip
+
+    arch = arch_arg(args.arch, scenes_config)
+    report = train_clip(args.data, args.out, train_config(args, CLIP_DEFAULTS), arch=arch, resume=args.resume)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_train_prefix(args) -> int:
+    from unembed.decoders import decoder_class
+    from unembed.embedders import load_embedder
+    from unembed.training.prefix import train_prefix
+
+    cls = decoder_class(args.what)
+    options = config_options(args, cls.config_class, cls.cli_options)
+    embedder = load_embedder(args.embedder, args.device)
+    report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
+                          caption_files=getattr(args, "captions", None) or (), resume=args.resume, **options)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_train_lm(args) -> int:
+    from unembed.data.captions import caption_corpus
+    from unembed.training.lm import LM_DEFAULTS, train_lm
+
+    captions, validation = caption_corpus(args.captions or (), args.data)
+    options = given(args, ("tokenizer", "max_caption_tokens", "simctg_margin"))
+    report = train_lm(captions, args.out, train_config(args, LM_DEFAULTS), lm=args.lm,
+                      lm_config=json_arg(args.lm_config) if args.lm_config else None,
+                      validation_captions=validation, resume=args.resume, **options)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_train_coca(args) -> int:
+    from unembed.errors import BadInputError
+    from unembed.training.coca import COCA_DEFAULTS, COCA_FINETUNE_DEFAULTS, scenes_coca_config, train_coca
+
+    if args.arch and args.init:
+        raise BadInputError("--arch", "sets a new architecture; --init fine-tunes an existing one, so give one of them")
+    arch = arch_arg(args.arch, scenes_coca_config)
+    defaults = COCA_FINETUNE_DEFAULTS if args.init else COCA_DEFAULTS
+    report = train_coca(args.data, args.out, train_config(args, defaults), arch=arch, init=args.init,
+                        contrastive_weight=args.contrastive_weight, caption_weight=args.caption_weight,
+                        resume=args.resume)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_build_retrieval(args) -> int:
+    from unembed.data.captions import load_captions
+    from unembed.decoders.retrieval import RetrievalDecoder
+    from unembed.embedders import load_embedder
+
+    _note_renamed(args)
+    embedder = load_embedder(args.embedder, args.device)
+    captions = [c for path in args.captions for c in load_captions(path)]
+    t0 = time.time()
+    decoder = RetrievalDecoder.build(embedder, captions)
+    decoder.save(args.out)
+    log(f"retrieval decoder with {decoder.config.memory_size} distinct captions saved to {args.out} "
+        f"({time.time() - t0:.1f}s)")
+    return EXIT_OK
+
+
+def cmd_build_iterative(args) -> int:
+    from unembed.decoders.iterative import IterativeDecoder
+    from unembed.embedders import load_embedder
+
+    _note_renamed(args)
+    options = given(args, ITERATIVE_OPTIONS)
+    decoder = IterativeDecoder.build(load_embedder(args.embedder, args.device), lm=args.lm, **options)
+    decoder.save(args.out)
+    log(f"iterative decoder (LM {args.lm}, k={decoder.config.k}, alpha={decoder.config.alpha}, "
+        f"beta={decoder.config.beta}) saved to {args.out}")
+    return EXIT_OK
+
+
+def _note_renamed(args) -> None:
+    if args.command == "train":
+        log(f"note: `unembed train {args.what}` is now `unembed {RENAMED[args.what]}` (it trains nothing); "
+            "the old spelling keeps working")
+
+
+# --- the parsers ----------------------------------------------------------------------------------
+
+def _add_retrieval(p) -> None:
+    p.add_argument("--captions", required=True, nargs="+", help="text, JSON, JSONL or COCO annotation files")
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_build_retrieval)
+
+
+def _add_iterative(p) -> None:
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--lm", required=True, help="a directory from `unembed train lm` or an HF causal LM id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", help="default: the LM's own")
+    p.add_argument("--k", type=int, help="candidates re-ranked per token (default 45)")
+    p.add_argument("--alpha", type=float, help="degeneration penalty weight (default 0.1)")
+    p.add_argument("--beta", type=float, help="embedder score weight (default 2.0)")
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-length", type=int, help="new tokens (default 16)")
+    p.add_argument("--prompt", help="text the LM continues, e.g. 'Image of a' (not part of the caption)")
+    p.add_argument("--stop", help="a caption ends at the token holding this text (default '.')")
+    p.add_argument("--logit-scale", type=float, help="softmax temperature of the embedder score (default: the embedder's)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_build_iterative)
+
+
+def _add_prefix_kinds(train) -> None:
+    """`unembed train KIND` for every registered prefix-LM decoder, from the decoder's declaration."""
+    from unembed.decoders import decoder_class, list_decoders
+    from unembed.decoders.prefix import PrefixDecoder
+
+    for kind in list_decoders():
+        cls = decoder_class(kind)
+        if not issubclass(cls, PrefixDecoder):
+            continue
+        t = train.add_parser(kind, help=cls.summary)
+        t.add_argument("--embedder", required=True)
+        t.add_argument("--out", required=True)
+        t.add_argument("--data", help="a COCO-style directory with train/ (captions.json, images) and val/")
+        if cls.text_only:
+            t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+        add_train_flags(t)
+        add_config_options(t, cls.config_class, cls.cli_options)
+        t.set_defaults(func=cmd_train_prefix)
+
+
+def register(sub, decoders: bool = True) -> None:
+    """`decoders=False` leaves out the per-decoder commands, which import every decoder module (torch):
+    only `unembed train` (and the top-level help) needs them."""
+    p = sub.add_parser("train", help="train an embedder or a decoder")
+    train = p.add_subparsers(dest="what", required=True)
+    t = train.add_parser("clip", help="train a small joint embedder from scratch (contrastive loss)")
+    t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, "
+                   "vision_width, text_width, text_layers, context_length")
+    add_train_flags(t)
+    t.set_defaults(func=cmd_train_clip)
+    if decoders:
+        _add_prefix_kinds(train)
+
+    t = train.add_parser("coca", help="CoCa: contrastive + captioning from scratch, or caption fine-tuning (--init)")
+    t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
+    t.add_argument("--out", required=True, help="written as a CoCa decoder, with the model in OUT/embedder/")
+    t.add_argument("--init", help="fine-tune this open_clip CoCa (spec or directory) with the caption loss only")
+    t.add_argument("--contrastive-weight", type=float, help="default 1 from scratch, 0 with --init")
+    t.add_argument("--caption-weight", type=float, help="default 2 from scratch, 1 with --init")
+    t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, patch_size, "
+                   "vision_width, vision_layers, text_layers, decoder_layers, image_tokens, context_length")
+    add_train_flags(t)
+    t.set_defaults(func=cmd_train_coca)
+    t = train.add_parser("lm", help="train a small causal LM on caption text (the iterative decoder's LM)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+    t.add_argument("--data", help="a COCO-style directory: train/ captions (and val/ for validation)")
+    t.add_argument("--lm", default="scratch", help="'scratch' (GPT-2 architecture) or an HF causal LM to fine-tune")
+    t.add_argument("--lm-config", help="JSON (or a JSON file) overriding the scratch LM's config")
+    t.add_argument("--tokenizer", help="'corpus:N' (default corpus:4000 from scratch), 'clip-bpe' or an HF id")
+    t.add_argument("--max-caption-tokens", type=int)
+    t.add_argument("--simctg-margin", type=float, help="SimCTG contrastive margin (MAGIC's LM training; 0 = off)")
+    add_train_flags(t)
+    t.set_defaults(func=cmd_train_lm)
+    # The old spellings of `unembed build retrieval|iterative` (no help line: not advertised).
+    _add_retrieval(train.add_parser("retrieval"))
+    _add_iterative(train.add_parser("iterative"))
+
+    p = sub.add_parser("build", help="make a decoder that needs no training: retrieval's caption memory, or "
+                       "iterative's LM + embedder package")
+    build = p.add_subparsers(dest="what", required=True)
+    _add_retrieval(build.add_parser("retrieval", help="the nearest-caption baseline from a caption corpus"))
+    _add_iterative(build.add_parser("iterative", help="package an LM and an embedder as a training-free MAGIC decoder"))
