@@ -94,7 +94,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "open_clip": import_open_clip().__version__, "model": f"{args.model} (random weights)",
-               "image_tokens": list(embed_pixels(embedder, pixels[:1]).tokens.shape[1:]),
+               "image_tokens": list(embed_pixels(embedder, pixels[:1]).image_tokens.shape[1:]),
                "caption_tokens": args.length, "decoding": "greedy, fp32",
                "equal_length": f"end token suppressed for {args.length} tokens on both sides "
                                f"(open_clip min_seq_len={args.length + 1}, seq_len={args.length + 2}; unembed "

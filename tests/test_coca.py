@@ -103,7 +103,7 @@ def test_a_batch_decodes_as_its_images_one_at_a_time(random_coca, embedded, num_
 
 
 def _full_logits(model, embedded, tokens):
-    out = model(None, tokens, image_latent=embedded.vectors, image_embs=embedded.tokens, output_labels=False)
+    out = model(None, tokens, image_latent=embedded.vectors, image_embs=embedded.image_tokens, output_labels=False)
     return out["logits"][:, -1]
 
 
@@ -113,7 +113,7 @@ def test_cached_step_logits_equal_a_full_recompute(random_coca, embedded):
     tokens = torch.randint(1, START, (len(embedded), 10), generator=torch.Generator().manual_seed(1))
     tokens[:, 0] = START
     tokens[0, 3] = tokens[2, 6] = 0  # the pad id ("!"), whose keys open_clip's text tower masks
-    step = CoCaStep(model, embedded.tokens, beams=1, max_positions=10)
+    step = CoCaStep(model, embedded.image_tokens, beams=1, max_positions=10)
     for t in range(tokens.shape[1]):
         assert torch.allclose(step(tokens[:, t]), _full_logits(model, embedded, tokens[:, :t + 1]), atol=1e-4), t
 
@@ -124,7 +124,7 @@ def test_reordered_beams_continue_from_their_new_history(random_coca, embedded):
     beams = 3
     tokens = torch.randint(1, START, (2 * beams, 5), generator=torch.Generator().manual_seed(2))
     tokens[:, 0] = START
-    step = CoCaStep(model, two.tokens, beams=beams, max_positions=8)
+    step = CoCaStep(model, two.image_tokens, beams=beams, max_positions=8)
     for t in range(4):
         step(tokens[:, t])
     order = torch.tensor([2, 2, 0, 4, 3, 3])  # rows stay within their image (rows 0-2: image 0, 3-5: image 1)

@@ -64,15 +64,16 @@ def _force_hub_offline() -> None:
 
 @dataclass
 class Embedded:
-    """One embedding pass: `vectors` [N, D] (L2-normalised), `ids` (N strings), optional image
-    `tokens` [N, T, W] (CoCa decodes from them), and the embedder that produced them."""
+    """One embedding pass: `vectors` [N, D] (L2-normalised), `ids` (N strings), optional
+    `image_tokens` [N, T, W] (CoCa decodes from them), and the embedder that produced them.
+    Saved as safetensors with the tensors "vectors" and "tokens" (the file key keeps its first name)."""
 
     vectors: torch.Tensor
     ids: list[str]
     embedder_id: str
     embedder_spec: str
     modality: str = "image"
-    tokens: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,20 +91,20 @@ class Embedded:
     def concat(cls, parts: Sequence["Embedded"]) -> "Embedded":
         """One Embedded from batches of the same embedding pass, in order."""
         first = parts[0]
-        tokens = None if first.tokens is None else torch.cat([p.tokens for p in parts])
+        tokens = None if first.image_tokens is None else torch.cat([p.image_tokens for p in parts])
         return cls(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], first.embedder_id,
                    first.embedder_spec, first.modality, tokens, dict(first.meta))
 
     def select(self, index: Sequence[int] | slice) -> "Embedded":
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
-        t = None if self.tokens is None else self.tokens[idx]
+        t = None if self.image_tokens is None else self.image_tokens[idx]
         return Embedded(self.vectors[idx], [self.ids[i] for i in idx], self.embedder_id,
                         self.embedder_spec, self.modality, t, dict(self.meta))
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {"vectors": self.vectors}
-        if self.tokens is not None:
-            tensors["tokens"] = self.tokens
+        if self.image_tokens is not None:
+            tensors["tokens"] = self.image_tokens
         metadata = {"format": "unembed-embeddings", "embedder_id": self.embedder_id,
                     "embedder_spec": self.embedder_spec, "modality": self.modality,
                     "ids": json.dumps(self.ids), "meta": json.dumps(self.meta)}

@@ -88,7 +88,7 @@ class Decoder(torch.nn.Module):
         if cfg.embed_dim and embedded.dim != cfg.embed_dim:
             raise MismatchError(f"this {self.kind} decoder expects {cfg.embed_dim}-d embeddings "
                                 f"(embedder {cfg.embedder_spec!r}), got {embedded.dim}-d")
-        if self.needs_tokens and embedded.tokens is None:
+        if self.needs_tokens and embedded.image_tokens is None:
             raise MismatchError(f"the {self.kind} decoder needs image token embeddings; embed images with this "
                                 "decoder's embedder (a raw vector is not enough)")
 

@@ -4,7 +4,7 @@ One open_clip model with two halves: the contrastive half is the joint embedder 
 [N, D]) and the captioning half is a text decoder that cross-attends to the image's token
 embeddings [N, T, W] (coca_ViT-B-32: D = W = 512, T = 255). The decoder's weights ARE the
 embedder's: this module holds no tensors, and `load_decoder` attaches the CoCa embedder its
-config.json names. Captions are decoded from `Embedded.tokens`, which unembed's embed step computed
+config.json names. Captions are decoded from `Embedded.image_tokens`, which unembed's embed step computed
 once; the image is never encoded again (the latent is not an input of CoCa's text decoder).
 
 Generation runs one position at a time with a KV cache, reading open_clip's own parameters
@@ -318,7 +318,7 @@ class CoCaDecoder(Decoder):
         max_length = min(cfg.max_length, context) if max_length is None else max_length
         self._check_tokens(embedded, model, max_length, context)
         beams = 1 if do_sample else (num_beams or cfg.num_beams)
-        step = CoCaStep(model, embedded.tokens, beams, max_length)
+        step = CoCaStep(model, embedded.image_tokens, beams, max_length)
         processors = self._processors(end, cfg.min_length if min_length is None else min_length,
                                       cfg.repetition_penalty if repetition_penalty is None else repetition_penalty)
         if beams > 1:
@@ -350,8 +350,8 @@ class CoCaDecoder(Decoder):
     @staticmethod
     def _check_tokens(embedded, model, max_length: int, context: int) -> None:
         width = model.text_decoder.width
-        if embedded.tokens.ndim != 3 or embedded.tokens.shape[-1] != width:
-            raise MismatchError(f"image tokens of shape {tuple(embedded.tokens.shape)} do not fit this CoCa, "
+        if embedded.image_tokens.ndim != 3 or embedded.image_tokens.shape[-1] != width:
+            raise MismatchError(f"image tokens of shape {tuple(embedded.image_tokens.shape)} do not fit this CoCa, "
                                 f"which cross-attends to [N, T, {width}] tokens")
         if not 1 <= max_length <= context:
             raise BadInputError("max_length", f"must be between 1 and this CoCa's context of {context} tokens, "
