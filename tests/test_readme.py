@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# The README and the pages it links to: their command blocks are all exercised here.
+README = "\n".join((ROOT / page).read_text() for page in ("README.md", "docs/GUIDE.md"))
 UNEMBED = [sys.executable, "-m", "unembed.cli"]
 
 # Appended flags win over the README's (argparse keeps the last): same commands, seconds instead of minutes.
