@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from unembed.decoders import create_decoder, load_decoder
+from unembed.decoders import create_decoder, decoder_class, list_decoders, load_decoder
+from unembed.decoders.prefix import PrefixDecoder
 from unembed.embedders import Embedded
 from unembed.training.loop import TrainConfig
 from unembed.training.prefix import train_prefix
 
 TINY_LM = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 48}
-PREFIX_KINDS = ("clipcap", "capdec", "decap")
+PREFIX_KINDS = tuple(k for k in list_decoders() if issubclass(decoder_class(k), PrefixDecoder))  # the registry's
 
 
 def tiny(kind, embedder, **options):

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +26,10 @@ import torch
 from unembed import __version__
 from unembed.compat import import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
+from unembed.hub import force_hub_offline, hub_reachable
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 EMBEDDER_FORMAT = "unembed-embedder"
-HUB_HOST = ("huggingface.co", 443)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,27 +38,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so an offline machine fails in seconds instead of retrying for a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(HUB_HOST, timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _force_hub_offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:  # huggingface_hub reads the variable at import time; it may be imported already
-        import huggingface_hub.constants as hub_constants
-
-        hub_constants.HF_HUB_OFFLINE = True
-    except ImportError:
-        pass
 
 
 @dataclass
@@ -220,7 +198,7 @@ class Embedder:
                 raise ModelLoadError(f"unknown pretrained tag {tag!r} for {name} (known: {tags})")
         needs_hub = name.startswith("hf-hub:") or tag is not None
         if needs_hub and not hub_reachable():
-            _force_hub_offline()  # a copy already in the local cache still loads
+            force_hub_offline()  # a copy already in the local cache still loads
         logging.disable(logging.ERROR)  # open_clip logs its own multi-line failure; ours is the one line
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")

@@ -40,10 +40,12 @@ class ClipBpeTokenizer:
 
 class HFTokenizer:
     def __init__(self, name_or_path: str):
+        from unembed.hub import resolve
+
         transformers = import_transformers()
         try:
-            self._tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        except OSError as e:
+            self._tok = transformers.AutoTokenizer.from_pretrained(resolve(name_or_path, "tokenizer"))
+        except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
         self.name = name_or_path
         self.vocab_size = len(self._tok)

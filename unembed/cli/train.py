@@ -12,7 +12,8 @@ import time
 from unembed.cli.common import (EXIT_OK, add_config_options, add_train_flags, arch_arg, config_options, given, json_arg,
                                 log, train_config)
 
-ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
+ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale",
+                     "save_full_lm")
 RENAMED = {"retrieval": "build retrieval", "iterative": "build iterative"}  # old `train X` spellings, kept
 
 
@@ -126,6 +127,8 @@ def _add_iterative(p) -> None:
     p.add_argument("--prompt", help="text the LM continues, e.g. 'Image of a' (not part of the caption)")
     p.add_argument("--stop", help="a caption ends at the token holding this text (default '.')")
     p.add_argument("--logit-scale", type=float, help="softmax temperature of the embedder score (default: the embedder's)")
+    p.add_argument("--save-full-lm", action="store_true", default=None,
+                   help="copy a hub LM into the decoder (air-gapped use) instead of referencing its id and revision")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_build_iterative)
 

@@ -19,10 +19,10 @@ import torch
 
 from unembed import __version__
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
-from unembed.io import load_module, read_json, save_module, write_json
+from unembed.io import load_module, read_json, save_module, write_json, write_text
 
 DECODER_FORMAT = "unembed-decoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied
 _REGISTRY: dict[str, type["Decoder"]] = {}
 
 
@@ -94,15 +94,30 @@ class Decoder(torch.nn.Module):
 
     # --- saving -------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, metrics: dict | None = None) -> None:
+        """Write the decoder directory, with a model card (README.md) the hub reads as it is;
+        `metrics` (or an existing metrics.json) go into the card."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_module(path / "model.safetensors", self)
+        self.save_weights(path)
         self.save_extra(path)
+        write_text(path / "README.md", model_card(self, metrics if metrics is not None else _saved_metrics(path)))
         # config.json last: a directory with a config is a complete decoder.
         write_json(path / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
                                           "format_version": FORMAT_VERSION, "unembed_version": __version__,
                                           "config": self.config.to_dict()})
+
+    def save_weights(self, path: Path) -> None:
+        """model.safetensors: the decoder's tensors (methods that reference a base model save less)."""
+        save_module(path / "model.safetensors", self)
+
+    def load_weights(self, path: Path) -> None:
+        load_module(self, path / "model.safetensors")
+
+    @classmethod
+    def upgrade_config(cls, config: dict, format_version: int) -> dict:
+        """A config saved by an older format, brought to this one."""
+        return config
 
     @classmethod
     def from_saved(cls, config: DecoderConfig, path: Path) -> "Decoder":
@@ -158,10 +173,60 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     unknown = set(saved.get("config", {})) - fields
     if unknown:
         raise ModelLoadError(f"{path}/config.json has options the {cls.kind} decoder does not know: {sorted(unknown)}")
-    decoder = cls.from_saved(cls.config_class(**saved["config"]), path)
+    decoder = cls.from_saved(cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1))), path)
     try:
-        load_module(decoder, path / "model.safetensors")
+        decoder.load_weights(path)
     except BadInputError as e:
         raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
     return decoder.to(device).eval()
+
+
+# --- the model card -----------------------------------------------------------------------------------
+
+CARD_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore", "val_CIDEr", "val_BLEU-4")
+
+
+def _saved_metrics(path: Path) -> dict:
+    try:
+        metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    except BadInputError:
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def model_card(decoder: "Decoder", metrics: dict) -> str:
+    """README.md with the YAML block the Hugging Face hub reads (library_name, base_model, tags,
+    metrics), so `huggingface-cli upload ORG/NAME DIR` publishes the directory as it is."""
+    import json
+
+    config = decoder.config.to_dict()
+    bases = [m for m in (config.get("lm"), config.get("embedder_spec")) if m and m != "scratch" and _hub_id(m)]
+    scores = {k: v for k, v in metrics.items() if k in CARD_METRICS and isinstance(v, (int, float))}
+    lines = ["---", "library_name: unembed", "pipeline_tag: image-to-text",
+             "tags: " + json.dumps(["unembed", "image-captioning", decoder.kind])]
+    if bases:
+        lines.append("base_model: " + json.dumps([_hub_id(b) for b in bases]))
+    if scores:
+        lines.append("metrics: " + json.dumps(sorted(k.split("_")[-1].lower() for k in scores)))
+    lines += ["---", "", f"# unembed {decoder.kind} decoder", "",
+              f"{decoder.summary or decoder.kind}. Decodes embeddings of `{config.get('embedder_spec') or '?'}` "
+              f"(id `{config.get('embedder_id') or '?'}`, {config.get('embed_dim')}-d) into captions.", "",
+              "```bash", "pip install unembed", "unembed caption IMAGES --decoder hf-hub:ORG/NAME   # or this directory",
+              "```", ""]
+    if config.get("lm") and config.get("lm") != "scratch":
+        revision = config.get("lm_revision") or "as saved"
+        lines += [f"Base LM: `{config['lm']}` (revision `{revision}`)" + (
+            ", referenced, not copied: loading needs it in the local Hugging Face cache or the hub reachable."
+            if not config.get("save_full_lm") and config.get("lm_mode", "frozen") != "full" else ", saved in full."), ""]
+    if scores:
+        lines += ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4g} |" for k, v in scores.items()] + [""]
+    return "\n".join(lines)
+
+
+def _hub_id(name: str) -> str:
+    """The hub repo id a model name refers to ("" for a local path or an open_clip tag)."""
+    name = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
+    if not name or Path(name).exists() or name.startswith((".", "/")) or ":" in name or name.count("/") > 1:
+        return ""
+    return name

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from unembed.compat import import_transformers
 from unembed.decoders.base import Decoder, DecoderConfig, register_decoder
-from unembed.lm import build_lm
+from unembed.lm import LMWeights, build_lm
 from unembed.tokenizers import make_tokenizer
 from unembed.errors import MismatchError
 from unembed.io import read_json
@@ -51,6 +51,8 @@ SEARCH_OPTIONS = ("k", "alpha", "beta", "num_beams", "max_length", "prompt", "st
 class IterativeConfig(DecoderConfig):
     lm: str = "gpt2"               # a Hugging Face causal LM id, a directory written by train_lm, or "scratch"
     lm_config: dict = field(default_factory=dict)  # the LM's HF config, recorded at creation
+    lm_revision: str = ""          # the hub snapshot the LM resolved to: a hub LM is referenced, not copied
+    save_full_lm: bool = False     # keep a full copy of a hub LM instead (air-gapped use)
     tokenizer: str = ""            # "" = the LM's own; a train_lm directory names its own
     k: int = 45                    # candidates re-ranked per step
     alpha: float = 0.1             # weight of the degeneration penalty
@@ -202,7 +204,7 @@ def lm_and_tokenizer(config: IterativeConfig, tokenizer=None, directory: Path | 
 
 
 @register_decoder
-class IterativeDecoder(Decoder):
+class IterativeDecoder(LMWeights, Decoder):
     kind = "iterative"
     config_class = IterativeConfig
     summary = "MAGIC: an LM proposes next tokens, the embedder re-ranks them (training-free)"

@@ -25,7 +25,7 @@ from torch import nn
 from unembed.decoders.base import Decoder, DecoderConfig
 from unembed.decoders.bridges import ModalityBridge
 from unembed.errors import ModelLoadError
-from unembed.lm import apply_lm_mode, build_lm
+from unembed.lm import LMWeights, apply_lm_mode, build_lm
 from unembed.tokenizers import encode_captions, make_tokenizer
 
 
@@ -46,6 +46,9 @@ class PrefixConfig(DecoderConfig):
     tokenizer: str = option("", "'clip-bpe', 'corpus:N' (a BPE of at most N tokens learned from the training "
                             "captions) or an HF tokenizer id (default: the LM's own; scratch LMs: clip-bpe)")
     lm_mode: str = option("full", "how the LM is trained", ("frozen", "lora", "full"))
+    lm_revision: str = ""           # the hub snapshot (commit hash) the LM resolved to, recorded at creation
+    save_full_lm: bool = option(False, "keep a full copy of a frozen or LoRA-trained hub LM in the decoder "
+                                "(self-contained, for air-gapped use) instead of its id, revision and adapter")
     lora_r: int = option(8, "LoRA rank (--lm-mode lora)")
     mapper: str = option("mlp", "embedding -> prefix mapper", ("linear", "mlp", "transformer"))
     prefix_length: int = option(10, "prefix tokens the mapper makes")
@@ -104,13 +107,13 @@ def make_mapper(config: PrefixConfig, dim_lm: int) -> nn.Module:
 
 # --- the decoder --------------------------------------------------------------------------------
 
-class PrefixDecoder(Decoder):
+class PrefixDecoder(LMWeights, Decoder):
     """Base of clipcap / capdec / decap: they differ in defaults and in how they are trained.
     A subclass that registers is trained by `unembed train KIND` (training/prefix.py) with the
     options below, and compared with its `compare_recipe`."""
 
     config_class = PrefixConfig
-    cli_options = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "mapper", "prefix_length", "mapper_length",
+    cli_options = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full_lm", "mapper", "prefix_length", "mapper_length",
                    "mapper_layers", "noise_variance", "noise_kind", "mean_shift", "projection_size", "projection_tau",
                    "label_smoothing")
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.

@@ -58,7 +58,7 @@ class PrefixTask(Task):
                 "val_example": captions[0]}
 
     def save(self, model, out_dir, metrics):
-        model.save(out_dir)
+        model.save(out_dir, metrics)
         write_json(Path(out_dir) / "metrics.json", metrics)
 
 
