@@ -73,6 +73,10 @@ def _decoder_dir(decoder: str | None) -> str:
     """A decoder directory; no --decoder, or the name of a bundled decoder, means the shipped bundle."""
     from unembed.bundle import bundled_decoder
 
+    if decoder and decoder.startswith("hf-hub:"):
+        from unembed.decoders import decoder_path
+
+        return str(decoder_path(decoder))
     if decoder and (Path(decoder).exists() or "/" in decoder):
         return decoder
     path = bundled_decoder(decoder)

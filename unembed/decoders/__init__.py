@@ -6,11 +6,10 @@ loading one never imports the others' dependencies.
 from __future__ import annotations
 
 import importlib
-
 from pathlib import Path
 
-from unembed.decoders.base import (DECODER_FORMAT, Decoder, DecoderConfig, build_saved_decoder, read_decoder_config,
-                                   register_decoder, registered, resolve_embedder_spec)
+from unembed.decoders.base import (DECODER_FORMAT, Decoder, DecoderConfig, build_saved_decoder, decoder_path,
+                                   read_decoder_config, register_decoder, registered, resolve_embedder_spec)
 from unembed.errors import ModelLoadError
 
 BUILTIN_DECODERS = {
@@ -44,6 +43,7 @@ def create_decoder(name: str, **config) -> Decoder:
 def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
     """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder.
     A decoder that decodes with its embedder's towers gets it attached (loaded from its config if not given)."""
+    path = decoder_path(path)
     saved = read_decoder_config(path)
     cls = decoder_class(saved.get("kind", ""))
     if embedder is not None:
@@ -70,5 +70,5 @@ def check_embedder(config: dict, embedder, where) -> None:
                             f"embedder {embedder.spec!r} makes {embedder.dim}-d")
 
 
-__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_class", "list_decoders",
+__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_path", "decoder_class", "list_decoders",
            "check_embedder", "load_decoder", "read_decoder_config", "register_decoder", "resolve_embedder_spec"]

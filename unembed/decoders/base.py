@@ -142,9 +142,19 @@ def registered() -> dict[str, type[Decoder]]:
     return _REGISTRY
 
 
+def decoder_path(name: str | os.PathLike) -> Path:
+    """A decoder directory; "hf-hub:ORG/NAME" is a hub repo holding one, downloaded once (or read
+    from the local cache offline)."""
+    if str(name).startswith("hf-hub:"):
+        from unembed.hub import resolve
+
+        return resolve(str(name), "decoder")
+    return Path(name)
+
+
 def read_decoder_config(path: str | os.PathLike) -> dict:
     """config.json of a decoder directory, checked for format and version (no weights read)."""
-    path = Path(path)
+    path = decoder_path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a decoder directory")
     if not (path / "config.json").is_file():
