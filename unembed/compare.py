@@ -193,7 +193,8 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
     from unembed.data.splits import has_split, load_split
-    from unembed.eval.scoring import score_decoders
+    from unembed.data.splits import image_domains, split_file
+    from unembed.eval.scoring import domain_scores, score_decoders
     from unembed.embedders import resolve_device
 
     start = time.perf_counter()
@@ -225,7 +226,11 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
     per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
-                       spice, log)
+                               spice, log)
+    domains = image_domains(split_file(split_dir))
+    for name, predicted in captions.items():
+        if domains and predicted is not None:  # NoCaps: in-, near- and out-of-domain scores
+            rows[name]["domains"] = domain_scores(predicted, references, domains)
     result = {"decoders": list(rows.values()), "n_images": n_images, "data": str(data), "split": split,
               "embedder": embedder_spec, "embedder_train_minutes": embedder_minutes,
               "embed_seconds": shared["seconds"], "device": _device_name(device),

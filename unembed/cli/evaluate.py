@@ -20,7 +20,13 @@ def cmd_eval(args) -> int:
 
         scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references))
     name = args.name or Path(args.results).stem
-    print(format_table({name: scores}))
+    from unembed.data.splits import image_domains
+    from unembed.eval.scoring import domain_scores
+
+    by_domain = domain_scores(predictions, references, image_domains(args.refs), spice=not args.no_spice)
+    if by_domain:
+        scores["domains"] = by_domain
+    print(format_table({name: scores, **{f"{name} {d}": s for d, s in by_domain.items()}}))
     for metric, reason in scores.get("unavailable", {}).items():
         log(f"{metric} unavailable: {reason}")
     if args.out:

@@ -50,6 +50,14 @@ def split_captions(split_dir) -> list[str]:
     return [ann["caption"] for ann in coco.get("annotations", [])]
 
 
+def image_domains(captions_file) -> dict:
+    """{image_id: domain} of a split whose images carry one (NoCaps: in-domain, near-domain,
+    out-domain); empty for other datasets."""
+    coco = read_json(captions_file)
+    images = coco.get("images", []) if isinstance(coco, dict) else []
+    return {im["id"]: im["domain"] for im in images if isinstance(im, dict) and "domain" in im and "id" in im}
+
+
 def split_cache(split_dir, embedder_id: str, with_tokens: bool = False) -> Path:
     """Where embed_split keeps a split's embeddings by one embedder."""
     return Path(split_dir) / CACHE_DIR / f"{embedder_id}{'-tokens' if with_tokens else ''}.safetensors"

@@ -42,3 +42,22 @@ def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict) ->
     result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
     result.pop("per_image", None)
     return result
+
+
+def domain_scores(predictions: dict, references: dict, domains: dict, spice: bool = False) -> dict:
+    """COCO metrics per domain (NoCaps: in-domain, near-domain, out-domain) and overall, for the
+    predicted images whose references carry a domain: {domain: scores}."""
+    found = {}
+    for image, domain in domains.items():
+        if image in predictions and image in references:
+            found.setdefault(domain, []).append(image)
+    scores = {}
+    for domain in sorted(found):
+        ids = found[domain]
+        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice)
+        scores[domain] = {k: v for k, v in metrics.items() if k not in ("per_image", "unavailable", "skipped")}
+    if scores:
+        ids = [i for part in found.values() for i in part]
+        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice)
+        scores["overall"] = {k: v for k, v in metrics.items() if k not in ("per_image", "unavailable", "skipped")}
+    return scores
