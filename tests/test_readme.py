@@ -1,5 +1,5 @@
-"""Every command in README.md runs: the quickstart at a small scale, the network commands to
-their offline failure, the library example on the tiny fixtures, and the set-up targets exist."""
+"""Every command in README.md runs: the quickstart at a small scale, the pretrained-model commands
+by name on a hub-layout cache offline, the library example on the tiny fixtures, and the set-up targets exist."""
 import json
 import os
 import re
@@ -95,17 +95,104 @@ def test_bundle_commands_caption_with_the_shipped_models(tmp_path):
     assert outputs[1].startswith("| image | a true caption |")
 
 
-def test_network_commands_fail_fast_and_clearly_offline(tmp_path):
-    (tmp_path / "my-captions.txt").write_text("a dog on a sofa\na cat on a mat\n")
-    (tmp_path / "photos").mkdir()
-    from PIL import Image
+# The pretrained block on the hub-layout cache: the same commands, tiny step counts.
+PRETRAINED_SMALL = {"train capdec": ["--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1"],
+                    "train clipcap": ["--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1"],
+                    "train decap": ["--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1",
+                                    "--lm-config", '{"n_layer": 1, "n_embd": 32}'],
+                    "build iterative": ["--k", "4", "--max-length", "6"],
+                    "train coca": ["--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1"],
+                    "caption photos/": ["--max-length", "6"], "caption coco/test/images": ["--max-length", "6"],
+                    "eval --results": ["--no-spice"],
+                    "compare --data": ["--max-steps", "2", "--max-images", "6", "--no-spice", "--no-gap"]}
 
-    Image.new("RGB", (8, 8), "red").save(tmp_path / "photos" / "red.png")
-    for argv in commands("network"):
-        result = run(argv, tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-        assert result.returncode == 2, result.stderr
-        line = result.stderr.strip().splitlines()
-        assert len(line) == 1 and ("hub is unreachable" in line[0] or "not a decoder directory" in line[0]), line
+
+def karpathy_fixture(scenes_dir, root: Path) -> None:
+    """dataset_coco.json in Karpathy's format over scenes images in COCO's folders, and photos/."""
+    from unembed.data.splits import load_split
+
+    images = []
+    for split, source in (("train", "train"), ("restval", "train"), ("val", "val"), ("test", "test")):
+        paths, captions, ids = load_split(scenes_dir / source)
+        part = slice(0, 12) if split != "restval" else slice(12, 24)
+        folder = "train2014" if split == "train" else "val2014"
+        (root / "coco-images" / folder).mkdir(parents=True, exist_ok=True)
+        for path, caps, image_id in list(zip(paths, captions, ids))[part]:
+            cocoid = 100000 * (1 + ["train", "restval", "val", "test"].index(split)) + image_id
+            name = f"COCO_{folder}_{cocoid:012d}.png"
+            shutil.copyfile(path, root / "coco-images" / folder / name)
+            images.append({"filepath": folder, "filename": name, "cocoid": cocoid, "split": split,
+                           "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    (root / "photos").mkdir()
+    for path in sorted((scenes_dir / "test" / "images").glob("*.png"))[:3]:
+        shutil.copyfile(path, root / "photos" / path.name)
+
+
+@pytest.mark.slow
+def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, scenes_dir):
+    from tests.hub_cache import GPT2, write_hub_cache
+    from unembed.data.splits import split_captions
+
+    commits = write_hub_cache(tmp_path / "hf", split_captions(scenes_dir / "train"))
+    karpathy_fixture(scenes_dir, tmp_path)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for argv in commands("pretrained"):
+        key = next((k for k in PRETRAINED_SMALL if " ".join(argv[1:]).startswith(k)), None)
+        result = run(argv + PRETRAINED_SMALL.get(key, []), tmp_path, env)
+        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
+    assert len((tmp_path / "photos-captions.jsonl").read_text().splitlines()) == 3
+    compared = json.loads((tmp_path / "compare-coco" / "compare.json").read_text())
+    assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
+        (name, None) for name in ("retrieval", "capdec", "decap", "magic", "coca")]
+
+    # LoRA over the hub GPT-2: the mapper and a peft adapter, the base named by id and revision.
+    capdec = tmp_path / "models" / "vitb32-capdec"
+    config = json.loads((capdec / "config.json").read_text())["config"]
+    assert (config["lm"], config["lm_revision"], config["lm_mode"]) == (GPT2, commits[GPT2], "lora")
+    from safetensors import safe_open
+
+    with safe_open(capdec / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("lm.")]
+    adapter = json.loads((capdec / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (GPT2, commits[GPT2])
+    card = (capdec / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: unembed\n") and '"gpt2"' in card.split("---")[1]
+    magic = json.loads((tmp_path / "models" / "vitb32-magic" / "config.json").read_text())["config"]
+    assert magic["lm_revision"] == commits[GPT2]
+    full = sum(f.stat().st_size for f in (tmp_path / "hf").rglob("*") if f.is_file() and "gpt2" in str(f))
+    assert sum(f.stat().st_size for f in (tmp_path / "models" / "vitb32-magic").rglob("*") if f.is_file()) < full / 2
+
+    # Published to the hub (here: the cache) and loaded by name; then the base LM goes missing.
+    from tests.hub_cache import add_decoder_repo
+
+    add_decoder_repo(tmp_path / "hf", "someone/vitb32-capdec", capdec)
+    by_name = run(["unembed", "caption", "photos/", "--decoder", "hf-hub:someone/vitb32-capdec", "--max-length", "6"],
+                  tmp_path, env)
+    assert by_name.returncode == 0, by_name.stderr
+    local = run(["unembed", "caption", "photos/", "--decoder", str(capdec), "--max-length", "6"], tmp_path, env)
+    assert [json.loads(r)["caption"] for r in by_name.stdout.splitlines()] == [
+        json.loads(r)["caption"] for r in local.stdout.splitlines()]
+    shutil.rmtree(tmp_path / "hf" / "hub" / "models--gpt2")
+    gone = run(["unembed", "caption", "photos/", "--decoder", str(capdec)], tmp_path, env)
+    assert gone.returncode == 2
+    assert gone.stderr.strip().splitlines() == [
+        f"unembed: cannot load LM 'gpt2' at revision {commits[GPT2]}: it is not in the local Hugging Face cache "
+        f"({tmp_path / 'hf' / 'hub'}) and the hub is unreachable (HF_HUB_OFFLINE is set)"]
+
+
+def test_names_not_in_the_cache_fail_fast_with_one_line(tmp_path):
+    (tmp_path / "caps.txt").write_text("a dog on a sofa\n")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for argv, named in ((["unembed", "build", "retrieval", "--captions", "caps.txt", "--embedder",
+                          "hf-hub:nobody/no-clip", "--out", "m"], "nobody/no-clip"),
+                        (["unembed", "build", "iterative", "--embedder", "RN50", "--lm", "nobody/no-lm", "--out", "m"],
+                         "LM 'nobody/no-lm'"),
+                        (["unembed", "caption", "caps.txt", "--decoder", "hf-hub:nobody/no-decoder"],
+                         "decoder 'hf-hub:nobody/no-decoder'")):
+        result = run(argv, tmp_path, env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and named in lines[0], lines
 
 
 def test_library_example_runs(tmp_path, scenes_dir, embedder_dir, retrieval_dir):

@@ -45,12 +45,20 @@ def pretrained_config(embedder: Embedder) -> dict:
     open_clip = import_open_clip()
     from open_clip.coca_model import CoCa
 
-    name = embedder.spec.partition(":")[0]
-    if name.startswith("hf-hub") or open_clip.get_model_config(name) is None:
-        raise BadInputError(embedder.spec, "fine-tuning needs an open_clip CoCa architecture name (with a "
-                            "pretrained tag) or an unembed embedder directory")
+    if embedder.spec.startswith("hf-hub:"):  # the architecture is the repo's open_clip_config.json
+        from unembed.hub import repo_id, resolve
+        from unembed.io import read_json
+
+        name, found = repo_id(embedder.spec).split("/")[-1], read_json(resolve(embedder.spec, "embedder") /
+                                                                        "open_clip_config.json").get("model_cfg")
+    else:
+        name = embedder.spec.partition(":")[0]
+        found = open_clip.get_model_config(name)
+    if not found:
+        raise BadInputError(embedder.spec, "fine-tuning needs an open_clip CoCa (an architecture name with a pretrained "
+                            "tag, or hf-hub:ORG/NAME) or an unembed embedder directory")
     accepted = set(inspect.signature(CoCa).parameters)
-    model_cfg = {k: v for k, v in open_clip.get_model_config(name).items() if k in accepted}
+    model_cfg = {k: v for k, v in found.items() if k in accepted}
     visual = embedder.model.visual
     size = visual.image_size
     return {"name": f"{name}-finetuned", "model_type": "coca", "model_cfg": model_cfg,
