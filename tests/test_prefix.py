@@ -77,7 +77,7 @@ def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_d
         for _ in range(6):
             steps.append(decoder.lm(inputs_embeds=sequence).logits[:, -1].argmax(-1))
             sequence = torch.cat([sequence, decoder.lm.get_input_embeddings()(steps[-1])[:, None]], dim=1)
-    naive = [decoder.tokenizer.decode(decoder._until_eos(row, eos)) for row in torch.stack(steps, 1).tolist()]
+    naive = [decoder.tokenizer.decode(decoder.caption_ids(row, eos, None)) for row in torch.stack(steps, 1).tolist()]
     assert captions == naive
 
 

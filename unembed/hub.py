@@ -66,7 +66,8 @@ def resolve(name: str, what: str, revision: str | None = None) -> Path:
     repo = repo_id(name)
     online = hub_reachable()
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=not online))
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=not online,
+                                      cache_dir=cache_dir()))
     except HFValidationError:
         raise ModelLoadError(f"{what} {name!r} is neither a directory nor a Hugging Face hub repo id") from None
     except Exception as e:  # huggingface_hub raises several kinds (not cached, not found, gated, offline)
@@ -86,6 +87,11 @@ def snapshot_revision(path: Path) -> str:
 
 
 def cache_dir() -> str:
+    """The hub cache as the environment names it now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return str(HF_HUB_CACHE)

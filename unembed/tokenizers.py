@@ -31,6 +31,10 @@ class ClipBpeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._bpe.encode(text)
 
+    def encode_piece(self, text: str) -> list[int]:
+        """Ids of `text` as it would stand inside a caption (a stop string such as ".")."""
+        return self._bpe.encode(text)
+
     def decode(self, ids: list[int]) -> str:
         return self._bpe.decode(ids).strip()
 
@@ -54,6 +58,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(" " + text.strip(), add_special_tokens=False)
+
+    def encode_piece(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True).strip()
@@ -114,6 +121,9 @@ class CorpusTokenizer:
         return cls(Tokenizer.from_file(str(directory / cls.FILE)))
 
     def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_piece(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:

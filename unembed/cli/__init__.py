@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unembed.cli import caption, data, evaluate, train
+from unembed.cli import caption, data, evaluate, published, train
 from unembed.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
 
-COMMAND_GROUPS = (caption, evaluate, train, data)
+COMMAND_GROUPS = (caption, evaluate, train, published, data)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 

@@ -22,6 +22,7 @@ from unembed.errors import MismatchError
 def add_noise(vectors: torch.Tensor, variance: float, kind: str, generator: torch.Generator | None) -> torch.Tensor:
     if variance <= 0:
         return vectors
+    vectors = F.normalize(vectors.float(), dim=-1)  # CapDec: normalise, add noise, normalise again
     if kind == "gaussian":
         noise = torch.randn(vectors.shape, generator=generator) * variance ** 0.5
     elif kind == "uniform":  # uniform in the ball whose radius gives the gaussian's expected squared norm
@@ -59,8 +60,8 @@ class ModalityBridge(torch.nn.Module):
             self.memory.fill(memory_texts, self.shift(memory_vectors, self.text_mean))
 
     def shift(self, vectors: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        if not self.mean_shift:
-            return F.normalize(vectors.float(), dim=-1)
+        if not self.mean_shift:  # as they are: a decoder that feeds raw vectors (ClipCap's release) gets them raw
+            return vectors.float()
         return F.normalize(vectors.float() - mean.to(vectors.device), dim=-1)
 
     def for_training(self, text_vectors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

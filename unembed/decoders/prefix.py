@@ -64,6 +64,8 @@ class PrefixConfig(DecoderConfig):
     projection_tau: float = option(0.01, "DeCap projection temperature")
     num_beams: int = 5              # generation defaults
     max_length: int = 30
+    stop: str = ""                  # a caption also ends with (and keeps) this token, e.g. ClipCap's "."
+    start_token: bool = False       # captions begin with the tokenizer's start token (DeCap's checkpoints)
 
 
 # --- mappers ------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class PrefixDecoder(LMWeights, Decoder):
     # training
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_captions(self.tokenizer, captions, self.config.max_caption_tokens)
+        return encode_captions(self.tokenizer, captions, self.config.max_caption_tokens, start=self.config.start_token)
 
     def prefix(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.config.normalize:
@@ -209,8 +211,9 @@ class PrefixDecoder(LMWeights, Decoder):
         inputs, attention = self.lm_inputs(self.prefix(vectors), self.text_prompts(embedded, vectors))
         if seed is not None:
             torch.manual_seed(seed)
-        eos = self.tokenizer.eos_id
-        options = dict(max_new_tokens=max_length or self.config.max_length, eos_token_id=eos, pad_token_id=eos)
+        eos, stop = self.tokenizer.eos_id, self.stop_id()
+        options = dict(max_new_tokens=max_length or self.config.max_length, pad_token_id=eos,
+                       eos_token_id=eos if stop is None else [eos, stop])
         if do_sample:
             options.update(do_sample=True, top_p=top_p or 0.9, temperature=temperature, num_beams=1)
         else:
@@ -222,11 +225,25 @@ class PrefixDecoder(LMWeights, Decoder):
             inputs = torch.cat([torch.zeros_like(inputs), inputs], dim=1)
             attention = torch.cat([torch.zeros_like(attention), attention], dim=1)
         out = self.lm.generate(inputs_embeds=inputs, attention_mask=attention, **options)
-        return [self.tokenizer.decode(self._until_eos(row.tolist(), eos)) for row in out]
+        return [self.tokenizer.decode(self.caption_ids(row.tolist(), eos, stop)) for row in out]
 
-    @staticmethod
-    def _until_eos(ids: list[int], eos: int) -> list[int]:
-        return ids[:ids.index(eos)] if eos in ids else ids
+    def caption_ids(self, ids: list[int], eos: int, stop: int | None) -> list[int]:
+        """A generated row up to its end: before the end token, through the stop token, without a
+        leading start token."""
+        if self.config.start_token and ids and ids[0] == self.tokenizer.bos_id:
+            ids = ids[1:]
+        ends = [i for i, t in enumerate(ids) if t == eos or t == stop]
+        if not ends:
+            return ids
+        return ids[:ends[0] + (ids[ends[0]] == stop and ids[ends[0]] != eos)]
+
+    def stop_id(self) -> int | None:
+        if not self.config.stop:
+            return None
+        ids = self.tokenizer.encode_piece(self.config.stop)
+        if len(ids) != 1:
+            raise ModelLoadError(f"the stop string {self.config.stop!r} is not one token of this decoder's tokenizer")
+        return ids[0]
 
     # saving
 
