@@ -60,13 +60,16 @@ def _images_with_a_bad_one(scenes_dir, tmp_path):
 
 
 def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes_dir, retrieval_dir, embedder_dir):
+    from tests.test_formats import write_shards
+
     folder = _images_with_a_bad_one(scenes_dir, tmp_path)
-    captions, vectors = {}, {}
+    _, keys = write_shards(scenes_dir, tmp_path / "shards", per_shard=3, shards=3, broken=False)
+    captions, vectors, from_shards = {}, {}, {}
     for processes in (1, 2):
         out = tmp_path / f"captions-{processes}.jsonl"
         result = run_unembed(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out),
                               "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
-        assert result.returncode != 0  # the broken file makes it partial
+        assert result.returncode == 1  # the broken file makes it partial
         assert result.stderr.count("000005-broken.png") == 1, result.stderr[-3000:]
         records = [json.loads(line) for line in out.read_text().splitlines()]
         captions[processes] = [(r["file"], r["caption"]) for r in records]
@@ -75,9 +78,16 @@ def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes
         emb = tmp_path / f"vectors-{processes}.safetensors"
         result = run_unembed(["embed", str(folder), "--embedder", str(embedder_dir), "--out", str(emb),
                               "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
-        assert result.returncode != 0 and "000005-broken.png" in result.stderr
+        assert result.returncode == 1 and "000005-broken.png" in result.stderr
         vectors[processes] = load_tensors(emb)
+
+        shards = tmp_path / f"shards-{processes}.jsonl"  # webdataset shards: the samples split across processes
+        result = run_unembed(["caption", "shards/shard-{0000..0002}.tar", "--decoder", str(retrieval_dir), "--out",
+                              str(shards), "--batch-size", "2", "--device", "cpu"], processes, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        from_shards[processes] = [(r["image_id"], r["caption"]) for r in map(json.loads, shards.read_text().splitlines())]
     assert len(captions[1]) == 11 and captions[2] == captions[1]
     assert [name for name, _ in captions[1]] == sorted(name for name, _ in captions[1])
     torch.testing.assert_close(vectors[2][0]["vectors"], vectors[1][0]["vectors"])
     assert vectors[2][1]["ids"] == vectors[1][1]["ids"]
+    assert from_shards[2] == from_shards[1] and [i for i, _ in from_shards[1]] == [int(k) for k in keys]

@@ -56,13 +56,22 @@ def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32
 
 def caption_embeddings(embedded, decoder, batch_size: int = 256, **generation) -> Iterator[list[dict]]:
     """Yield, per batch, records {image_id, caption, decoder, seconds} for precomputed embeddings."""
-    for start in range(0, len(embedded), batch_size):
-        part = embedded.select(slice(start, start + batch_size))
+    batches = ((embedded.select(slice(s, s + batch_size)), None) for s in range(0, len(embedded), batch_size))
+    return caption_batches(batches, decoder, **generation)
+
+
+def caption_batches(batches, decoder, **generation) -> Iterator[list[dict]]:
+    """Records for (Embedded, per-row metadata or None) batches, e.g. from `data.vectors`; a row's
+    metadata (clip-retrieval's key, url, caption...) comes along as "metadata"."""
+    for part, metadata in batches:
         t0 = time.perf_counter()
         captions = decoder.decode(part, **generation)
         per_item = (time.perf_counter() - t0) / len(part)
-        yield [{"image_id": image_id(i), "caption": c,
-                "decoder": decoder.kind, "seconds": round(per_item, 4)} for i, c in zip(part.ids, captions)]
+        records = [{"image_id": image_id(i), "caption": c, "decoder": decoder.kind, "seconds": round(per_item, 4)}
+                   for i, c in zip(part.ids, captions)]
+        for record, row in zip(records, metadata or ()):
+            record["metadata"] = row
+        yield records
 
 
 def caption(images: Sequence[str], decoder, embedder=None, batch_size: int = 32, device: str = "auto",

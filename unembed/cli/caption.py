@@ -116,7 +116,7 @@ def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
     from unembed.distributed import world
-    from unembed.pipeline import caption_embeddings, caption_images
+    from unembed.pipeline import caption_batches, caption_images
 
     if not args.paths and not args.embeddings:
         err("give image files/folders/globs, or --embeddings FILE.safetensors")
@@ -126,6 +126,7 @@ def cmd_caption(args) -> int:
         err("with several processes, give --out FILE (their outputs are merged into it)")
         return EXIT_FAILED
     args.device = w.device
+    source = _embeddings(args.embeddings, w) if args.embeddings else None
     decoder, embedder = _load_decoder_and_embedder(args)
     generation = given(args, ("max_length", "num_beams", "top_p", "seed"))
     if args.sample:
@@ -135,11 +136,8 @@ def cmd_caption(args) -> int:
     done = 0
     try:
         if args.embeddings:
-            from unembed.embedders import Embedded
-
-            embedded = Embedded.load(args.embeddings)
-            embedded = embedded.select(w.block(range(len(embedded))))
-            batches, total = caption_embeddings(embedded, decoder, args.batch_size, **generation), len(embedded)
+            rows = w.block(range(len(source)))
+            batches, total = caption_batches(source.batches(args.batch_size, rows), decoder, **generation), len(rows)
         else:
             files = my_inputs(args.paths, w, errors)
             batches, total = caption_images(files, decoder, embedder, args.batch_size, errors, **generation), len(files)
@@ -159,13 +157,25 @@ def cmd_caption(args) -> int:
     return exit_code(done, failed)
 
 
+def _embeddings(path, w):
+    """The --embeddings source, read a batch at a time; vectors without an embedder id get a warning."""
+    from unembed.data.vectors import open_embeddings
+
+    source = open_embeddings(path)
+    if not source.embedder_id and w.is_main:
+        log(f"note: {path} names no embedder, so only its width ({source.dim}) can be checked against the decoder's")
+    return source
+
+
 def register(sub) -> None:
     p = sub.add_parser("caption", help="caption images (files, folders, globs) or precomputed embeddings")
     p.add_argument("paths", nargs="*", help="image files, folders or glob patterns")
     p.add_argument("--decoder", help="a decoder directory, or the name of a bundled decoder (default: the "
                    "bundle's default, which knows only the scenes world)")
     p.add_argument("--embedder", help="embedder spec (default: the one the decoder was built for)")
-    p.add_argument("--embeddings", help="caption the vectors of this .safetensors file instead of images")
+    p.add_argument("--embeddings", help="caption precomputed vectors instead of images: a file from `unembed embed`, "
+                   "a safetensors file of one [N, D] tensor, a .npy file, or a clip-retrieval folder "
+                   "(img_emb/*.npy + metadata/*.parquet)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="longest caption in tokens (generative decoders)")
     p.add_argument("--num-beams", type=int, help="beam search width (1 = greedy; default: the decoder's)")

@@ -1,7 +1,10 @@
 """Finding image files on the command line and decoding them safely into RGB.
 
-`expand_inputs` turns the user's arguments (files, folders, glob patterns) into a list of paths
-plus one BadInputError per argument that yields nothing, so a run can go on without them.
+`expand_inputs` turns the user's arguments (files, folders, glob patterns, brace ranges, and
+webdataset tar shards as img2dataset writes them) into a list of paths plus one BadInputError per
+argument that yields nothing, so a run can go on without them. A shard's samples are members of
+the tar grouped by key (`000123.jpg` beside `000123.txt`, `000123.json`); each image member is a
+`ShardMember`, a path-like string SHARD/MEMBER read straight from the tar (never extracted).
 `load_image` decodes one file into a fully loaded RGB image, or raises BadInputError with a
 short reason. Paths may hold undecodable bytes (surrogateescape); `display_path` makes them
 printable, and every error names its file that way.
@@ -9,8 +12,10 @@ printable, and every error names its file that way.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import re
+import tarfile
 from typing import Sequence
 
 import numpy as np
@@ -48,7 +53,68 @@ def expand_inputs(paths: Sequence[str]) -> tuple[list[str], list[BadInputError]]
     return list(found), errors
 
 
+class ShardMember(str):
+    """One image inside a webdataset tar shard: reads as "SHARD/MEMBER" (its stem is the sample's
+    key, which becomes its image id), and knows where its bytes lie in the tar."""
+
+    def __new__(cls, shard: str, name: str, offset: int, size: int):
+        member = super().__new__(cls, f"{shard}/{name}")
+        member.shard, member.name, member.offset, member.size = shard, name, offset, size
+        return member
+
+    def read_bytes(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard syntax: "shards-{0000..0099}.tar" (zero padding kept) and "{a,b}"."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
+    ranged = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if ranged:
+        lo, hi = ranged.groups()
+        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def _shard_members(shard: str) -> list[str]:
+    """The image of each sample in a tar shard, in the shard's order."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError) as err:
+        raise BadInputError(display_path(shard), f"is not a readable tar shard ({err})") from None
+    images: dict[str, ShardMember] = {}
+    for m in members:
+        base = os.path.basename(m.name)
+        key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+        if key not in images and has_image_extension(m.name) and not base.startswith("."):
+            images[key] = ShardMember(shard, m.name, m.offset_data, m.size)
+    if not images:
+        raise BadInputError(display_path(shard), "is a tar shard with no images")
+    return list(images.values())
+
+
+def _is_shard(path: str) -> bool:
+    return path.endswith(".tar") and os.path.isfile(path)
+
+
 def _expand_one(arg: str) -> list[str]:
+    if isinstance(arg, ShardMember):  # already found in its shard
+        return [arg]
+    if "{" in arg and not os.path.lexists(arg) and len(expand_braces(arg)) > 1:
+        found = []
+        for part in expand_braces(arg):
+            found += _expand_one(part)
+        return found
+    if _is_shard(arg):
+        return _shard_members(arg)
     if os.path.isdir(arg):  # even when named like an image, e.g. "photo.jpg/"
         images = _walk_images(arg)
         if not images:
@@ -75,6 +141,8 @@ def _expand_glob(pattern: str) -> list[str]:
             images += _walk_images(path)
         elif has_image_extension(path):
             images.append(path)
+        elif _is_shard(path):
+            images += _shard_members(path)
     if not images:
         raise BadInputError(display_path(pattern), "pattern matched no image files")
     return images
@@ -100,6 +168,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.I
     `max_pixels` are refused from their header, before any pixel is decoded.
     """
     name = display_path(path)
+    if isinstance(path, ShardMember):
+        data = path.read_bytes()
+        if not data:
+            raise BadInputError(name, "empty file (0 bytes)")
+        return _decode(io.BytesIO(data), name, max_pixels)
     try:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:

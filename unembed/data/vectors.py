@@ -1,0 +1,173 @@
+"""Precomputed embeddings in the formats users hold them, read a batch at a time (memory stays
+bounded by one batch, whatever the file's size):
+
+- an unembed embeddings file (`unembed embed`: safetensors with ids and the embedder's id);
+- any safetensors file holding one [N, D] tensor (vectors from a user's store);
+- a `.npy` file of [N, D] (memory-mapped, allow_pickle=False);
+- clip-retrieval's folder (and LAION's published embeddings): `img_emb/img_emb_{i}.npy` with
+  `metadata/metadata_{i}.parquet` beside them, row for row; each row's metadata (key, url,
+  caption, ...) is carried into the output records, and its `key` (else `image_path`) is its id.
+The last three carry no embedder id: a decoder can check only their width.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from unembed.errors import BadInputError
+
+ID_COLUMNS = ("key", "image_path", "id")
+
+
+@dataclass
+class _Part:
+    """One array of rows (a file, or one img_emb_{i}.npy) and its metadata table."""
+
+    rows: int
+    read: object        # (start, stop) -> np.ndarray / torch.Tensor [rows, D]
+    ids: object         # (start, stop) -> list[str]
+    metadata: object    # (start, stop) -> list[dict] | None
+    tokens: object = None  # (start, stop) -> image tokens [rows, T, W] (CoCa), when the file has them
+
+
+class EmbeddingSource:
+    """N embeddings from one of the formats above; `batches` yields (Embedded, per-row metadata)."""
+
+    def __init__(self, path, parts: list[_Part], dim: int, embedder_id: str = "", embedder_spec: str = "",
+                 modality: str = "image"):
+        self.path, self.parts, self.dim = str(path), parts, dim
+        self.embedder_id, self.embedder_spec, self.modality = embedder_id, embedder_spec, modality
+        self.starts = np.cumsum([0] + [p.rows for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def batches(self, batch_size: int, rows: Sequence[int] | None = None) -> Iterator[tuple[object, list[dict] | None]]:
+        """Contiguous batches of `rows` (default all; a distributed process gives its block)."""
+        from unembed.embedders import Embedded
+
+        rows = range(len(self)) if rows is None else rows
+        if len(rows) == 0:
+            return
+        first, last = rows[0], rows[-1] + 1
+        for start in range(first, last, batch_size):
+            stop = min(start + batch_size, last)
+            vectors, ids, meta, tokens = [], [], [], []
+            for part, (lo, hi) in self._spans(start, stop):
+                chunk = part.read(lo, hi)
+                vectors.append(chunk.float() if isinstance(chunk, torch.Tensor)
+                               else torch.from_numpy(np.array(chunk, dtype=np.float32)))  # a copy: mmap is read-only
+                ids += part.ids(lo, hi)
+                found = part.metadata(lo, hi)
+                meta += found if found is not None else [{} for _ in range(hi - lo)]
+                if part.tokens is not None:
+                    tokens.append(part.tokens(lo, hi))
+            batch = torch.nn.functional.normalize(torch.cat(vectors), dim=-1)
+            yield (Embedded(batch, ids, self.embedder_id, self.embedder_spec, self.modality,
+                            torch.cat(tokens).float() if tokens else None),
+                   meta if any(meta) else None)
+
+    def _spans(self, start: int, stop: int):
+        for i, part in enumerate(self.parts):
+            lo, hi = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if lo < hi:
+                yield part, (int(lo - self.starts[i]), int(hi - self.starts[i]))
+
+
+def open_embeddings(path) -> EmbeddingSource:
+    path = Path(path)
+    if path.is_dir():
+        return _clip_retrieval(path)
+    if not path.is_file():
+        raise BadInputError(path, "no such file or directory")
+    if path.suffix == ".npy":
+        array = _npy(path)
+        return EmbeddingSource(path, [_array_part(array, path.stem)], array.shape[1])
+    return _safetensors(path)
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # an object array would need unpickling: refused
+        raise BadInputError(path, f"cannot be read without unpickling, which unembed never does ({e})") from None
+    except OSError as e:
+        raise BadInputError(path, f"is not a .npy array ({e})") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise BadInputError(path, f"expected a float [N, D] array, got {array.dtype} of shape {array.shape}")
+    return array
+
+
+def _array_part(array, name: str, table=None) -> _Part:
+    def ids(lo, hi):
+        if table is not None:
+            column = next((c for c in ID_COLUMNS if c in table.column_names), None)
+            if column is not None:
+                return [str(v) for v in table.column(column).slice(lo, hi - lo).to_pylist()]
+        return [f"{name}:{i}" if name else str(i) for i in range(lo, hi)]
+
+    def metadata(lo, hi):
+        return None if table is None else table.slice(lo, hi - lo).to_pylist()
+
+    return _Part(len(array), lambda lo, hi: array[lo:hi], ids, metadata)
+
+
+def _safetensors(path: Path) -> EmbeddingSource:
+    from safetensors import safe_open
+
+    from unembed.io import check_safetensors
+
+    check_safetensors(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+        metadata, keys = dict(handle.metadata() or {}), list(handle.keys())
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise BadInputError(path, f"corrupt safetensors file ({e})") from None
+    if metadata.get("format") == "unembed-embeddings" and "vectors" in keys:
+        key, ids = "vectors", json.loads(metadata["ids"])
+    elif len(keys) == 1:
+        key, ids = keys[0], None
+    else:
+        raise BadInputError(path, "expected an unembed embeddings file or a safetensors file holding one [N, D] tensor")
+    vectors = handle.get_slice(key)  # the slices keep the file open and read only the rows asked for
+    shape = vectors.get_shape()
+    if len(shape) != 2:
+        raise BadInputError(path, f"expected a [N, D] tensor, got shape {tuple(shape)}")
+    tokens = handle.get_slice("tokens") if ids is not None and "tokens" in keys else None
+    part = _Part(shape[0], lambda lo, hi: vectors[lo:hi].float(),
+                 (lambda lo, hi: ids[lo:hi]) if ids is not None else (lambda lo, hi: [str(i) for i in range(lo, hi)]),
+                 lambda lo, hi: None, (lambda lo, hi: tokens[lo:hi]) if tokens is not None else None)
+    return EmbeddingSource(path, [part], shape[1], metadata.get("embedder_id", ""), metadata.get("embedder_spec", ""),
+                           metadata.get("modality", "image" if ids is not None else "unknown"))
+
+
+def _clip_retrieval(folder: Path) -> EmbeddingSource:
+    """clip-retrieval's output folder: img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet."""
+    import pyarrow.parquet as pq
+
+    arrays = sorted((folder / "img_emb").glob("img_emb_*.npy"), key=_number) if (folder / "img_emb").is_dir() else []
+    if not arrays:
+        raise BadInputError(folder, "is not a clip-retrieval embeddings folder (no img_emb/img_emb_N.npy)")
+    parts, dim = [], None
+    for file in arrays:
+        array = _npy(file)
+        table_file = folder / "metadata" / f"metadata_{_number(file)}.parquet"
+        table = pq.read_table(table_file) if table_file.is_file() else None
+        if table is not None and table.num_rows != len(array):
+            raise BadInputError(table_file, f"has {table.num_rows} rows for the {len(array)} vectors of {file.name}")
+        if dim is not None and array.shape[1] != dim:
+            raise BadInputError(file, f"holds {array.shape[1]}-d vectors, the others {dim}-d")
+        dim = array.shape[1]
+        parts.append(_array_part(array, file.stem, table))
+    return EmbeddingSource(folder, parts, dim)
+
+
+def _number(path: Path) -> int:
+    found = re.search(r"(\d+)$", path.stem)
+    return int(found.group(1)) if found else -1
