@@ -61,10 +61,10 @@ def _gpt2(out: Path, captions: list[str]) -> None:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(captions, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", model_max_length=64)
+                                  unk_token="<|endoftext|>", model_max_length=128)
     tokenizer.save_pretrained(out)
     eos = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
                         bos_token_id=eos, eos_token_id=eos)
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
 

@@ -50,8 +50,11 @@ def record_meteors(mp) -> list:
 def scored():
     """One real run (one METEOR JVM) over the corpus above, and the Meteors it started."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "_METEOR", None)  # this process's JVM, started afresh here
         started = record_meteors(mp)
         result = metrics.coco_caption_metrics(PREDICTIONS, REFERENCES)
+        again = metrics.coco_caption_metrics(PREDICTIONS, REFERENCES)
+    assert again["METEOR"] == result["METEOR"]  # a reused JVM scores each call on its own
     return result, started
 
 
@@ -115,20 +118,32 @@ def test_spice_unavailable_without_corenlp_jars(scored):
     assert "needs network" in result["unavailable"]["SPICE"]
 
 
-def test_meteor_jvm_started_once_and_stopped(scored):
+def test_meteor_jvm_started_once_per_process_and_stopped_at_exit(scored):
+    import os
+    import subprocess
+    import sys
+
     _, started = scored
-    assert len(started) == 1
-    assert started[0].meteor_p.poll() is not None
+    assert len(started) == 1  # two scorings, one JVM
+    code = ("from unembed.eval import metrics; p = {0: 'a dog on a sofa'}; r = {0: ['a dog on a sofa', 'a dog']}; "
+            "metrics.coco_caption_metrics(p, r, spice=False); metrics.coco_caption_metrics(p, r, spice=False); "
+            "print(metrics._METEOR.meteor_p.pid)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with pytest.raises(ProcessLookupError):  # the JVM ended with the process that used it
+        os.kill(int(run.stdout.split()[-1]), 0)
 
 
 def test_meteor_failure_is_an_error_and_stops_the_jvm(monkeypatch):
     from pycocoevalcap.meteor import meteor as meteor_module
 
     monkeypatch.setattr(meteor_module, "METEOR_JAR", "missing.jar")  # the JVM exits at once
+    monkeypatch.setattr(metrics, "_METEOR", None)
     started = record_meteors(monkeypatch)
     with pytest.raises(UnembedError, match="METEOR's Java process failed: .*missing.jar"):
         metrics._meteor_score({0: ["a dog"]}, {0: ["a dog"]})
     assert started[0].meteor_p.poll() is not None and not started[0].lock.locked()
+    assert metrics._METEOR is None  # the next score starts a new one
 
 
 def test_spice_failure_is_reported_not_raised(tmp_path):

@@ -114,3 +114,15 @@ def test_only_the_cli_parses_arguments():
     users = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "unembed").rglob("*.py"))
              if "argparse" in _imports(p) and "cli" not in p.parts]
     assert users == []
+
+
+def test_generated_train_options_parse_to_their_fields_types():
+    from unembed.cli import build_parser
+    from unembed.decoders.prefix import PrefixDecoder
+
+    for kind in list_decoders():
+        if not issubclass(decoder_class(kind), PrefixDecoder):
+            continue
+        args = build_parser("train").parse_args(["train", kind, "--embedder", "E", "--out", "O", "--prefix-length", "3",
+                                                 "--noise-variance", "0.5", "--mean-shift", "--lm-mode", "lora"])
+        assert (args.prefix_length, args.noise_variance, args.mean_shift, args.lm_mode) == (3, 0.5, True, "lora"), kind

@@ -95,7 +95,7 @@ class LMWeights:
         if hasattr(self.lm, "peft_config"):
             peft_config = self.lm.peft_config["default"]
             peft_config.base_model_name_or_path, peft_config.revision = self.config.lm, self.config.lm_revision or None
-            self.lm.save_pretrained(path / ADAPTER_DIR)
+            self.lm.save_pretrained(path / ADAPTER_DIR, save_embedding_layers=False)  # the base keeps its own
 
     def load_weights(self, path: Path) -> None:
         from unembed.errors import BadInputError

@@ -83,7 +83,7 @@ def add_config_options(parser, config_class, names) -> None:
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for name in names:
         f, meta = fields[name], _field_metadata(config_class, name)
-        flag, kind = "--" + name.replace("_", "-"), str(f.type)
+        flag, kind = "--" + name.replace("_", "-"), _type_name(f)
         if kind == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=meta.get("help"))
         else:
@@ -91,11 +91,16 @@ def add_config_options(parser, config_class, names) -> None:
             parser.add_argument(flag, type=convert, choices=meta.get("choices"), help=meta.get("help"))
 
 
+def _type_name(f) -> str:
+    """A field's type as written: a string under `from __future__ import annotations`, else a class."""
+    return getattr(f.type, "__name__", str(f.type))
+
+
 def config_options(args, config_class, names) -> dict:
     """The config fields among `names` given on the command line, JSON ones parsed."""
     options = given(args, names)
     for f in dataclasses.fields(config_class):
-        if f.name in options and str(f.type) == "dict":
+        if f.name in options and _type_name(f) == "dict":
             options[f.name] = json_arg(options[f.name])
     return options
 

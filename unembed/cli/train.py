@@ -98,6 +98,16 @@ def cmd_build_iterative(args) -> int:
     return EXIT_OK
 
 
+def cmd_build_coca(args) -> int:
+    from unembed.decoders.coca import CoCaDecoder
+    from unembed.embedders import load_embedder
+
+    decoder = CoCaDecoder.for_embedder(load_embedder(args.embedder, args.device))
+    decoder.save(args.out)
+    log(f"coca decoder over {args.embedder} saved to {args.out} (it decodes with that model's own towers)")
+    return EXIT_OK
+
+
 def _note_renamed(args) -> None:
     if args.command == "train":
         log(f"note: `unembed train {args.what}` is now `unembed {RENAMED[args.what]}` (it trains nothing); "
@@ -198,3 +208,9 @@ def register(sub, decoders: bool = True) -> None:
     build = p.add_subparsers(dest="what", required=True)
     _add_retrieval(build.add_parser("retrieval", help="the nearest-caption baseline from a caption corpus"))
     _add_iterative(build.add_parser("iterative", help="package an LM and an embedder as a training-free MAGIC decoder"))
+    p = build.add_parser("coca", help="a decoder over a pretrained open_clip CoCa, e.g. "
+                         "coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k")
+    p.add_argument("--embedder", required=True, help="the CoCa: an open_clip spec, hf-hub:ORG/NAME or a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_build_coca)

@@ -24,7 +24,7 @@ from torch import nn
 
 from unembed.decoders.base import Decoder, DecoderConfig
 from unembed.decoders.bridges import ModalityBridge
-from unembed.errors import ModelLoadError
+from unembed.errors import MismatchError, ModelLoadError
 from unembed.lm import LMWeights, apply_lm_mode, build_lm
 from unembed.tokenizers import encode_captions, make_tokenizer
 
@@ -126,6 +126,11 @@ class PrefixDecoder(LMWeights, Decoder):
         super().__init__(config)
         self.tokenizer = tokenizer or make_tokenizer(config)
         lm = build_lm(config, self.tokenizer)
+        positions = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+        if positions and config.prefix_length + config.max_caption_tokens > positions:
+            raise MismatchError(f"a {config.prefix_length}-token prefix and captions of up to {config.max_caption_tokens} "
+                                f"tokens need {config.prefix_length + config.max_caption_tokens} positions; the LM "
+                                f"{config.lm!r} reads {positions}")
         self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r)
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,

@@ -8,6 +8,8 @@ in the x100 convention of papers. pycocoevalcap, torch and evaluate are imported
 """
 from __future__ import annotations
 
+import atexit
+
 import json
 import math
 import shutil
@@ -127,29 +129,38 @@ def _tokenize(captions: dict) -> dict:
     return tokenized
 
 
+_METEOR = None  # one METEOR JVM per process, reused: starting one costs 6-10 s, a score milliseconds
+
+
 def _meteor_score(gts: dict, res: dict) -> float:
-    """Corpus METEOR from one METEOR JVM (6-10 s to start), always stopped before returning.
+    """Corpus METEOR from this process's METEOR JVM (started on first use, stopped at exit or when
+    it fails; every call scores independently, so reuse changes no score).
 
     Empty hypotheses (empty or punctuation-only captions) are passed on unchanged, as the COCO
     evaluation does: METEOR 1.5 scores them 0 without hanging (checked). Hangs came from line breaks
     inside captions, which _one_line removes.
     """
+    global _METEOR
     from pycocoevalcap.meteor.meteor import Meteor
 
-    meteor = Meteor()
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        _METEOR = Meteor()
+        atexit.register(_stop_meteor, _METEOR)
+    meteor = _METEOR
     try:
         return float(meteor.compute_score(gts, res)[0])
     except (ValueError, OSError):  # the JVM died: an empty readline or a broken pipe
         _stop_meteor(meteor)
+        _METEOR = None
         message = meteor.meteor_p.stderr.read().decode(errors="replace").strip()
         raise UnembedError(f"METEOR's Java process failed: {message.splitlines()[0] if message else 'no message'}") from None
-    finally:
-        _stop_meteor(meteor)
 
 
 def _stop_meteor(meteor) -> None:
     # Meteor only stops its JVM in __del__, which waits for its lock: if compute_score raised while
     # holding the lock, __del__ would deadlock at garbage collection, so release it here.
+    if meteor.meteor_p.poll() is not None and meteor.meteor_p.stdin.closed:
+        return
     if meteor.lock.locked():
         meteor.lock.release()
     meteor.meteor_p.kill()
