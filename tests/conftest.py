@@ -56,3 +56,9 @@ def compare_dir(tmp_path_factory, scenes_dir, embedder_dir):
                  str(embedder_dir), "--out", str(out), "--max-steps", "2", "--config", config, "--no-spice",
                  "--device", "cpu"])
     return out, code
+
+
+def pytest_collection_modifyitems(items):
+    """The minutes-long tests first: with several workers (pytest -n 2) they start at once and the
+    short ones fill in around them, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,66 @@ def test_captioning_streams_one_batch_at_a_time(tmp_path, scenes_dir, retrieval_
     first = next(batches)
     assert len(first) == 4 and len(loaded) == 4
     assert sum(len(b) for b in batches) == 8 and len(loaded) == 12
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped_and_loses_nothing(scenes_dir, retrieval_dir, embedder_dir,
+                                                                            tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sources = sorted((scenes_dir / "test" / "images").glob("*.png"))[:3]
+    for p in sources[:2]:
+        shutil.copy(p, folder / p.name)
+    odd = os.path.join(os.fsencode(folder), b"caf\xff.png")  # a valid PNG whose name has byte 0xFF
+    shutil.copyfile(sources[2], odd)
+    out, coco = tmp_path / "c.jsonl", tmp_path / "c.json"
+    assert main(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out), "--batch-size", "2",
+                 "--device", "cpu"]) == EXIT_OK
+    records = _read_jsonl(out)
+    assert len(records) == 3 and records[2]["file"].endswith("caf\\xff.png") and records[2]["image_id"] == "caf\\xff"
+    assert main(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(coco), "--format", "coco",
+                 "--device", "cpu"]) == EXIT_OK
+    assert [r["image_id"] for r in json.loads(coco.read_text())] == [r["image_id"] for r in records]
+    assert main(["embed", str(folder), "--embedder", str(embedder_dir), "--out", str(tmp_path / "v.safetensors"),
+                 "--device", "cpu"]) == EXIT_OK
+
+
+def test_damaged_decoder_directories_fail_with_one_line_and_exit_2(retrieval_dir, tmp_path, capsys):
+    import shutil
+
+    cases = {}
+    for name in ("truncated", "string-config", "negative-size"):
+        cases[name] = tmp_path / name
+        shutil.copytree(retrieval_dir, cases[name])
+    weights = cases["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    config = json.loads((retrieval_dir / "config.json").read_text())
+    (cases["string-config"] / "config.json").write_text(json.dumps(dict(config, config="memory_size=3")))
+    (cases["negative-size"] / "config.json").write_text(
+        json.dumps(dict(config, config=dict(config["config"], memory_size=-4))))
+    image = tmp_path  # any input: the decoder fails first
+    for name, path in cases.items():
+        assert main(["caption", str(image), "--decoder", str(path), "--device", "cpu"]) == EXIT_FAILED, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in lines[0], (name, lines)
+
+
+def test_an_internal_error_has_its_own_exit_code_and_keeps_its_traceback(retrieval_dir, scenes_dir, monkeypatch,
+                                                                         capsys):
+    from unembed.cli import EXIT_INTERNAL
+    from unembed.decoders.retrieval import RetrievalDecoder
+
+    def broken(self, embedded, **generation):
+        raise ZeroDivisionError("a bug in decode")
+
+    monkeypatch.setattr(RetrievalDecoder, "decode", broken)
+    image = str(sorted((scenes_dir / "test" / "images").glob("*.png"))[0])
+    assert main(["caption", image, "--decoder", str(retrieval_dir), "--device", "cpu"]) == EXIT_INTERNAL
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "internal error: ZeroDivisionError: a bug in decode" in line
+    saved = line.split("the traceback is in ")[1].split(",")[0]
+    assert "in broken" in Path(saved).read_text()
+    assert main(["--debug", "caption", image, "--decoder", str(retrieval_dir), "--device", "cpu"]) == EXIT_INTERNAL
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

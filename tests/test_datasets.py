@@ -57,7 +57,7 @@ def test_karpathy_restval_joins_train_and_bad_rows_are_named(photos, tmp_path, c
     assert paths[0].name == f"{ids[0]}.png"  # captioning the folder gives records with matching ids
 
 
-def test_raw_coco_and_nocaps_keep_ids_and_domains(photos, tmp_path, embedder_dir):
+def test_raw_coco_and_nocaps_keep_ids_and_domains(photos, tmp_path, embedder_dir, retrieval_dir):
     root, items = photos
     domains = ["in-domain", "near-domain", "out-domain"]
     nocaps = {"images": [{"id": it["id"], "file_name": f"{it['sub']}/{it['name']}", "domain": domains[n % 3]}
@@ -70,6 +70,14 @@ def test_raw_coco_and_nocaps_keep_ids_and_domains(photos, tmp_path, embedder_dir
     assert has_split(tmp_path / "nocaps", "val")
     found = image_domains(tmp_path / "nocaps" / "val" / "captions.json")
     assert found == {it["id"]: domains[n % 3] for n, it in enumerate(items)}
+    # compare runs on it and scores each domain apart
+    out = tmp_path / "compare"
+    assert main(["compare", "--data", str(tmp_path / "nocaps"), "--split", "val", "--embedder", str(embedder_dir),
+                 "--decoders", f"retrieval={retrieval_dir}", "--out", str(out), "--no-spice", "--no-gap",
+                 "--device", "cpu"]) == EXIT_OK
+    row = json.loads((out / "compare.json").read_text())["decoders"][0]
+    assert set(row["domains"]) == {"in-domain", "near-domain", "out-domain", "overall"}
+    assert row["domains"]["overall"]["CIDEr"] == pytest.approx(row["metrics"]["CIDEr"])
     (tmp_path / "captions_train2014.json").write_text(json.dumps({k: v for k, v in nocaps.items()}))
     assert main(["data", "import", "--format", "coco", "--annotations", str(tmp_path / "captions_train2014.json"),
                  "--images", str(root), "--out", str(tmp_path / "raw")]) == EXIT_OK

@@ -124,3 +124,5 @@ def load_module(module, path: str | os.PathLike) -> None:
         load_model(module, str(path), strict=True, device=str(first.device) if first is not None else "cpu")
     except RuntimeError as e:
         raise BadInputError(path, f"does not match the model: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # safetensors' own errors: a truncated or damaged file
+        raise BadInputError(path, f"corrupt safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

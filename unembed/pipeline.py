@@ -17,7 +17,7 @@ from unembed.errors import BadInputError
 def image_id(path: str) -> int | str:
     """The id an image gets in results: its file stem, as an int when it is all digits
     (so scenes' 000123.png matches image_id 123 in its captions.json)."""
-    stem = Path(path).stem
+    stem = display_path(Path(path).stem)  # bytes that are not UTF-8 become \xNN, as in "file"
     return int(stem) if stem.isdigit() else stem
 
 

@@ -4,6 +4,8 @@ call into the library, and library errors become one stderr line and an exit cod
     0  everything succeeded
     1  some inputs failed (each named on stderr); the others were processed and written
     2  nothing could be done: bad usage, a model that cannot load, mismatched embedder, bad data
+    3  an internal error (a bug): one line naming it and the file holding its traceback
+       (or the traceback itself with --debug); what was already written is kept
   130  interrupted (what was already written is kept)
 
 One module per command group, each with its handlers and, next to them, `register(subparsers)`
@@ -15,10 +17,10 @@ import argparse
 import sys
 
 from unembed.cli import caption, data, evaluate, published, train
-from unembed.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
+from unembed.cli.common import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
 
 COMMAND_GROUPS = (caption, evaluate, train, published, data)
-__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "build_parser", "main"]
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -27,8 +29,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from unembed import __version__
 
     parser = argparse.ArgumentParser(prog="unembed", description="Turn joint (CLIP-style) embeddings back into text.",
-                                     epilog="exit codes: 0 ok, 1 some inputs failed, 2 failed, 130 interrupted")
+                                     epilog="exit codes: 0 ok, 1 some inputs failed, 2 failed, 3 internal error, "
+                                            "130 interrupted")
     parser.add_argument("--version", action="version", version=f"unembed {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an internal error, print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         if group is train:
@@ -52,3 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     except UnembedError as e:
         err(str(e))
         return EXIT_FAILED
+    except Exception as e:  # a bug: one line and where its traceback is, never a bare traceback
+        return _internal_error(e, args.debug)
+
+
+def _internal_error(error: Exception, debug: bool) -> int:
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(error))
+    what = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if debug:
+        sys.stderr.write(text)
+        err(f"internal error: {what}")
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="unembed-traceback-", suffix=".txt", delete=False) as f:
+            f.write(text)
+        err(f"internal error: {what} (a bug; the traceback is in {f.name}, or rerun with --debug)")
+    return EXIT_INTERNAL

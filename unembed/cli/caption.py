@@ -42,31 +42,57 @@ def cmd_embed(args) -> int:
 
 
 class _ResultWriter:
-    """Streams JSON Lines (flushed per batch, so an interruption keeps every finished batch), or
-    collects COCO results and writes them atomically at the end."""
+    """Streams the records as they come, flushed per batch, so an interruption keeps every finished
+    batch: JSON Lines, or COCO results as one JSON array (streamed too; to a file it is written
+    beside it and moved into place at the end). A record that cannot be written is one failed
+    item; the others are written."""
 
-    def __init__(self, out: str | None, fmt: str):
-        self.fmt, self.out, self.records = fmt, out, []
-        self.stream = sys.stdout if out is None or fmt == "coco" else open(out, "w", encoding="utf-8")
+    def __init__(self, out: str | None, fmt: str, on_error=lambda error: None):
+        self.fmt, self.out, self.on_error, self.count = fmt, out, on_error, 0
+        self.tmp = None
+        if out is None:
+            self.stream = sys.stdout
+        else:
+            import tempfile
+
+            target = Path(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if fmt == "coco":  # a half-written array is not JSON: write beside it, move at the end
+                fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                self.stream = open(fd, "w", encoding="utf-8")
+            else:
+                self.stream = open(out, "w", encoding="utf-8")
+        if fmt == "coco":
+            self.stream.write("[")
 
     def write(self, records: list[dict]) -> None:
-        if self.fmt == "coco":
-            self.records += [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
-            return
+        from unembed.errors import BadInputError
+
         for r in records:
-            self.stream.write(json.dumps(r, ensure_ascii=False) + "\n")
+            if self.fmt == "coco":
+                r = {"image_id": r["image_id"], "caption": r["caption"]}
+            try:
+                line = json.dumps(r, ensure_ascii=False)
+                line.encode("utf-8")  # a lone surrogate cannot be written: find out before writing
+            except (TypeError, ValueError, UnicodeEncodeError) as e:
+                self.on_error(BadInputError(r.get("file", r.get("image_id")), f"its record cannot be written ({e})"))
+                continue
+            self.stream.write(("," if self.count else "") + "\n" + line if self.fmt == "coco" else line + "\n")
+            self.count += 1
         self.stream.flush()
 
     def close(self) -> None:
         if self.fmt == "coco":
-            from unembed.io import write_json
-
-            if self.out:
-                write_json(self.out, self.records)
-            else:
-                print(json.dumps(self.records, indent=2, ensure_ascii=False))
-        elif self.stream is not sys.stdout:
+            self.stream.write("\n]\n")
+        if self.stream is not sys.stdout:
             self.stream.close()
+        if self.tmp is not None:
+            import os
+
+            from unembed.io import _umask
+
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            os.replace(self.tmp, self.out)
 
 
 def _decoder_dir(decoder: str | None) -> str:
@@ -98,16 +124,19 @@ def _load_decoder_and_embedder(args):
 
 
 def _merge_caption_parts(out: str, fmt: str):
-    """Concatenate the processes' JSON Lines parts into OUT (atomically), as JSON Lines or COCO results."""
-    from unembed.io import atomic_path, write_json
+    """Concatenate the processes' JSON Lines parts into OUT as JSON Lines or COCO results, streamed
+    line by line (memory stays flat) into a file moved into place at the end."""
+    from unembed.io import atomic_path
 
     def merge(parts: list[str]) -> None:
-        lines = [line for part in parts for line in Path(part).read_text(encoding="utf-8").splitlines() if line]
-        if fmt == "coco":
-            write_json(out, [{"image_id": r["image_id"], "caption": r["caption"]} for r in map(json.loads, lines)])
-            return
         with atomic_path(out) as tmp:
-            Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            writer = _ResultWriter(str(tmp), fmt)
+            for part in parts:
+                with open(part, encoding="utf-8") as lines:
+                    for line in lines:
+                        if line.strip():
+                            writer.write([json.loads(line)])
+            writer.close()
 
     return merge
 
@@ -132,7 +161,8 @@ def cmd_caption(args) -> int:
     if args.sample:
         generation["do_sample"] = True
     errors = ErrorCounter()
-    writer = _ResultWriter(w.part_path(args.out), "jsonl") if w.size > 1 else _ResultWriter(args.out, args.format)
+    writer = (_ResultWriter(w.part_path(args.out), "jsonl", errors) if w.size > 1
+              else _ResultWriter(args.out, args.format, errors))
     done = 0
     try:
         if args.embeddings:

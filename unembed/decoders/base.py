@@ -164,6 +164,8 @@ def read_decoder_config(path: str | os.PathLike) -> dict:
         raise ModelLoadError(f"{path}/config.json is not an unembed decoder config")
     if saved.get("format_version", 0) > FORMAT_VERSION:
         raise ModelLoadError(f"{path} was saved by a newer unembed (format {saved['format_version']}); upgrade unembed")
+    if not isinstance(saved.get("config"), dict):
+        raise ModelLoadError(f"{path}/config.json: its \"config\" is not an object of options")
     return saved
 
 
@@ -179,11 +181,20 @@ def resolve_embedder_spec(decoder_config: dict, decoder_dir) -> str:
 
 
 def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str = "cpu") -> Decoder:
+    """The decoder a directory describes; a damaged directory (a config of the wrong shape or with
+    impossible values, truncated or mismatched weights) is refused in one line naming it."""
+    config = saved.get("config")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}/config.json: its \"config\" is not an object of options")
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = set(saved.get("config", {})) - fields
+    unknown = set(config) - fields
     if unknown:
         raise ModelLoadError(f"{path}/config.json has options the {cls.kind} decoder does not know: {sorted(unknown)}")
-    decoder = cls.from_saved(cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1))), path)
+    try:
+        decoder = cls.from_saved(cls.config_class(**cls.upgrade_config(config, saved.get("format_version", 1))), path)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # e.g. a negative size, a string for a number
+        raise ModelLoadError(f"{path}/config.json describes no buildable {cls.kind} decoder "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     try:
         decoder.load_weights(path)
     except BadInputError as e:
