@@ -13,15 +13,18 @@ from unembed.training.loop import TrainConfig, TrainingError, fit, lr_at
 class CrashingClipTask(ClipTask):
     """Raises (like a killed process would stop) when it reaches a given step."""
 
-    def __init__(self, *args, crash_at=None, nan_at=None, **kwargs):
+    def __init__(self, *args, crash_at=None, nan_at=None, bad_grad_at=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls, self.crash_at, self.nan_at = 0, crash_at, nan_at
+        self.calls, self.crash_at, self.nan_at, self.bad_grad_at = 0, crash_at, nan_at, bad_grad_at
 
     def loss(self, model, batch):
         self.calls += 1
         if self.calls == self.crash_at:
             raise KeyboardInterrupt
         loss, logs = super().loss(model, batch)
+        if self.calls in self.bad_grad_at:  # adds exactly 0 to the loss, and an infinite gradient
+            weight = next(model.parameters())
+            loss = loss + torch.sqrt(weight - weight.detach()).sum()
         return (loss * float("nan") if self.calls == self.nan_at else loss), logs
 
 
@@ -68,3 +71,32 @@ def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(lr=1.0, warmup_steps=4)
     assert lr_at(0, 100, cfg) == pytest.approx(0.25) and lr_at(3, 100, cfg) == pytest.approx(1.0)
     assert lr_at(52, 100, cfg) == pytest.approx(0.5) and lr_at(100, 100, cfg) == pytest.approx(0.0)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(scenes_dir, tmp_path):
+    task = _task(scenes_dir, bad_grad_at=(3,))
+    fit(task, CONFIG, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert {"step": 3, "skipped": "non-finite gradients"} in log and len(log) == CONFIG.max_steps
+    assert all(torch.isfinite(v).all() for v in task.model.state_dict().values())
+    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_steps"] == 1
+
+
+def test_non_finite_gradients_in_a_row_stop_the_run_at_the_last_good_checkpoint(scenes_dir, tmp_path):
+    from dataclasses import replace
+
+    task = _task(scenes_dir, bad_grad_at=range(3, 100))
+    with pytest.raises(TrainingError, match="non-finite for 2 steps in a row"):
+        fit(task, replace(CONFIG, max_bad_steps=2), tmp_path, progress=False)
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 2
+
+
+def test_resume_refuses_settings_that_change_the_run(scenes_dir, tmp_path):
+    from dataclasses import replace
+
+    broken = _task(scenes_dir, crash_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        fit(broken, CONFIG, tmp_path, progress=False)
+    with pytest.raises(TrainingError, match=r"\(lr 0.002 -> 0.001, max_steps 6 -> 8\)"):
+        fit(_task(scenes_dir), replace(CONFIG, max_steps=8, lr=1e-3), tmp_path, resume=True, progress=False)
+    fit(_task(scenes_dir), replace(CONFIG, checkpoint_every=3), tmp_path, resume=True, progress=False)  # harmless

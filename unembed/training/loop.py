@@ -51,6 +51,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; a checkpoint is always written at the end too
     validate_every: int = 0      # steps; 0 = only at the end
     keep_checkpoints: int = 1
+    max_bad_steps: int = 5       # steps in a row with non-finite gradients before the run stops
+
+
+# What may change when a run resumes: where and how often it writes, not what it computes (steps,
+# batch, lr, warm-up and seed shape the schedule and the data order).
+RESUMABLE_CHANGES = frozenset({"device", "checkpoint_every", "validate_every", "keep_checkpoints", "max_bad_steps"})
 
 
 class Task:
@@ -168,14 +174,22 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainC
     return final
 
 
-def load_checkpoint(ckpt_root: Path, model, optimizer) -> int:
-    """Restore the latest complete checkpoint; return its step (0 when there is none)."""
+def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | None = None) -> int:
+    """Restore the latest complete checkpoint; return its step (0 when there is none). With `config`,
+    refuse to resume under settings that would change what the run computes."""
     latest = ckpt_root / "latest.json"
     if not latest.is_file():
         return 0
     pointer = read_json(latest)
     directory = ckpt_root / pointer["dir"]
     state = read_json(directory / "state.json")
+    if config is not None:
+        saved, now = state.get("config", {}), asdict(config)
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+                   if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise TrainingError(f"cannot resume from {directory}: these settings differ from the checkpoint's and would "
+                                f"change the run ({', '.join(changed)}); give the same values, or start without --resume")
     try:
         load_module(model, directory / "model.safetensors")
     except BadInputError as e:
@@ -206,7 +220,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     total = config.max_steps or config.epochs * max(1, n // batch_size)
     optimizer = torch.optim.AdamW(task.trainable_parameters(task.model), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    start = load_checkpoint(ckpt_root, task.model, optimizer) if resume else 0
+    start = load_checkpoint(ckpt_root, task.model, optimizer, config) if resume else 0
     if not resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)
     accelerator.wait_for_everyone()
@@ -215,7 +229,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
 
     bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
-    t0, loss_value, seen, metrics = time.time(), float("nan"), 0, {}
+    t0, loss_value, seen, metrics, bad_in_a_row, skipped = time.time(), float("nan"), 0, {}, 0, 0
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, total):
             indices = step_indices(step, n, batch_size, config.seed)
@@ -234,8 +248,18 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                                     f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            # The norm over all gradients (clipping them when asked): one non-finite gradient makes it
+            # non-finite, and such a step is skipped, never applied nor saved as the last good one.
+            norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            if not torch.isfinite(torch.as_tensor(norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                log.write(json.dumps({"step": step + 1, "skipped": "non-finite gradients"}) + "\n")
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise TrainingError(f"gradients were non-finite for {bad_in_a_row} steps in a row (to step {step}); "
+                                        f"stopped. The last good checkpoint is in {ckpt_root}")
+                continue
+            bad_in_a_row = 0
             optimizer.step()
             task.after_step(task.model)
             loss_value = accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item()
@@ -256,6 +280,6 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     if accelerator.is_main_process:
         metrics = task.validate(task.model)
         task.save(task.model, out_dir, {**metrics, "train_steps": total, "train_seconds": round(seconds, 1),
-                                        "final_loss": loss_value})
+                                        "final_loss": loss_value, "skipped_steps": skipped})
     accelerator.wait_for_everyone()
     return TrainResult(total, seconds, loss_value, metrics)
