@@ -40,6 +40,18 @@ def test_pruned_vocabulary_gives_the_same_vectors_from_a_fraction_of_the_rows(em
     assert loaded.tokenizer.decode(loaded.tokenizer([texts[0]])[0, 1:6].tolist()).split() == texts[0].split()[:5]
 
 
+def test_pruned_vocabulary_names_the_words_it_does_not_know_once(embedder, scenes_dir, capsys):
+    pruned = prune_vocabulary(embedder, split_captions(scenes_dir / "train"))
+    capsys.readouterr()
+    pruned.embed_texts(["a red circle"])
+    assert capsys.readouterr().err == ""
+    pruned.embed_texts(["a dog on a sofa", "a red circle"])
+    note = capsys.readouterr().err
+    assert "'dog'" in note and "'sofa'" in note and "'red'" not in note and len(note.splitlines()) == 1
+    pruned.embed_texts(["a dog"])
+    assert capsys.readouterr().err == ""  # named once
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "bundle"

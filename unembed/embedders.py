@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -265,10 +266,12 @@ class PrunedTokenizer:
     """CLIP's tokenizer over a pruned vocabulary: BPE ids map to the rows a pruned model kept.
 
     `kept` is ascending, so padding (0) stays 0 and the end token stays the largest id, where CLIP's
-    text tower pools. A token outside the kept set becomes 0 (the model never learnt it anyway)."""
+    text tower pools. A token outside the kept set becomes 0 (the model never learnt it anyway), and
+    the first time a word meets that fate it is named on stderr, so no text is misread silently."""
 
     def __init__(self, base, kept: Sequence[int]):
         self.base, self.kept = base, torch.tensor(kept)
+        self.named: set[str] = set()  # unknown words already reported
         self.lookup = torch.zeros(len(base.encoder), dtype=torch.long)
         self.lookup[self.kept] = torch.arange(len(kept))
         self.context_length = base.context_length
@@ -276,7 +279,17 @@ class PrunedTokenizer:
         self.eot_token_id = int(self.lookup[base.eot_token_id])
 
     def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
-        return self.lookup[self.base(texts, context_length)]
+        ids = self.base(texts, context_length)
+        mapped = self.lookup[ids]
+        unknown = ids[(mapped == 0) & (ids != 0)].unique().tolist()
+        if unknown:
+            words = sorted({self.base.decode([i]).strip() for i in unknown} - self.named)
+            if words:
+                self.named.update(words)
+                shown = ", ".join(repr(w) for w in words[:12]) + (f" and {len(words) - 12} more" if len(words) > 12 else "")
+                print(f"unembed: note: this embedder keeps a pruned vocabulary (the bundle's knows only the scenes "
+                      f"world) and does not know {shown}; such words are read as padding", file=sys.stderr, flush=True)
+        return mapped
 
     def decode(self, ids) -> str:
         return self.base.decode(self.kept[torch.as_tensor(ids, dtype=torch.long)].tolist())
