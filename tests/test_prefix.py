@@ -139,6 +139,7 @@ def test_bridges_change_what_they_should(embedder):
     from unembed.decoders.bridges import ModalityBridge
 
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)  # the data below: fixed (and not the noise generator's stream), so no run meets ties within tau
     text = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
     image = torch.nn.functional.normalize(torch.randn(50, 16) + 3 * torch.eye(16)[0], dim=-1)
 
@@ -213,3 +214,28 @@ def test_corpus_tokenizer_numbers_tokens_the_same_every_time(scenes_dir):
     runs = [CorpusTokenizer.train(captions, 64) for _ in range(4)]
     assert len({tuple(t.encode("a red circle above two blue stars")) for t in runs}) == 1
     assert sorted(runs[0]._tok.get_vocab().values()) == list(range(runs[0].vocab_size))
+
+
+def test_noise_reference_width_gives_the_papers_effective_noise_on_any_width():
+    from unembed.decoders.bridges import add_noise
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(4000, 256, generator=g), dim=-1)
+
+    def cosine(**kw):
+        return (add_noise(clean, 0.016, "gaussian", g, **kw) * clean).sum(-1).mean().item()
+
+    assert cosine() == pytest.approx(1 / (1 + 256 * 0.016) ** 0.5, abs=0.01)  # 0.44: weaker than the paper's
+    assert cosine(reference_dim=512) == pytest.approx(1 / (1 + 512 * 0.016) ** 0.5, abs=0.01)  # 0.33, as at 512-d
+
+
+def test_uniform_noise_is_capdecs_ball_of_radius_sqrt_variance():
+    from unembed.decoders.bridges import add_noise
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(2000, 128, generator=g), dim=-1)
+    # Undo the final normalisation to see the noise: scale back by the noised vector's norm.
+    noisy = add_noise(clean, 0.016, "uniform", g)
+    raw = noisy / (noisy * clean).sum(-1, keepdim=True)  # clean + noise, up to the norm both share
+    lengths = (raw - clean).norm(dim=-1)
+    assert lengths.max().item() <= 0.016 ** 0.5 * 1.05 and lengths.max().item() > 0.016 ** 0.5 * 0.9

@@ -19,16 +19,26 @@ from unembed.memory import TextMemory
 from unembed.errors import MismatchError
 
 
-def add_noise(vectors: torch.Tensor, variance: float, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+def effective_variance(variance: float, dim: int, reference_dim: int = 0) -> float:
+    """CapDec's variance is per dimension, so the same value moves a D-wide unit vector further the
+    wider it is (clean-to-noisy cosine ~ 1 / sqrt(1 + D * variance): 0.33 at 512-d with 0.016, 0.44
+    at 256-d). With `reference_dim`, the variance is scaled to move vectors as far as it would at
+    that width: 512 asks for the paper's effective noise (CLIP ViT-B/32) on any embedder."""
+    return variance * reference_dim / dim if reference_dim else variance
+
+
+def add_noise(vectors: torch.Tensor, variance: float, kind: str, generator: torch.Generator | None,
+              reference_dim: int = 0) -> torch.Tensor:
     if variance <= 0:
         return vectors
     vectors = F.normalize(vectors.float(), dim=-1)  # CapDec: normalise, add noise, normalise again
+    variance = effective_variance(variance, vectors.shape[1], reference_dim)
     if kind == "gaussian":
         noise = torch.randn(vectors.shape, generator=generator) * variance ** 0.5
-    elif kind == "uniform":  # uniform in the ball whose radius gives the gaussian's expected squared norm
+    elif kind == "uniform":  # CapDec's own: uniform in the ball of radius sqrt(variance), the gaussian's std
         d = vectors.shape[1]
         direction = F.normalize(torch.randn(vectors.shape, generator=generator), dim=-1)
-        radius = torch.rand(vectors.shape[0], 1, generator=generator) ** (1 / d) * (variance * (d + 2)) ** 0.5
+        radius = torch.rand(vectors.shape[0], 1, generator=generator) ** (1 / d) * variance ** 0.5
         noise = direction * radius
     else:
         raise ValueError(f"unknown noise kind {kind!r} (gaussian | uniform)")
@@ -40,10 +50,10 @@ class ModalityBridge(torch.nn.Module):
     they are saved with the decoder and travel with it."""
 
     def __init__(self, dim: int, mean_shift: bool = False, projection_size: int = 0, projection_tau: float = 0.01,
-                 noise_variance: float = 0.0, noise_kind: str = "gaussian"):
+                 noise_variance: float = 0.0, noise_kind: str = "gaussian", noise_reference_dim: int = 0):
         super().__init__()
         self.mean_shift, self.projection_tau = mean_shift, projection_tau
-        self.noise_variance, self.noise_kind = noise_variance, noise_kind
+        self.noise_variance, self.noise_kind, self.noise_reference_dim = noise_variance, noise_kind, noise_reference_dim
         self.register_buffer("text_mean", torch.zeros(dim))
         self.register_buffer("image_mean", torch.zeros(dim))
         self.memory = TextMemory(projection_size, dim) if projection_size else None
@@ -65,7 +75,8 @@ class ModalityBridge(torch.nn.Module):
         return F.normalize(vectors.float() - mean.to(vectors.device), dim=-1)
 
     def for_training(self, text_vectors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return add_noise(self.shift(text_vectors, self.text_mean), self.noise_variance, self.noise_kind, generator)
+        return add_noise(self.shift(text_vectors, self.text_mean), self.noise_variance, self.noise_kind, generator,
+                         self.noise_reference_dim)
 
     def for_inference(self, vectors: torch.Tensor, modality: str = "image") -> torch.Tensor:
         mean = self.text_mean if modality == "text" else self.image_mean

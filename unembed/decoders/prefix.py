@@ -58,7 +58,11 @@ class PrefixConfig(DecoderConfig):
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     normalize: bool = True          # L2-normalise embeddings before the mapper
     noise_variance: float = option(0.0, "CapDec noise variance per dimension (0 = none)")
-    noise_kind: str = option("gaussian", "CapDec noise distribution", ("gaussian", "uniform"))
+    noise_kind: str = option("gaussian", "CapDec noise distribution (uniform: in the ball of radius sqrt(variance), "
+                             "as CapDec defines it)", ("gaussian", "uniform"))
+    noise_reference_dim: int = option(0, "scale the noise variance to move vectors as far as it would at this width: "
+                                      "512 gives the paper's effective noise (CLIP ViT-B/32) on any embedder; 0 = the "
+                                      "variance as given, per dimension")
     mean_shift: bool = option(False, "subtract each modality's mean embedding (needs some images in --data)")
     projection_size: int = option(0, "DeCap memory size (0 = no projection)")
     projection_tau: float = option(0.01, "DeCap projection temperature")
@@ -116,7 +120,8 @@ class PrefixDecoder(LMWeights, Decoder):
 
     config_class = PrefixConfig
     cli_options = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full_lm", "mapper", "prefix_length", "mapper_length",
-                   "mapper_layers", "noise_variance", "noise_kind", "mean_shift", "projection_size", "projection_tau",
+                   "mapper_layers", "noise_variance", "noise_kind", "noise_reference_dim", "mean_shift",
+                   "projection_size", "projection_tau",
                    "label_smoothing")
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
@@ -134,7 +139,8 @@ class PrefixDecoder(LMWeights, Decoder):
         self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r)
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,
-                                     config.projection_tau, config.noise_variance, config.noise_kind)
+                                     config.projection_tau, config.noise_variance, config.noise_kind,
+                                     config.noise_reference_dim)
 
     @classmethod
     def example(cls, embedder, captions, workdir) -> "PrefixDecoder":
