@@ -32,8 +32,10 @@ browser:
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the HTML report's browser tests will be skipped"
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; the minutes-long tests are scheduled first).
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) tests
 
 bundle: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/bundle.sh

@@ -71,6 +71,20 @@ def test_quickstart_then_prefix_decoders_run(tmp_path):
     assert "| capdec-test |" in result.stdout
     for kind in ("clipcap", "capdec", "decap"):
         assert (tmp_path / "models" / kind / "config.json").is_file()
+
+
+def _quickstart_outputs(tmp_path, scenes_dir, embedder_dir) -> Path:
+    """What the quickstart leaves that later blocks use (the scenes data and its embedder), from the
+    session's fixtures, so those blocks run as tests of their own, in parallel with the quickstart."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "scenes-clip").symlink_to(embedder_dir)
+    shutil.copytree(scenes_dir, tmp_path / "scenes", ignore=shutil.ignore_patterns(".unembed-cache"))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_scaling_commands_run_at_two_processes(tmp_path, scenes_dir, embedder_dir):
+    _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
     for argv in commands("scaling"):
         assert argv[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4"]
         launcher = [sys.executable, "-m", "unembed.compat", "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
@@ -79,9 +93,15 @@ def test_quickstart_then_prefix_decoders_run(tmp_path):
         result = subprocess.run(launcher + argv[5:] + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
-    assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == 16
+    images = len(list((tmp_path / "scenes" / "test" / "images").glob("*.png")))
+    assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == images
+
+
+@pytest.mark.slow
+def test_compare_commands_run(tmp_path, scenes_dir, embedder_dir):
+    _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
     for argv in commands("compare"):
-        result = run_small(argv, tmp_path)
+        run_small(argv, tmp_path)
     compared = json.loads((tmp_path / "compare-run" / "compare.json").read_text())
     assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
         (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "iterative", "coca")]

@@ -131,11 +131,12 @@ class PrefixDecoder(LMWeights, Decoder):
         super().__init__(config)
         self.tokenizer = tokenizer or make_tokenizer(config)
         lm = build_lm(config, self.tokenizer)
-        positions = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
-        if positions and config.prefix_length + config.max_caption_tokens > positions:
-            raise MismatchError(f"a {config.prefix_length}-token prefix and captions of up to {config.max_caption_tokens} "
-                                f"tokens need {config.prefix_length + config.max_caption_tokens} positions; the LM "
-                                f"{config.lm!r} reads {positions}")
+        # Captions are cut, and generation stopped, where the LM's positions end.
+        self.positions = (getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+                          or 1 << 30)
+        if config.prefix_length + 2 > self.positions:
+            raise MismatchError(f"a {config.prefix_length}-token prefix leaves no room for a caption: the LM "
+                                f"{config.lm!r} reads {self.positions} positions")
         self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r)
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,
@@ -158,7 +159,8 @@ class PrefixDecoder(LMWeights, Decoder):
     # training
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_captions(self.tokenizer, captions, self.config.max_caption_tokens, start=self.config.start_token)
+        limit = min(self.config.max_caption_tokens, self.positions - self.config.prefix_length)
+        return encode_captions(self.tokenizer, captions, limit, start=self.config.start_token)
 
     def prefix(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.config.normalize:
@@ -223,7 +225,8 @@ class PrefixDecoder(LMWeights, Decoder):
         if seed is not None:
             torch.manual_seed(seed)
         eos, stop = self.tokenizer.eos_id, self.stop_id()
-        options = dict(max_new_tokens=max_length or self.config.max_length, pad_token_id=eos,
+        room = self.positions - inputs.shape[1] - (inputs.shape[1] == 1)  # a one-vector prefix gets a pad slot
+        options = dict(max_new_tokens=min(max_length or self.config.max_length, room), pad_token_id=eos,
                        eos_token_id=eos if stop is None else [eos, stop])
         if do_sample:
             options.update(do_sample=True, top_p=top_p or 0.9, temperature=temperature, num_beams=1)
