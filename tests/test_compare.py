@@ -60,3 +60,37 @@ def test_decoder_list_names_kinds_or_directories(tmp_path, retrieval_dir, scenes
     for bad in ("nonsense", "clipcap,clipcap"):
         assert main(["compare", "--data", str(scenes_dir), "--decoders", bad, "--out", str(tmp_path / "x")]) == 2
         assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_compare_reuses_a_trained_decoder_only_when_recipe_and_data_match(scenes_dir, embedder_dir, tmp_path, capsys):
+    data = tmp_path / "scenes"
+    shutil.copytree(scenes_dir, data, ignore=shutil.ignore_patterns(CACHE_DIR))
+    run = ["compare", "--data", str(data), "--decoders", "retrieval", "--embedder", str(embedder_dir), "--out",
+           str(tmp_path / "out"), "--no-spice", "--no-meteor", "--no-gap", "--max-images", "4", "--device", "cpu"]
+    assert main(run) == EXIT_OK
+    assert main(run) == EXIT_OK
+    assert "retrieval: reusing" in capsys.readouterr().err
+    assert main(run + ["--config", '{"retrieval": {"max_captions": 20}}']) == EXIT_OK
+    assert "retrieval: retraining" in capsys.readouterr().err
+    from unembed.data.scenes import write_scenes
+
+    write_scenes(data, n=40, n_eval=8, image_size=32, seed=5)  # another world in the same folder
+    assert main(run + ["--config", '{"retrieval": {"max_captions": 20}}']) == EXIT_OK
+    assert "retrieval: retraining" in capsys.readouterr().err
+
+
+def test_the_split_cache_goes_stale_when_the_split_is_rewritten(embedder, tmp_path):
+    import torch
+
+    from unembed.data.images import load_image
+    from unembed.data.scenes import write_scenes
+    from unembed.data.splits import embed_split
+
+    write_scenes(tmp_path, n=8, n_eval=4, image_size=32, seed=0)
+    first = embed_split(embedder, tmp_path / "test")
+    write_scenes(tmp_path, n=8, n_eval=4, image_size=32, seed=1)  # same ids, other images
+    paths, _, ids = load_split(tmp_path / "test")
+    fresh = embedder.embed([load_image(p) for p in paths], [str(i) for i in ids])
+    again = embed_split(embedder, tmp_path / "test")
+    torch.testing.assert_close(again.vectors, fresh.vectors)
+    assert not torch.allclose(again.vectors, first.vectors)

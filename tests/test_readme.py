@@ -22,7 +22,8 @@ SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-
          "train capdec": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "train decap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "caption scenes/test/images": ["--max-length", "6"],
-         "compare --data": ["--max-steps", "2", "--max-images", "8", "--no-spice"],
+         "compare --data": ["--max-steps", "2", "--max-images", "8", "--no-spice", "--no-meteor"],
+         "eval --results": ["--no-meteor"],  # METEOR's JVM is tested in test_metrics; here it would cost 10 s a call
          "demo --out": ["--n", "2"]}
 
 
@@ -123,8 +124,8 @@ PRETRAINED_SMALL = {"train capdec": ["--max-steps", "2", "--batch-size", "8", "-
                     "build iterative": ["--k", "4", "--max-length", "6"],
                     "train coca": ["--max-steps", "2", "--batch-size", "8", "--warmup-steps", "1"],
                     "caption photos/": ["--max-length", "6"], "caption coco/test/images": ["--max-length", "6"],
-                    "eval --results": ["--no-spice"],
-                    "compare --data": ["--max-steps", "2", "--max-images", "6", "--no-spice", "--no-gap"]}
+                    "eval --results": ["--no-spice", "--no-meteor"],
+                    "compare --data": ["--max-steps", "2", "--max-images", "6", "--no-spice", "--no-gap", "--no-meteor"]}
 
 
 def karpathy_fixture(scenes_dir, root: Path) -> None:

@@ -189,7 +189,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
 
 def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split: str = "test",
             config: dict | None = None, max_steps: int | None = None, max_images: int | None = None,
-            batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True,
+            batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True, meteor: bool = True,
             log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
     from unembed.data.splits import has_split, load_split
@@ -226,11 +226,11 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
     per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
-                               spice, log)
+                               spice, log, meteor)
     domains = image_domains(split_file(split_dir))
     for name, predicted in captions.items():
         if domains and predicted is not None:  # NoCaps: in-, near- and out-of-domain scores
-            rows[name]["domains"] = domain_scores(predicted, references, domains)
+            rows[name]["domains"] = domain_scores(predicted, references, domains, meteor=meteor)
     result = {"decoders": list(rows.values()), "n_images": n_images, "data": str(data), "split": split,
               "embedder": embedder_spec, "embedder_train_minutes": embedder_minutes,
               "embed_seconds": shared["seconds"], "device": _device_name(device),
@@ -261,16 +261,22 @@ def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: 
     """Train in a fresh process, or reuse what an earlier run of the same command trained."""
     from unembed.io import write_json
 
+    from unembed.data.splits import split_fingerprint
+
     record = entry.path / "compare_train.json"
+    made_from = {"recipe": options, "embedder": embedder_spec, "data": split_fingerprint(data / "train")}
     if (entry.path / "config.json").is_file() and record.is_file():
-        log(f"{entry.name}: reusing {entry.path}")
-        return json.loads(record.read_text())
+        earlier = json.loads(record.read_text())
+        if earlier.get("made_from") == json.loads(json.dumps(made_from)):
+            log(f"{entry.name}: reusing {entry.path}")
+            return earlier["result"]
+        log(f"{entry.name}: retraining: {entry.path} was trained with another recipe, embedder or data")
     log(f"training {entry.name} into {entry.path}")
     done = _in_fresh_process(train_job, entry.kind, str(entry.path), str(data), embedder_spec, options, device)
     if "error" in done:
         log(f"{entry.name}: training failed: {done['error']}")
     else:
-        write_json(record, done)
+        write_json(record, {"made_from": made_from, "result": done})
     return done
 
 

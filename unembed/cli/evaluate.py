@@ -13,7 +13,7 @@ def cmd_eval(args) -> int:
 
     predictions = load_results(args.results)
     references = load_references(args.refs)
-    scores = coco_caption_metrics(predictions, references, spice=not args.no_spice)
+    scores = coco_caption_metrics(predictions, references, spice=not args.no_spice, meteor=not args.no_meteor)
     if args.embedder:
         from unembed.embedders import load_embedder
         from unembed.eval.scoring import clip_scores_for_refs
@@ -23,7 +23,8 @@ def cmd_eval(args) -> int:
     from unembed.data.splits import image_domains
     from unembed.eval.scoring import domain_scores
 
-    by_domain = domain_scores(predictions, references, image_domains(args.refs), spice=not args.no_spice)
+    by_domain = domain_scores(predictions, references, image_domains(args.refs), spice=not args.no_spice,
+                              meteor=not args.no_meteor)
     if by_domain:
         scores["domains"] = by_domain
     print(format_table({name: scores, **{f"{name} {d}": s for d, s in by_domain.items()}}))
@@ -75,7 +76,7 @@ def cmd_compare(args) -> int:
     result = compare(args.data, args.decoders, args.out, embedder=args.embedder, split=args.split,
                      config=json_arg(args.config) if args.config else None, max_steps=args.max_steps,
                      max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                     spice=not args.no_spice, gap=not args.no_gap, log=log)
+                     spice=not args.no_spice, gap=not args.no_gap, meteor=not args.no_meteor, log=log)
     print(markdown_table(result))
     failed = [row for row in result["decoders"] if row["error"]]
     for row in failed:
@@ -103,6 +104,7 @@ def register(sub) -> None:
     p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder")
     p.add_argument("--name", help="row name in the table")
     p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
@@ -128,6 +130,7 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=int, help="caption only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=64, help="captioning batch size")
     p.add_argument("--no-spice", action="store_true")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--no-gap", action="store_true", help="skip the modality-gap diagnostic")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_compare)

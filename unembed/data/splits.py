@@ -7,6 +7,8 @@ A split's image embeddings are computed once per embedder and cached beside it, 
 validation, captioning and comparison share one embedding pass."""
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from unembed.errors import BadInputError
@@ -63,22 +65,44 @@ def split_cache(split_dir, embedder_id: str, with_tokens: bool = False) -> Path:
     return Path(split_dir) / CACHE_DIR / f"{embedder_id}{'-tokens' if with_tokens else ''}.safetensors"
 
 
+def split_fingerprint(split_dir) -> str:
+    """What a split holds, cheaply: the size and modification time of captions.json and of every image
+    it lists. Rewriting the split (another seed, another dataset) changes it; reading does not."""
+    split_dir = Path(split_dir)
+    digest = hashlib.sha256()
+    names = [split_file(split_dir)]
+    try:
+        names += load_split(split_dir)[0]
+    except BadInputError:  # a text-only split: its captions are all it holds
+        pass
+    for path in names:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:20]
+
+
 def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128):
-    """The split's image embeddings (ids = image ids as strings), from the cache when present."""
+    """The split's image embeddings (ids = image ids as strings), from the cache when it was made
+    from this very split (its fingerprint, kept in the cache, matches), else computed afresh."""
     from unembed.data.images import load_image
     from unembed.embedders import Embedded
 
     split_dir = Path(split_dir)
     cache = split_cache(split_dir, embedder.id, with_tokens)
     paths, _, ids = load_split(split_dir)
+    fingerprint = split_fingerprint(split_dir)
     if cache.is_file():
         cached = Embedded.load(cache)
-        if cached.ids == [str(i) for i in ids]:
+        if cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]:
             return cached
     parts = []
     for start in range(0, len(paths), batch_size):
         images = [load_image(p) for p in paths[start:start + batch_size]]
         parts.append(embedder.embed(images, [str(i) for i in ids[start:start + batch_size]], with_tokens, batch_size))
     embedded = Embedded.concat(parts)
+    embedded.meta["split_fingerprint"] = fingerprint
     embedded.save(cache)
     return embedded

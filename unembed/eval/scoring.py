@@ -8,7 +8,8 @@ from unembed.errors import BadInputError
 from unembed.eval.metrics import clip_scores, coco_caption_metrics
 
 
-def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log) -> dict:
+def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log,
+                   meteor: bool = True) -> dict:
     """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) into each
     decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
     per_image = {}
@@ -16,7 +17,7 @@ def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references:
         if predicted is None:
             continue
         log(f"scoring {name}")
-        metrics = coco_caption_metrics(predicted, references, spice=spice)
+        metrics = coco_caption_metrics(predicted, references, spice=spice, meteor=meteor)
         ordered = [predicted.get(i, "") for i in ids]
         clip = clip_scores(embedder, image_vecs, ordered, [references[i] for i in ids], ids)
         per_image[name] = {"caption": predicted, "cider": metrics.pop("per_image")["CIDEr"]}
@@ -44,7 +45,8 @@ def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict) ->
     return result
 
 
-def domain_scores(predictions: dict, references: dict, domains: dict, spice: bool = False) -> dict:
+def domain_scores(predictions: dict, references: dict, domains: dict, spice: bool = False,
+                  meteor: bool = True) -> dict:
     """COCO metrics per domain (NoCaps: in-domain, near-domain, out-domain) and overall, for the
     predicted images whose references carry a domain: {domain: scores}."""
     found = {}
@@ -54,10 +56,12 @@ def domain_scores(predictions: dict, references: dict, domains: dict, spice: boo
     scores = {}
     for domain in sorted(found):
         ids = found[domain]
-        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice)
+        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice,
+                                       meteor=meteor)
         scores[domain] = {k: v for k, v in metrics.items() if k not in ("per_image", "unavailable", "skipped")}
     if scores:
         ids = [i for part in found.values() for i in part]
-        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice)
+        metrics = coco_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids}, spice=spice,
+                                       meteor=meteor)
         scores["overall"] = {k: v for k, v in metrics.items() if k not in ("per_image", "unavailable", "skipped")}
     return scores
