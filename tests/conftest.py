@@ -1,8 +1,18 @@
 """Shared tiny fixtures: a small scenes dataset, a tiny embedder trained on it for a few steps,
 and a retrieval decoder built from its captions. Session-scoped: built once, seconds in all."""
+import os
+
 import pytest
 
 from unembed.embedders import scenes_config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the cores: one thread each (and in the processes tests start), not one per core
+    # each, which only makes them take turns.
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 TINY_ARCH = scenes_config(image_size=32, embed_dim=32, vision_width=8, text_width=32, text_layers=1,
                           context_length=24, name="tiny-clip")

@@ -38,10 +38,31 @@ def base_gpt2(hub):
     return import_transformers().GPT2LMHeadModel.from_pretrained(snapshot).eval(), snapshot
 
 
-def _run(argv, hub, cwd):
-    env = dict(os.environ, HF_HOME=str(hub), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "unembed.cli", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+def _run(argv, hub, cwd, in_process: bool = True):
+    """`unembed ARGV` in `cwd` with the hub cache as HF_HOME: in this process (unembed reads the cache's
+    place at call time), or in a fresh one where open_clip loads a hub model (it reads it at import)."""
+    env = {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
+    if not in_process:
+        return subprocess.run([sys.executable, "-m", "unembed.cli", *argv], cwd=cwd, env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=300)
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from unembed.cli import main
+
+    saved, here = {k: os.environ.get(k) for k in env}, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _vectors(n=5, seed=0):
@@ -236,7 +257,7 @@ def test_the_guides_published_weights_commands_run(hub, base_gpt2, scenes_dir, t
         shutil.copyfile(path, tmp_path / "photos" / path.name)
     for argv in commands("published"):
         extra = ["--embedder", f"hf-hub:{CLIP}"] if argv[1] == "import" else ["--max-length", "5"]
-        result = _run(argv[1:] + extra, hub, tmp_path)
+        result = _run(argv[1:] + extra, hub, tmp_path, in_process=False)  # open_clip loads the hub CLIP
         assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
     assert len(result.stdout.splitlines()) == 2
     from unembed.data.splits import split_captions
