@@ -321,3 +321,35 @@ def test_load_references_errors_name_the_file(tmp_path, text, message):
     with pytest.raises(BadInputError, match=message) as err:
         metrics.load_references(path)
     assert str(path) in str(err.value)
+
+
+def test_scores_equal_pycocoevalcaps_own_evaluation_pipeline(tmp_path, monkeypatch):
+    """The same numbers as pycocoevalcap's COCOEvalCap over pycocotools' COCO objects (the official
+    way: annotation file, loadRes, PTB tokenizer, each scorer), exactly; its SPICE needs a download."""
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(res)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    ids = [i for i in PREDICTIONS if i in REFERENCES]
+    pairs = [(i, c) for i in ids for c in REFERENCES[i]]
+    (tmp_path / "refs.json").write_text(json.dumps({
+        "info": {}, "licenses": [], "type": "captions", "images": [{"id": i} for i in ids],
+        "annotations": [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(pairs)]}))
+    (tmp_path / "results.json").write_text(json.dumps([{"image_id": i, "caption": PREDICTIONS[i]} for i in ids]))
+    coco = COCO(str(tmp_path / "refs.json"))
+    results = coco.loadRes(str(tmp_path / "results.json"))
+    official = coco_eval.COCOEvalCap(coco, results)
+    official.params["image_id"] = results.getImgIds()
+    official.evaluate()
+    ours = metrics.coco_caption_metrics({i: PREDICTIONS[i] for i in ids}, REFERENCES, spice=False)
+    for theirs, name in (("Bleu_1", "BLEU-1"), ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
+                         ("CIDEr", "CIDEr")):
+        assert ours[name] == official.eval[theirs], name
+    assert ours["CIDEr"] > 0.1 and 0 < ours["METEOR"] < 1  # a real case, not an all-zero one
