@@ -57,13 +57,20 @@ def test_karpathy_restval_joins_train_and_bad_rows_are_named(photos, tmp_path, c
     assert paths[0].name == f"{ids[0]}.png"  # captioning the folder gives records with matching ids
 
 
+DOMAINS = ["in-domain", "near-domain", "out-domain"]
+
+
+def nocaps_file(items) -> dict:
+    """NoCaps' COCO-format file: each image with its domain, five captions each."""
+    return {"images": [{"id": it["id"], "file_name": f"{it['sub']}/{it['name']}", "domain": DOMAINS[n % 3]}
+                       for n, it in enumerate(items)],
+            "annotations": [{"id": 10 * it["id"] + j, "image_id": it["id"], "caption": c}
+                            for it in items for j, c in enumerate(it["captions"])]}
+
+
 def test_raw_coco_and_nocaps_keep_ids_and_domains(photos, tmp_path, embedder_dir, retrieval_dir):
     root, items = photos
-    domains = ["in-domain", "near-domain", "out-domain"]
-    nocaps = {"images": [{"id": it["id"], "file_name": f"{it['sub']}/{it['name']}", "domain": domains[n % 3]}
-                         for n, it in enumerate(items)],
-              "annotations": [{"id": 10 * it["id"] + j, "image_id": it["id"], "caption": c}
-                              for it in items for j, c in enumerate(it["captions"])]}
+    domains, nocaps = DOMAINS, nocaps_file(items)
     (tmp_path / "nocaps_val_4500_captions.json").write_text(json.dumps(nocaps))
     assert main(["data", "import", "--format", "nocaps", "--annotations", str(tmp_path / "nocaps_val_4500_captions.json"),
                  "--images", str(root), "--out", str(tmp_path / "nocaps")]) == EXIT_OK
@@ -86,12 +93,7 @@ def test_raw_coco_and_nocaps_keep_ids_and_domains(photos, tmp_path, embedder_dir
 
 def test_nocaps_domains_are_scored_by_eval(photos, tmp_path, capsys):
     root, items = photos
-    domains = ["in-domain", "near-domain", "out-domain"]
-    refs = {"images": [{"id": it["id"], "file_name": f"{it['sub']}/{it['name']}", "domain": domains[n % 3]}
-                       for n, it in enumerate(items)],
-            "annotations": [{"id": 10 * it["id"] + j, "image_id": it["id"], "caption": c}
-                            for it in items for j, c in enumerate(it["captions"])]}
-    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    (tmp_path / "refs.json").write_text(json.dumps(nocaps_file(items)))
     # Perfect captions in-domain, wrong ones elsewhere: the domain rows must tell them apart.
     results = [{"image_id": it["id"], "caption": it["captions"][0] if n % 3 == 0 else "zzz qqq"}
                for n, it in enumerate(items)]
