@@ -48,20 +48,18 @@ class _ResultWriter:
     item; the others are written."""
 
     def __init__(self, out: str | None, fmt: str, on_error=lambda error: None):
+        from unembed.io import atomic_path
+
         self.fmt, self.out, self.on_error, self.count = fmt, out, on_error, 0
-        self.tmp = None
+        self.atomic = None
         if out is None:
             self.stream = sys.stdout
+        elif fmt == "coco":  # a half-written array is not JSON: write beside it, move into place at the end
+            self.atomic = atomic_path(out)
+            self.stream = open(self.atomic.__enter__(), "w", encoding="utf-8")
         else:
-            import tempfile
-
-            target = Path(out)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if fmt == "coco":  # a half-written array is not JSON: write beside it, move at the end
-                fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-                self.stream = open(fd, "w", encoding="utf-8")
-            else:
-                self.stream = open(out, "w", encoding="utf-8")
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(out, "w", encoding="utf-8")
         if fmt == "coco":
             self.stream.write("[")
 
@@ -86,13 +84,8 @@ class _ResultWriter:
             self.stream.write("\n]\n")
         if self.stream is not sys.stdout:
             self.stream.close()
-        if self.tmp is not None:
-            import os
-
-            from unembed.io import _umask
-
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            os.replace(self.tmp, self.out)
+        if self.atomic is not None:
+            self.atomic.__exit__(None, None, None)
 
 
 def _decoder_dir(decoder: str | None) -> str:
@@ -111,9 +104,8 @@ def _decoder_dir(decoder: str | None) -> str:
 
 
 def _load_decoder_and_embedder(args):
-    from unembed.decoders import load_decoder, read_decoder_config
+    from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
     from unembed.embedders import load_embedder
-    from unembed.decoders import resolve_embedder_spec
 
     args.decoder = _decoder_dir(args.decoder)
     saved = read_decoder_config(args.decoder)
