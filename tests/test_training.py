@@ -8,6 +8,7 @@ from tests.conftest import TINY_ARCH
 from unembed.embedders import Embedder
 from unembed.training.clip import ClipTask
 from unembed.training.loop import TrainConfig, TrainingError, fit, lr_at
+from unembed.training.prefix import PrefixTask
 
 
 class CrashingClipTask(ClipTask):
@@ -43,20 +44,52 @@ def test_loss_falls(scenes_dir, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
 
 
-def test_resume_reproduces_an_uninterrupted_run(scenes_dir, tmp_path):
-    full = _task(scenes_dir)
+class CrashingPrefixTask(PrefixTask):
+    def __init__(self, *args, crash_at=None):
+        super().__init__(*args)
+        self.calls, self.crash_at = 0, crash_at
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        return super().loss(model, batch)
+
+
+def _prefix_task(embedder, scenes_dir, crash_at=None):
+    """A capdec with a scratch GPT-2 at its default dropout (0.1) and the noise bridge: random draws in
+    every step, from the global RNG (dropout) and from the step's generator (noise)."""
+    from tests.test_prefix import tiny
+    from unembed.data.captions import load_captions
+
+    torch.manual_seed(0)
+    decoder = tiny("capdec", embedder)
+    assert decoder.lm.config.resid_pdrop == 0.1 and decoder.lm.config.attn_pdrop == 0.1
+    captions = load_captions(scenes_dir / "train" / "captions.json")[:64]
+    return CrashingPrefixTask(decoder, embedder.embed_texts(captions), torch.arange(len(captions)), captions, True,
+                              crash_at=crash_at)
+
+
+@pytest.mark.parametrize("make_task", ["clip", "prefix with dropout"])
+def test_resume_reproduces_an_uninterrupted_run(make_task, scenes_dir, embedder, tmp_path):
+    def task(**kw):
+        return _task(scenes_dir, **kw) if make_task == "clip" else _prefix_task(embedder, scenes_dir, **kw)
+
+    full = task()
     fit(full, CONFIG, tmp_path / "full", progress=False)
 
-    broken = _task(scenes_dir, crash_at=6)  # dies during step 5, after the step-4 checkpoint
+    broken = task(crash_at=6)  # dies during step 5, after the step-4 checkpoint
     with pytest.raises(KeyboardInterrupt):
         fit(broken, CONFIG, tmp_path / "resumed", progress=False)
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text())["step"] == 4
-    resumed = _task(scenes_dir)
-    torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever the process has
+    resumed = task()
+    torch.manual_seed(123)  # whatever the process's RNG holds, steps 5 and 6 must draw what they drew before
     fit(resumed, CONFIG, tmp_path / "resumed", resume=True, progress=False)
     assert resumed.calls == 2  # only steps 5 and 6 ran again
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name
+        assert torch.equal(a, b), name
+    untrained = task().model.state_dict().values()
+    assert any(not torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), untrained))  # training moved them
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(scenes_dir, tmp_path):
@@ -100,3 +133,14 @@ def test_resume_refuses_settings_that_change_the_run(scenes_dir, tmp_path):
     with pytest.raises(TrainingError, match=r"\(lr 0.002 -> 0.001, max_steps 6 -> 8\)"):
         fit(_task(scenes_dir), replace(CONFIG, max_steps=8, lr=1e-3), tmp_path, resume=True, progress=False)
     fit(_task(scenes_dir), replace(CONFIG, checkpoint_every=3), tmp_path, resume=True, progress=False)  # harmless
+
+
+def test_contrastive_loss_is_open_clips_on_one_process():
+    from open_clip.loss import ClipLoss
+
+    from unembed.training.clip import contrastive_loss
+
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(7, 16), dim=-1) for _ in range(2))
+    scale = torch.tensor(14.3)
+    torch.testing.assert_close(contrastive_loss(image, text, scale), ClipLoss()(image, text, scale))

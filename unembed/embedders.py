@@ -329,15 +329,20 @@ def _keep_rows(tensor: torch.Tensor, vocab: int, rows: torch.Tensor) -> torch.Te
 
 
 def scenes_config(image_size: int = 64, embed_dim: int = 256, vision_width: int = 16, text_width: int = 128,
-                  text_layers: int = 3, context_length: int = 32, name: str = "scenes-clip") -> dict:
+                  text_layers: int = 3, context_length: int = 32, name: str = "scenes-clip", patch_size: int = 0) -> dict:
     """The small open_clip CLIP used as the offline stand-in for CLIP: a ModifiedResNet image tower
-    (width 16: ~173 img/s training on 2 CPU cores) and a 3-layer text transformer on CLIP's BPE."""
+    (width 16: ~173 img/s training on 2 CPU cores) and a 3-layer text transformer on CLIP's BPE.
+    `patch_size` > 0 makes the image tower a one-layer ViT instead (no BatchNorm)."""
+    vision = {"layers": [1, 1, 1, 1], "width": vision_width, "image_size": image_size, "head_width": 64}
+    if patch_size:
+        vision = {"layers": 1, "width": vision_width, "image_size": image_size, "patch_size": patch_size,
+                  "head_width": min(64, vision_width)}
     return {
         "name": name,
         "model_type": "clip",
         "model_cfg": {
             "embed_dim": embed_dim,
-            "vision_cfg": {"layers": [1, 1, 1, 1], "width": vision_width, "image_size": image_size, "head_width": 64},
+            "vision_cfg": vision,
             "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
                          "heads": max(1, text_width // 32), "layers": text_layers},
         },

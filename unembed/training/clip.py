@@ -80,15 +80,38 @@ def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
     return retrieval_metrics(image_vecs, embedder.embed_texts(texts), owner)
 
 
-def contrastive_loss():
-    """open_clip's InfoNCE; across processes, each scores its own rows against everyone's (gathered
-    with gradients), which makes the DDP average equal the one-process loss on the whole batch."""
-    from open_clip.loss import ClipLoss
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of `x` in rank order, with gradients flowing back to their owners, and
+    where this process's rows start. Processes may hold different numbers of rows (a global batch
+    of 33 on 2 processes): each pads to the largest count for the collective and the padding is cut."""
+    import torch.distributed as dist
 
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        return ClipLoss(local_loss=True, gather_with_grad=True, rank=torch.distributed.get_rank(),
-                        world_size=torch.distributed.get_world_size())
-    return ClipLoss()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - len(x)))
+    parts = all_gather(padded)
+    rank = dist.get_rank()
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[:rank])
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over the whole global batch (open_clip's ClipLoss on one process).
+    Across processes each scores its own rows against everyone's, which makes the row-weighted
+    average over processes (the loop's loss share) equal the one-process loss on the whole batch,
+    also when the processes hold different numbers of rows."""
+    import torch.nn.functional as F
+
+    both, start = gather_rows(torch.cat([image, text], dim=1))
+    all_image, all_text = both.split(image.shape[1], dim=1)
+    labels = torch.arange(start, start + len(image), device=image.device)
+    per_image = logit_scale * image @ all_text.T   # [n, N]: my images against every caption
+    per_text = logit_scale * text @ all_image.T    # [n, N]: my captions against every image
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
 
 class ClipTask(Task):
@@ -100,7 +123,6 @@ class ClipTask(Task):
         self.tokens = tokenize_captions(embedder.tokenizer, captions)
         self.preprocess = embedder.config["preprocess"]
         self.eval_dir = eval_dir
-        self.clip_loss = None
 
     def num_examples(self) -> int:
         return len(self.images)
@@ -112,9 +134,7 @@ class ClipTask(Task):
     def loss(self, model, batch):
         pixels = normalise_pixels(batch["pixels"], self.preprocess["mean"], self.preprocess["std"])
         out = model(pixels, batch["tokens"])
-        if self.clip_loss is None:
-            self.clip_loss = contrastive_loss()
-        loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
         return loss, {"logit_scale": round(out["logit_scale"].item(), 2)}
 
     def after_step(self, model):

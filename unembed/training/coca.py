@@ -1,7 +1,7 @@
 """Train CoCa (Yu et al. 2022) on a caption split: from scratch with both objectives, or fine-tune
 any open_clip CoCa checkpoint on captions alone (open_clip's recipe for its mscoco_finetuned weights).
 
-One forward pass, open_clip's CoCaLoss:
+One forward pass, open_clip's CoCaLoss (computed here so that it stays exact across processes):
     contrastive_weight * InfoNCE(image latent [B, D], text latent [B, D])
   + caption_weight * CE(logits [B, L-1, V], caption tokens [B, 1:L]), pad positions ignored.
 Batches come from ClipTask (uint8 images [N, 3, H, W] decoded once, captions tokenised once); images
@@ -79,20 +79,24 @@ class CoCaTask(ClipTask):
         super().__init__(embedder, train_dir, eval_dir)
         self.weights = (contrastive_weight, caption_weight)
         self.pad_id = embedder.model.pad_id
-        self.coca_loss = None
 
-    def _loss_function(self):
-        # Built at the first step: the distributed settings exist only once the loop has started.
-        from open_clip.loss import CoCaLoss
+    @property
+    def unused_parameters(self) -> bool:
+        # Captioning only: the contrastive head (text projection, logit scale) gets no gradient.
+        return not self.weights[0]
 
-        clip = contrastive_loss()
-        return CoCaLoss(caption_loss_weight=self.weights[1], clip_loss_weight=self.weights[0], pad_id=self.pad_id,
-                        local_loss=clip.local_loss, gather_with_grad=clip.gather_with_grad, rank=clip.rank,
-                        world_size=clip.world_size)
+    def batch(self, indices, generator):
+        batch = super().batch(indices, generator)
+        # The global batch's counts (0-d, so every process keeps them whole): each process's loss is
+        # its part of the one-process loss, summed over all processes' rows and caption tokens.
+        batch["rows"] = torch.tensor(float(len(indices)))
+        batch["caption_tokens"] = (batch["tokens"][:, 1:] != self.pad_id).sum().float()
+        return batch
+
+    def loss_units(self, batch) -> float:
+        return 1.0  # `loss` already returns this process's part of the whole batch's loss
 
     def loss(self, model, batch):
-        if self.coca_loss is None:
-            self.coca_loss = self._loss_function()
         pixels = self._pixels(batch["pixels"])
         tokens = batch["tokens"]
         image_latent, image_tokens = model._encode_image(pixels)
@@ -101,11 +105,18 @@ class CoCaTask(ClipTask):
         # nothing, so they skip the [B, L, 49408] vocabulary projection, the costliest part.
         length = int(tokens.argmax(-1).max()) + 1  # the end token has the highest id
         logits = model.text_decoder(image_tokens, text_tokens[:, :length - 1])
-        contrastive, caption = self.coca_loss(image_latent, text_latent, logits, tokens[:, 1:length],
-                                              model.logit_scale.exp())
-        return contrastive + caption, {"contrastive_loss": round(contrastive.item(), 5),
-                                       "caption_loss": round(caption.item(), 5),
-                                       "logit_scale": round(model.logit_scale.exp().item(), 2)}
+        # open_clip's CoCaLoss on one process: weight * InfoNCE + weight * token-mean cross-entropy
+        # (pads ignored); the contrastive half is skipped at weight 0, as open_clip does.
+        contrastive = torch.zeros((), device=pixels.device)
+        if self.weights[0]:
+            contrastive = self.weights[0] * contrastive_loss(image_latent, text_latent, model.logit_scale.exp())
+        caption_sum = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:length], ignore_index=self.pad_id,
+                                      reduction="sum")
+        caption = self.weights[1] * caption_sum / batch["caption_tokens"]
+        part = contrastive * len(tokens) / batch["rows"] + caption
+        return part, {"contrastive_loss": round(contrastive.item(), 5),
+                      "caption_loss": round((caption * batch["rows"] / len(tokens)).item(), 5),
+                      "logit_scale": round(model.logit_scale.exp().item(), 2)}
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         pixels = normalise_pixels(images, self.preprocess["mean"], self.preprocess["std"])

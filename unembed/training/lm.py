@@ -48,17 +48,22 @@ class LMTask(Task):
 
     def batch(self, indices, generator):
         longest = int(self.lengths[indices].max())
-        return {"tokens": self.tokens[indices, :longest], "lengths": self.lengths[indices]}
+        lengths = self.lengths[indices]
+        # The global batch's counts (0-d, so every process keeps them whole): each process returns its
+        # part of the one-process loss, which is a mean over all processes' tokens and token pairs.
+        real = lengths - 1
+        return {"tokens": self.tokens[indices, :longest], "lengths": lengths,
+                "real_tokens": real.sum().float(), "token_pairs": (real * (real - 1)).sum().float()}
 
     def loss_units(self, batch) -> float:
-        return float((batch["lengths"] - 1).sum())
+        return 1.0  # `loss` already returns this process's part of the whole batch's loss
 
     def loss(self, model, batch):
         nll, valid, hidden = caption_nll(model, batch["tokens"], batch["lengths"], self.margin > 0)
-        ce = nll[valid].mean()
+        ce = nll[valid].sum() / batch["real_tokens"]
         if self.margin <= 0:
             return ce, {}
-        cl = simctg_loss(hidden, valid, self.margin)
+        cl = simctg_loss(hidden, valid, self.margin, batch["token_pairs"])
         return ce + cl, {"ce": round(ce.item(), 5), "simctg": round(cl.item(), 5)}
 
     @torch.no_grad()
@@ -91,14 +96,16 @@ def caption_nll(model, tokens: torch.Tensor, lengths: torch.Tensor, hidden: bool
     return nll, valid, out.hidden_states[-1][:, :-1] if hidden else None
 
 
-def simctg_loss(hidden: torch.Tensor, valid: torch.Tensor, margin: float) -> torch.Tensor:
+def simctg_loss(hidden: torch.Tensor, valid: torch.Tensor, margin: float, pairs_total=None) -> torch.Tensor:
     """SimCTG's token contrast: mean over pairs i != j of a caption's real positions of
-    max(0, margin - (cos(h_i, h_i) - cos(h_i, h_j)))."""
+    max(0, margin - (cos(h_i, h_i) - cos(h_i, h_j))); the sum over these rows' pairs divided by
+    `pairs_total` (a whole batch's pair count) when given."""
     h = F.normalize(hidden.float(), dim=-1)
     cosine = h @ h.transpose(1, 2)  # [N, T, T]
     gap = cosine.diagonal(dim1=1, dim2=2)[:, :, None] - cosine
     pairs = valid[:, :, None] & valid[:, None, :] & ~torch.eye(len(valid[0]), dtype=torch.bool, device=h.device)
-    return (F.relu(margin - gap) * pairs).sum() / pairs.sum().clamp(min=1)
+    total = pairs.sum().clamp(min=1) if pairs_total is None else pairs_total.clamp(min=1)
+    return (F.relu(margin - gap) * pairs).sum() / total
 
 
 def save_pretrained(model, out_dir: Path) -> None:

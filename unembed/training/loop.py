@@ -3,16 +3,23 @@ the loop owns everything else: device placement and mixed precision (accelerate)
 schedule, gradient clipping, a NaN guard, progress, streamed logs, atomic checkpoints and resume.
 
 Determinism: the examples of step s are a pure function of (seed, s) — a seeded permutation per
-epoch, and a per-step generator for any sampling the task does — so a resumed run sees exactly the
-batches an uninterrupted one would.
+epoch, and a per-step generator for any sampling the task does — and so is every other random draw
+of the step (dropout): the global RNG, CPU and CUDA, is seeded from (seed, step, process) before each
+step. A resumed run therefore computes exactly what an uninterrupted one would, on every process,
+with no RNG state to carry in the checkpoint. The fp16 grad scaler's state is carried.
 
 Distributed (several processes launched by `accelerate launch`): every process builds the same
 global batch and keeps rows rank, rank+N, ...; the loss is rescaled by the process's share of the
 batch's loss units (tokens, for captioning) so that DDP's gradient average equals the gradient of
-the one-process loss on the whole batch. Same flags, same global batch, same weights.
+the one-process loss on the whole batch. A loss that needs the whole batch's totals (CoCa's token
+mean beside a row mean; SimCTG's mean over token pairs) gets them from `batch` as 0-d tensors, which
+every process keeps whole, returns its own part of the one-process loss and counts one unit.
+Contrastive losses gather every process's rows, however many each holds (a global batch of 33 on
+2 processes). Same flags, same global batch, same weights.
 
 Checkpoint layout, under OUT/checkpoints/:
-    step-00000400/{model.safetensors, optimizer.safetensors, state.json}
+    step-00000400/{model.safetensors, optimizer.safetensors, state.json (step, optimiser scalars,
+                   config, grad scaler)}
     latest.json   {"step": 400, "dir": "step-00000400"}  (replaced atomically after the directory is complete)
 """
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +71,8 @@ class Task:
     """What a method contributes to training. Override the methods below."""
 
     model: torch.nn.Module
+    # True when some trainable parameters get no gradient in a step (DDP must then look for them).
+    unused_parameters: bool = False
 
     def num_examples(self) -> int:
         raise NotImplementedError
@@ -128,6 +138,11 @@ def process_rows(batch: dict, rows: int, rank: int, size: int) -> dict:
             for k, v in batch.items()}
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG's seed for one step of one process."""
+    return (seed * 1_000_003 + step) * 1_009 + rank + 1
+
+
 def step_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
@@ -155,15 +170,17 @@ def _restore_optimizer(optimizer, tensors: dict, rest: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainConfig, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainConfig, keep: int,
+                    scaler=None) -> Path:
     name = f"step-{step:08d}"
     tmp = ckpt_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_module(tmp / "model.safetensors", model)
     opt_tensors, opt_rest = _optimizer_tensors(optimizer)
-    save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, "torch_rng": torch.get_rng_state()})
-    write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "config": asdict(config)})
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "config": asdict(config),
+                                    "grad_scaler": scaler.state_dict() if scaler is not None else None})
     final = ckpt_root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -174,7 +191,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainC
     return final
 
 
-def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | None = None) -> int:
+def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | None = None, scaler=None) -> int:
     """Restore the latest complete checkpoint; return its step (0 when there is none). With `config`,
     refuse to resume under settings that would change what the run computes."""
     latest = ckpt_root / "latest.json"
@@ -195,12 +212,26 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | Non
     except BadInputError as e:
         raise TrainingError(f"checkpoint {directory} does not fit this model: {e.reason}") from None
     opt_tensors, _ = load_tensors(directory / "optimizer.safetensors")
-    torch.set_rng_state(opt_tensors.pop("torch_rng"))
+    opt_tensors.pop("torch_rng", None)  # checkpoints before per-step seeding carried it
     _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
+def _synchronise_batch_norm(model: torch.nn.Module, accelerator) -> None:
+    """BatchNorm normalises over the batch: across processes that is exact only with SyncBatchNorm,
+    which torch runs on GPUs alone. On CPU each process normalises over its own rows; say so."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    if accelerator.device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif accelerator.is_main_process:
+        print("note: this model has BatchNorm layers, which CPU processes cannot synchronise: each normalises "
+              "over its own rows, so the weights differ slightly from a one-process run", file=sys.stderr, flush=True)
+
 
 def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
@@ -210,7 +241,11 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(cpu=use_cpu(config.device), mixed_precision=config.mixed_precision)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=task.unused_parameters)
+    accelerator = Accelerator(cpu=use_cpu(config.device), mixed_precision=config.mixed_precision,
+                              kwargs_handlers=[ddp])
     rank, world = accelerator.process_index, accelerator.num_processes
 
     n = task.num_examples()
@@ -220,7 +255,10 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     total = config.max_steps or config.epochs * max(1, n // batch_size)
     optimizer = torch.optim.AdamW(task.trainable_parameters(task.model), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    start = load_checkpoint(ckpt_root, task.model, optimizer, config) if resume else 0
+    if world > 1:
+        _synchronise_batch_norm(task.model, accelerator)
+    scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    start = load_checkpoint(ckpt_root, task.model, optimizer, config, scaler) if resume else 0
     if not resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)
     accelerator.wait_for_everyone()
@@ -232,6 +270,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     t0, loss_value, seen, metrics, bad_in_a_row, skipped = time.time(), float("nan"), 0, {}, 0, 0
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, total):
+            torch.manual_seed(step_seed(config.seed, step, rank))  # dropout; CUDA's generators too
             indices = step_indices(step, n, batch_size, config.seed)
             batch = task.batch(indices, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
             mine = process_rows(batch, len(indices), rank, world)
@@ -274,7 +313,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
             bar.update(1)
             if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == total):
                 log.flush()
-                save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints)
+                save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints, scaler)
     bar.close()
     seconds = time.time() - t0
     if accelerator.is_main_process:
