@@ -196,3 +196,42 @@ def test_command_line_trains_coca_and_captions_with_it(tmp_path, scenes_dir):
     assert [json.loads(line)["decoder"] for line in captions.read_text().splitlines()] == ["coca", "coca"]
     assert main(["train", "coca", "--data", str(scenes_dir), "--out", str(out), "--arch", arch,
                  "--init", str(out / "embedder")]) == EXIT_FAILED
+
+
+def _reference_beam_search(model, embedded, beams: int, max_length: int, length_penalty: float) -> list[list[int]]:
+    """transformers' BeamSearchScorer (the bookkeeping of open_clip's own beam search) driven by open_clip's
+    full forward pass, no cache: each step recomputes every prefix from scratch."""
+    from unembed.compat import import_transformers
+
+    scorer_class = import_transformers().BeamSearchScorer
+    n = len(embedded)
+    rows = embedded.select([i for i in range(n) for _ in range(beams)])
+    scorer = scorer_class(batch_size=n, num_beams=beams, device="cpu", length_penalty=length_penalty,
+                          do_early_stopping=False)
+    ids = torch.full((n * beams, 1), START)
+    scores = torch.zeros(n, beams)
+    scores[:, 1:] = -1e9  # all beams start identical: only one of them may grow at first
+    scores = scores.view(-1)
+    for _ in range(max_length):
+        log_probs = _full_logits(model, rows, ids).float().log_softmax(-1)
+        vocab = log_probs.shape[-1]
+        top, flat = (log_probs + scores[:, None]).view(n, beams * vocab).topk(2 * beams, dim=1)
+        out = scorer.process(ids, top, flat % vocab, flat // vocab, pad_token_id=END, eos_token_id=END,
+                             decoder_prompt_len=1)
+        scores = out["next_beam_scores"]
+        ids = torch.cat([ids[out["next_beam_indices"]], out["next_beam_tokens"][:, None]], 1)
+        if scorer.is_done:
+            break
+    best = scorer.finalize(ids, scores, None, None, max_length=max_length + 1, pad_token_id=END, eos_token_id=END,
+                           decoder_prompt_len=1)["sequences"]
+    return [[i for i in row[1:].tolist() if i != END][:max_length] for row in best]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_beam_search_equals_transformers_beam_scorer_over_open_clips_forward(random_coca, embedded, length_penalty):
+    model = random_coca.embedder.model
+    ours = random_coca.generate(embedded, num_beams=3, max_length=10, length_penalty=length_penalty)
+    assert ours == _reference_beam_search(model, embedded, 3, 10, length_penalty)
+    greedy = random_coca.generate(embedded, num_beams=1, max_length=10)
+    assert ours != greedy and len({len(ids) for ids in ours}) > 1  # beams chose otherwise; lengths differ
