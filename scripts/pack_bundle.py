@@ -4,6 +4,9 @@
 Packing keeps the compared models' weights in fp16, prunes the embedders' token tables to the scenes
 vocabulary (`prune_vocabulary`: the same vectors for every image and every scenes caption), points
 every decoder at the bundle's embedder, and records the comparison's scores in bundle.json.
+It then captions up to 200 images of the compared split with each packed decoder and with the fp32
+model it came from, records the share of identical captions and the CIDEr of each in bundle.json
+("fp16_check"), and refuses to pack a decoder that falls below the stated bounds.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json")  # beside config and weights
 SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
+# fp16 weights and the pruned embedder against the fp32 originals, on this many images of the split:
+CHECK_IMAGES = 200
+MIN_AGREEMENT = 0.9      # the share of captions that must be identical
+MAX_CIDER_CHANGE = 0.05  # |CIDEr(fp16) - CIDEr(fp32)|, CIDEr on its 0-10 scale (5 points on the 0-1000 one)
 
 
 def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> dict:
@@ -55,6 +62,7 @@ def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> d
             "scores": {r["name"]: {**{k: r["metrics"].get(k) for k in SCORE_KEYS},
                                    "captions_per_second": r.get("captions_per_second"),
                                    "train_minutes": r.get("train_minutes")} for r in rows}}
+    info["fp16_check"] = fp16_check(rows, staging, Path(data_dir) / result["split"])
     write_json(staging / MANIFEST, info)
     size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     if size > MAX_BYTES:
@@ -63,6 +71,36 @@ def pack(compare_dir, data_dir, out=BUNDLE_DIR, default: str | None = None) -> d
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return dict(info, bytes=size)
+
+
+def fp16_check(rows: list[dict], staging: Path, split_dir: Path) -> dict:
+    """Captions of each packed decoder against its fp32 original on the split's first CHECK_IMAGES
+    images: agreement and both CIDErs. Raises when a decoder is outside the bounds."""
+    from unembed.data.splits import load_split
+    from unembed.eval.metrics import coco_caption_metrics
+    from unembed.pipeline import caption
+
+    paths, references, ids = load_split(split_dir)
+    paths, ids = [str(p) for p in paths[:CHECK_IMAGES]], [str(i) for i in ids[:CHECK_IMAGES]]
+    references = dict(zip(ids, references))
+
+    def cider(captions):
+        return coco_caption_metrics(dict(zip(ids, captions)), references, spice=False, meteor=False)["CIDEr"]
+
+    report, failures = {}, []
+    for row in rows:
+        fp32 = caption(paths, row["path"], device="cpu")
+        fp16 = caption(paths, str(staging / row["name"]), device="cpu")
+        agreement = sum(a == b for a, b in zip(fp32, fp16)) / len(paths)
+        c32, c16 = cider(fp32), cider(fp16)
+        report[row["name"]] = {"images": len(paths), "agreement": round(agreement, 4), "CIDEr_fp32": round(c32, 4),
+                               "CIDEr_fp16": round(c16, 4), "CIDEr_change": round(c16 - c32, 4)}
+        if agreement < MIN_AGREEMENT or abs(c16 - c32) > MAX_CIDER_CHANGE:
+            failures.append(f"{row['name']} (agreement {agreement:.1%}, CIDEr {c32:.3f} -> {c16:.3f})")
+    if failures:
+        raise UnembedError(f"fp16 changes the captions of {', '.join(failures)} beyond the bounds (agreement >= "
+                           f"{MIN_AGREEMENT:.0%}, CIDEr change <= {MAX_CIDER_CHANGE}); left in {staging}")
+    return {"bounds": {"min_agreement": MIN_AGREEMENT, "max_CIDEr_change": MAX_CIDER_CHANGE}, "decoders": report}
 
 
 def _copy_decoder(source: Path, target: Path, embedder_spec: str, embedder_id: str) -> None:

@@ -70,6 +70,22 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
 
     with safe_open(out / "decap" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.int64}
+    check = json.loads((out / "bundle.json").read_text())["fp16_check"]
+    n = len(images)
+    assert check["decoders"].keys() == {"retrieval", "decap"}
+    for name, row in check["decoders"].items():
+        assert row["images"] == n and row["agreement"] >= check["bounds"]["min_agreement"], row
+        assert abs(row["CIDEr_change"]) <= check["bounds"]["max_CIDEr_change"], row
+    packed = caption(images, str(out / "decap"), device="cpu")
+    fp32 = caption(images, str(compare_dir[0] / "models" / "decap"), device="cpu")
+    assert check["decoders"]["decap"]["agreement"] == round(sum(a == b for a, b in zip(packed, fp32)) / n, 4)
+
+
+def test_the_shipped_bundle_passed_its_fp16_check_for_every_decoder():
+    check = manifest(BUNDLE_DIR)["fp16_check"]
+    assert set(check["decoders"]) == set(manifest(BUNDLE_DIR)["decoders"])
+    for name, row in check["decoders"].items():
+        assert row["images"] == 200 and row["agreement"] >= check["bounds"]["min_agreement"], name
 
 
 def test_caption_without_a_decoder_uses_the_bundle_and_demo_shows_every_decoder(tiny_bundle, scenes_dir, tmp_path,
