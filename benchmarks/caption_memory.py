@@ -1,7 +1,9 @@
-"""Peak memory of `unembed caption` over folders of 1,000 and 10,000 images: captioning streams one
-batch at a time, so the peak should not grow with the folder (only the list of file names does).
+"""Peak memory of `unembed caption`: over folders of 1,000 and 10,000 images, written as JSON Lines
+and as one COCO results array (`--format coco`, streamed), and over files of 10,000 and 100,000
+embedding vectors (`--embeddings`, read in slices). Captioning streams one batch at a time, so the
+peak should not grow with the input (only the list of file names or ids does).
 
-Each run is a separate `unembed caption FOLDER --decoder D --out F` process, its resident memory
+Each run is a separate `unembed caption ... --decoder D --out F` process, its resident memory
 sampled every 50 ms (psutil). The embedder is the scenes architecture with random weights and the
 decoder the retrieval baseline over the training captions: memory does not depend on weight values.
 
@@ -38,11 +40,13 @@ def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--sizes", default="1000,10000", help="image folder sizes")
+    parser.add_argument("--vector-sizes", default="10000,100000", help="embedding file sizes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/caption_memory_cpu.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    vector_sizes = [int(s) for s in args.vector_sizes.split(",")]
 
     from unembed.data.splits import split_captions
     from unembed.data.scenes import write_scenes
@@ -58,22 +62,43 @@ def main() -> None:
         RetrievalDecoder.build(embedder, split_captions(tmp / "scenes" / "train")).save(tmp / "retrieval")
         images = sorted((tmp / "scenes" / "train" / "images").glob("*.png"))
         runs = []
+
+        def run(label: str, n: int, source: list[str], fmt: str) -> None:
+            out = tmp / f"captions-{label}-{n}.{'json' if fmt == 'coco' else 'jsonl'}"
+            mb, seconds, code = peak_rss_mb([sys.executable, "-m", "unembed.cli", "caption", *source,
+                                             "--decoder", str(tmp / "retrieval"), "--out", str(out), "--format", fmt,
+                                             "--batch-size", str(args.batch_size), "--device", "cpu"])
+            captioned = (len(json.loads(out.read_text())) if fmt == "coco" else sum(1 for _ in out.open())) \
+                if out.exists() else 0
+            runs.append({"input": label, "items": n, "format": fmt, "captioned": captioned, "exit_code": code,
+                         "peak_rss_mb": round(mb, 1), "seconds": round(seconds, 1)})
+            print(runs[-1], flush=True)
+
         for n in sizes:
             folder = tmp / f"folder-{n}"
             folder.mkdir()
             for p in images[:n]:
                 (folder / p.name).symlink_to(p)
-            out = tmp / f"captions-{n}.jsonl"
-            mb, seconds, code = peak_rss_mb([sys.executable, "-m", "unembed.cli", "caption", str(folder),
-                                             "--decoder", str(tmp / "retrieval"), "--out", str(out),
-                                             "--batch-size", str(args.batch_size), "--device", "cpu"])
-            lines = sum(1 for _ in out.open()) if out.exists() else 0
-            runs.append({"images": n, "captioned": lines, "exit_code": code, "peak_rss_mb": round(mb, 1),
-                         "seconds": round(seconds, 1)})
-            print(runs[-1], flush=True)
+            for fmt in ("jsonl", "coco"):
+                run("images", n, [str(folder)], fmt)
+        from unembed.embedders import Embedded
+
+        for n in vector_sizes:
+            vectors = torch.nn.functional.normalize(torch.randn(n, embedder.dim), dim=-1)
+            path = tmp / f"vectors-{n}.safetensors"
+            Embedded(vectors, [str(i) for i in range(n)], embedder.id, str(tmp / "embedder"), "image").save(path)
+            del vectors
+            run("embeddings", n, ["--embeddings", str(path)], "jsonl")
+
+    def growth(label: str, fmt: str) -> float:
+        peaks = [r["peak_rss_mb"] for r in runs if r["input"] == label and r["format"] == fmt]
+        return round(peaks[-1] - peaks[0], 1)
+
     result = {"benchmark": "caption_memory", "machine": platform.processor() or platform.machine(),
               "cpu_count": psutil.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
-              "runs": runs, "peak_growth_mb": round(runs[-1]["peak_rss_mb"] - runs[0]["peak_rss_mb"], 1)}
+              "runs": runs, "peak_growth_mb": {"images jsonl": growth("images", "jsonl"),
+                                               "images coco": growth("images", "coco"),
+                                               "embeddings": growth("embeddings", "jsonl")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
