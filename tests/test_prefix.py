@@ -72,11 +72,16 @@ def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_d
     captions = decoder.decode(embedded, num_beams=1, max_length=6)
     eos = decoder.tokenizer.eos_id
     with torch.no_grad():
-        sequence = decoder.prefix(decoder.bridge.for_inference(embedded.vectors))
+        vectors = decoder.bridge.for_inference(embedded.vectors)
+        # The soft prefix, then each item's text prompt (ViECap's entities), left-padded to one width.
+        sequence, mask = decoder.lm_inputs(decoder.prefix(vectors), decoder.text_prompts(embedded, vectors))
         steps = []
         for _ in range(6):
-            steps.append(decoder.lm(inputs_embeds=sequence).logits[:, -1].argmax(-1))
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = decoder.lm(inputs_embeds=sequence, attention_mask=mask, position_ids=positions).logits
+            steps.append(logits[:, -1].argmax(-1))
             sequence = torch.cat([sequence, decoder.lm.get_input_embeddings()(steps[-1])[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     naive = [decoder.tokenizer.decode(decoder.caption_ids(row, eos, None)) for row in torch.stack(steps, 1).tolist()]
     assert captions == naive
 

@@ -40,7 +40,8 @@ class Entry:
 
 
 def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
-    """'retrieval,clipcap,mine=path/to/dir' -> entries; a bare directory is taken as it is."""
+    """'retrieval,clipcap,mine=path/to/dir,nouns=viecap' -> entries; a bare directory is taken as it
+    is, and NAME=KIND trains another decoder of KIND under NAME (its --config options keyed by NAME)."""
     from unembed.decoders import list_decoders, read_decoder_config
 
     entries = []
@@ -48,7 +49,9 @@ def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
         name, _, path = item.partition("=")
         if not path and Path(name).is_dir():
             name, path = Path(name).name, name
-        if path:
+        if path in list_decoders() and not Path(path).is_dir():
+            entries.append(Entry(name, path, models_dir / name, False))
+        elif path:
             entries.append(Entry(name, read_decoder_config(path)["kind"], Path(path), True))
         elif name in list_decoders():
             entries.append(Entry(name, name, models_dir / name, False))

@@ -2,6 +2,7 @@
 options generated from a decoder config's fields."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -79,16 +80,18 @@ def _field_metadata(config_class, name: str) -> dict:
 
 def add_config_options(parser, config_class, names) -> None:
     """--option-name for each config field in `names`: typed by the field, help and choices from its
-    metadata; a dict field takes JSON (inline or a file), a bool field is a switch."""
+    metadata (which may also name the flag); a dict field takes JSON (inline or a file), a bool field
+    is a switch (--name), and one that defaults to on also has --no-name."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for name in names:
         f, meta = fields[name], _field_metadata(config_class, name)
-        flag, kind = "--" + name.replace("_", "-"), _type_name(f)
+        flag, kind = "--" + meta.get("flag", name).replace("_", "-"), _type_name(f)
         if kind == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=meta.get("help"))
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            parser.add_argument(flag, dest=name, action=action, default=None, help=meta.get("help"))
         else:
             convert = {"int": int, "float": float}.get(kind, str)  # JSON is parsed by config_options
-            parser.add_argument(flag, type=convert, choices=meta.get("choices"), help=meta.get("help"))
+            parser.add_argument(flag, dest=name, type=convert, choices=meta.get("choices"), help=meta.get("help"))
 
 
 def _type_name(f) -> str:

@@ -17,6 +17,7 @@ BUILTIN_DECODERS = {
     "clipcap": "unembed.decoders.clipcap",
     "capdec": "unembed.decoders.capdec",
     "decap": "unembed.decoders.decap",
+    "viecap": "unembed.decoders.viecap",
     "iterative": "unembed.decoders.iterative",
     "coca": "unembed.decoders.coca",
 }

@@ -32,7 +32,7 @@ from unembed.tokenizers import encode_captions, make_tokenizer
 def option(default, help: str, choices: tuple | None = None, **kwargs):
     """A config field that is also a command-line option of `unembed train KIND` (see cli_options):
     its help and choices live here, beside the field, as peft's configs keep theirs."""
-    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    metadata = {"help": help, **({"choices": choices} if choices else {}), **kwargs.pop("metadata", {})}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -159,7 +159,7 @@ class PrefixDecoder(LMWeights, Decoder):
     # training
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        limit = min(self.config.max_caption_tokens, self.positions - self.config.prefix_length)
+        limit = min(self.config.max_caption_tokens, self.positions - self.config.prefix_length - self.prompt_room())
         return encode_captions(self.tokenizer, captions, limit, start=self.config.start_token)
 
     def prefix(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -203,6 +203,18 @@ class PrefixDecoder(LMWeights, Decoder):
                 inputs[row, start + k:] = embed(torch.tensor(prompt, device=prefix.device))
             mask[row, start:] = 1
         return inputs, mask
+
+    def prompt_room(self) -> int:
+        """The most LM positions a text prompt can take (kept free of caption tokens in training)."""
+        return 0
+
+    def fit_text(self, embedder, captions: list[str]) -> None:
+        """What the decoder learns from its training text before training starts (ViECap: its entity
+        vocabulary); nothing by default."""
+
+    def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
+        """Per-caption prompt token ids for training, drawn with `generator` (None: no prompt)."""
+        return None
 
     def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
         """Per-item prompt token ids placed after the soft prefix at inference (None: no prompt).

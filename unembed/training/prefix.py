@@ -26,6 +26,7 @@ class PrefixTask(Task):
         self.model = decoder
         self.vectors = vectors            # [V, D]: image embeddings (clipcap) or caption embeddings
         self.pair_vector = pair_vector    # [P]: which vector each caption is paired with
+        self.captions = captions
         self.tokens, self.lengths = decoder.encode_captions(captions)
         self.text_only = text_only
         self.validation = validation      # (Embedded of val images, {image_id: refs}) or None
@@ -38,10 +39,20 @@ class PrefixTask(Task):
         if self.text_only:
             vectors = self.model.bridge.for_training(vectors, generator)
         longest = int(self.lengths[indices].max())
-        return {"vectors": vectors, "tokens": self.tokens[indices, :longest], "lengths": self.lengths[indices]}
+        batch = {"vectors": vectors, "tokens": self.tokens[indices, :longest], "lengths": self.lengths[indices]}
+        prompts = self.model.training_prompts([self.captions[i] for i in indices.tolist()], generator)
+        if prompts is not None:  # as tensors, so that each process keeps its own rows of them
+            batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts])
+            batch["prompt_ids"] = torch.zeros(len(prompts), max(map(len, prompts), default=0), dtype=torch.long)
+            for row, prompt in enumerate(prompts):
+                batch["prompt_ids"][row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        return batch
 
     def loss(self, model, batch):
-        return model.caption_loss(batch["vectors"], batch["tokens"], batch["lengths"]), {}
+        prompts = None
+        if "prompt_ids" in batch:
+            prompts = [ids[:n].tolist() for ids, n in zip(batch["prompt_ids"], batch["prompt_lengths"].tolist())]
+        return model.caption_loss(batch["vectors"], batch["tokens"], batch["lengths"], prompts), {}
 
     def loss_units(self, batch):
         return float(batch["lengths"].sum())
@@ -116,6 +127,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     decoder_config = cls.config_class(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
                                       projection_size=projection, **decoder_options)
     decoder = cls(decoder_config, make_tokenizer(decoder_config, captions=captions))
+    decoder.fit_text(embedder, captions)
     if unique is not None:
         memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:projection]
         decoder.bridge.fit(vectors, None if images is None else images.vectors,

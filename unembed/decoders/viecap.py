@@ -1,0 +1,157 @@
+"""ViECap (Fei et al., ICCV 2023, "Transferable Decoding with Visual Entities for Zero-Shot Image
+Captioning"; FeiElysia/ViECap).
+
+CapDec's text-only training, with a hard prompt beside the soft one. The LM reads
+    [soft prompt: k vectors from the mapper over the noised embedding] "there are E1, E2 in image." caption
+where E1, E2 are entities. In training they are the entities the caption itself names, each left
+out with probability 0.4 (so the LM learns both to copy them and to do without them), in random
+order, at most 5 of them. At inference they are what the decoder's embedder detects in the image:
+zero-shot classification against its entity vocabulary (prompt-ensembled text embeddings,
+softmax of cos / 0.01), the top 3 with probability at least 0.2. With no entity the prompt says
+"something". Prompts carry no loss.
+
+The vocabulary (unembed/entities.py) is built from the training captions, or read from a file:
+"nouns" as ViECap's, or "phrases", attribute-noun phrases that include pairs the text never joined
+("purple star" from purple circles and red stars). Its text embeddings are computed once, when the
+decoder is trained, and saved with it.
+
+Differences from the reference, and why:
+- The prompt is lower-case ("there are ... in image."): a corpus BPE learned from lower-case
+  captions has no capital "T".
+- The default vocabulary comes from the training captions, not Visual Genome's 1,600 categories,
+  which would need a download.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unembed.decoders.base import register_decoder
+from unembed.decoders.prefix import PrefixConfig, PrefixDecoder, option
+from unembed.errors import BadInputError
+
+
+@dataclass
+class ViECapConfig(PrefixConfig):
+    mapper: str = "transformer"
+    prefix_length: int = 10
+    lm_mode: str = "full"
+    noise_variance: float = 0.016
+    hard_prompt: bool = option(True, "name the detected entities in a hard prompt (off: CapDec with this "
+                               "decoder's mapper, the ablation without entities)")
+    entity_vocabulary: str = option("nouns", "entities built from the training captions: head nouns (ViECap's), or "
+                                    "attribute-noun phrases, including pairs never seen together",
+                                    ("nouns", "phrases"))
+    entities_file: str = option("", "a text file of entities, one per line, instead of building them from the captions",
+                                metadata={"flag": "entities"})
+    entity_min_count: int = option(5, "an entity (and an attribute) must occur in this many training captions")
+    entity_similarity: float = option(0.5, "phrases: an attribute moves to a noun whose attributes overlap this much "
+                                      "(Jaccard) with those of a noun it was seen with")
+    entity_mask: float = option(0.4, "training: each entity is left out of the prompt with this probability")
+    max_entities: int = option(5, "training: at most this many of a caption's entities")
+    entity_top_k: int = option(3, "inference: at most this many detected entities")
+    entity_threshold: float = option(0.2, "inference: the least zero-shot probability of a detected entity")
+    entity_temperature: float = option(0.01, "zero-shot classification temperature (softmax of cos / temperature)")
+    prompt_template: str = "there are {} in image."
+    no_entity: str = "something"
+    entities: list = field(default_factory=list)  # the vocabulary, set when the decoder is trained
+
+
+@register_decoder
+class ViECapDecoder(PrefixDecoder):
+    kind = "viecap"
+    summary = "ViECap: CapDec's noisy soft prompt plus a hard prompt of detected entities"
+    config_class = ViECapConfig
+    # ViECap's COCO recipe (scripts/train_coco.sh): batch 80, lr 2e-5, 15 epochs.
+    train_defaults = dict(epochs=15, batch_size=80, lr=2e-5, warmup_steps=5000, weight_decay=0.0)
+    text_only = True
+    cli_options = PrefixDecoder.cli_options + (
+        "hard_prompt", "entity_vocabulary", "entities_file", "entity_min_count", "entity_similarity", "entity_mask",
+        "max_entities", "entity_top_k", "entity_threshold", "entity_temperature")
+
+    def __init__(self, config: ViECapConfig, tokenizer=None):
+        super().__init__(config, tokenizer)
+        self.register_buffer("entity_vectors", torch.zeros(len(config.entities), config.embed_dim))
+        self._vocabulary = None
+
+    @classmethod
+    def example(cls, embedder, captions, workdir) -> "ViECapDecoder":
+        decoder = super().example(embedder, captions, workdir)
+        decoder.config.entity_min_count = 1
+        decoder.fit_text(embedder, captions)
+        return decoder
+
+    @property
+    def vocabulary(self):
+        from unembed.entities import EntityVocabulary
+
+        if self._vocabulary is None:
+            self._vocabulary = EntityVocabulary(self.config.entities, self.config.entity_vocabulary)
+        return self._vocabulary
+
+    # training
+
+    def fit_text(self, embedder, captions: list[str]) -> None:
+        """Build the entity vocabulary (from the captions, or the entities file) and embed it once."""
+        from unembed.entities import EntityVocabulary, entity_vectors
+
+        cfg = self.config
+        if cfg.entities_file:
+            vocabulary = EntityVocabulary(_read_entities(cfg.entities_file), cfg.entity_vocabulary)
+        else:
+            vocabulary = EntityVocabulary.from_captions(captions, cfg.entity_vocabulary, cfg.entity_min_count,
+                                                        cfg.entity_similarity)
+        cfg.entities, self._vocabulary = vocabulary.entries, vocabulary
+        vectors = entity_vectors(embedder, vocabulary.entries) if vocabulary.entries else torch.zeros(0, cfg.embed_dim)
+        self.entity_vectors = vectors.to(self.entity_vectors.device)
+
+    def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
+        """Each caption's own entities, each kept with probability 1 - entity_mask, in random order."""
+        cfg = self.config
+        if not cfg.hard_prompt:
+            return None
+        prompts = []
+        for caption in captions:
+            named = self.vocabulary.caption_entities(caption)[:cfg.max_entities]
+            kept = [e for e, draw in zip(named, torch.rand(len(named), generator=generator).tolist())
+                    if draw >= cfg.entity_mask]
+            order = torch.randperm(len(kept), generator=generator).tolist()
+            prompts.append(self.prompt_ids([kept[i] for i in order]))
+        return prompts
+
+    def prompt_room(self) -> int:
+        cfg = self.config
+        longest = sorted(cfg.entities, key=lambda e: len(self.tokenizer.encode(e)))[-max(cfg.max_entities, cfg.entity_top_k):]
+        return len(self.prompt_ids(longest)) if cfg.hard_prompt else 0
+
+    def prompt_ids(self, entities: list[str]) -> list[int]:
+        cfg = self.config
+        return self.tokenizer.encode(cfg.prompt_template.format(", ".join(entities) or cfg.no_entity))
+
+    # inference
+
+    def detect(self, vectors: torch.Tensor) -> list[list[str]]:
+        """The entities the embedder sees in each embedding [N, D], best first."""
+        from unembed.entities import detect
+
+        cfg = self.config
+        return detect(vectors, cfg.entities, self.entity_vectors, cfg.entity_top_k, cfg.entity_threshold,
+                      cfg.entity_temperature)
+
+    def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
+        if not self.config.hard_prompt:
+            return None
+        return [self.prompt_ids(found) for found in self.detect(embedded.vectors)]
+
+
+def _read_entities(path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(path, f"cannot be read as an entity list ({e})") from None
+    entries = list(dict.fromkeys(line.strip().lower() for line in lines if line.strip()))
+    if not entries:
+        raise BadInputError(path, "holds no entities (one per line)")
+    return entries
