@@ -24,18 +24,26 @@ import psutil
 import torch
 
 
-def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
-    """(peak resident MB, seconds, exit code) of a command."""
+def _anonymous_kb(pid: int) -> int:
+    """RssAnon: resident memory that is the process's own, not pages of files it maps (safetensors
+    reads an embeddings file through mmap; those pages count in RSS but the kernel can drop them)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+def peak_rss_mb(command: list[str]) -> tuple[float, float, float, int]:
+    """(peak resident MB, peak anonymous resident MB, seconds, exit code) of a command."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watched, peak = psutil.Process(proc.pid), 0
+    watched, peak, anonymous = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
             peak = max(peak, watched.memory_info().rss)
-        except psutil.NoSuchProcess:
+            anonymous = max(anonymous, _anonymous_kb(proc.pid))
+        except (psutil.NoSuchProcess, FileNotFoundError, StopIteration):
             break
         time.sleep(0.05)
-    return peak / 2**20, time.perf_counter() - t0, proc.returncode
+    return peak / 2**20, anonymous / 2**10, time.perf_counter() - t0, proc.returncode
 
 
 def main() -> None:
@@ -65,13 +73,14 @@ def main() -> None:
 
         def run(label: str, n: int, source: list[str], fmt: str) -> None:
             out = tmp / f"captions-{label}-{n}.{'json' if fmt == 'coco' else 'jsonl'}"
-            mb, seconds, code = peak_rss_mb([sys.executable, "-m", "unembed.cli", "caption", *source,
+            mb, anonymous, seconds, code = peak_rss_mb([sys.executable, "-m", "unembed.cli", "caption", *source,
                                              "--decoder", str(tmp / "retrieval"), "--out", str(out), "--format", fmt,
                                              "--batch-size", str(args.batch_size), "--device", "cpu"])
             captioned = (len(json.loads(out.read_text())) if fmt == "coco" else sum(1 for _ in out.open())) \
                 if out.exists() else 0
             runs.append({"input": label, "items": n, "format": fmt, "captioned": captioned, "exit_code": code,
-                         "peak_rss_mb": round(mb, 1), "seconds": round(seconds, 1)})
+                         "peak_rss_mb": round(mb, 1), "peak_anonymous_mb": round(anonymous, 1),
+                         "seconds": round(seconds, 1)})
             print(runs[-1], flush=True)
 
         for n in sizes:
@@ -90,15 +99,17 @@ def main() -> None:
             del vectors
             run("embeddings", n, ["--embeddings", str(path)], "jsonl")
 
-    def growth(label: str, fmt: str) -> float:
-        peaks = [r["peak_rss_mb"] for r in runs if r["input"] == label and r["format"] == fmt]
+    def growth(label: str, fmt: str, key: str = "peak_rss_mb") -> float:
+        peaks = [r[key] for r in runs if r["input"] == label and r["format"] == fmt]
         return round(peaks[-1] - peaks[0], 1)
 
     result = {"benchmark": "caption_memory", "machine": platform.processor() or platform.machine(),
               "cpu_count": psutil.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
               "runs": runs, "peak_growth_mb": {"images jsonl": growth("images", "jsonl"),
                                                "images coco": growth("images", "coco"),
-                                               "embeddings": growth("embeddings", "jsonl")}}
+                                               "embeddings": growth("embeddings", "jsonl"),
+                                               "embeddings, anonymous": growth("embeddings", "jsonl",
+                                                                               "peak_anonymous_mb")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -101,12 +101,14 @@ class EntityVocabulary:
                 attributes_of[noun].add(attribute)
         entries = set()
         for noun in nouns:
-            if not attributes_of[noun]:
+            own = attributes_of[noun]
+            if not own:
                 entries.add(noun)
-            for other in nouns:
-                a, b = attributes_of[noun], attributes_of[other]
-                if a and b and len(a & b) / len(a | b) >= similarity:
-                    entries.update(f"{attribute} {noun}" for attribute in b)
+            entries.update(f"{attribute} {noun}" for attribute in own)
+            for other in nouns - {noun}:  # attributes of nouns that take alike ones
+                theirs = attributes_of[other]
+                if own and theirs and len(own & theirs) / len(own | theirs) >= similarity:
+                    entries.update(f"{attribute} {noun}" for attribute in theirs)
         return cls(sorted(entries), kind)
 
     def caption_entities(self, caption: str) -> list[str]:
@@ -139,3 +141,16 @@ def detect(vectors: torch.Tensor, entries: list[str], entry_vectors: torch.Tenso
     probs = (F.normalize(vectors.float(), dim=-1) @ entry_vectors.float().to(vectors.device).T / temperature).softmax(-1)
     top, index = probs.topk(min(top_k, len(entries)), dim=-1)
     return [[entries[i] for p, i in zip(ps.tolist(), ix.tolist()) if p >= threshold] for ps, ix in zip(top, index)]
+
+
+def detection_scores(detected: list[list[str]], references: list[list[str]], vocabulary: EntityVocabulary) -> dict:
+    """Micro precision and recall of detected entities against the entities the reference captions
+    name (the union over each image's references)."""
+    hits = found = named = 0
+    for predicted, refs in zip(detected, references):
+        truth = {e for ref in refs for e in vocabulary.caption_entities(ref)}
+        hits += len(set(predicted) & truth)
+        found += len(set(predicted))
+        named += len(truth)
+    return {"precision": round(hits / found, 4) if found else None, "recall": round(hits / named, 4) if named else None,
+            "entities_per_image": round(found / max(1, len(detected)), 2)}

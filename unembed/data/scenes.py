@@ -436,6 +436,22 @@ class _Parser:
         return items, relation, background
 
 
+def named_pairs(caption: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names: a colour word right before a shape word, singular or
+    plural, grammatical or not ("two violet stars" names ("purple", "star"))."""
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    colours = {w: c for c, ws in COLOUR_WORDS.items() for w in ws}
+    shapes = {tuple(w.split()): s for s, ws in SHAPE_WORDS.items() for w in ws}
+    shapes |= {k[:-1] + (_plural(k[-1]),): s for k, s in shapes.items()}
+    found = set()
+    for i, word in enumerate(words[:-1]):
+        if word in colours:
+            for n in (1, 2):
+                if tuple(words[i + 1:i + 1 + n]) in shapes:
+                    found.add((colours[word], shapes[tuple(words[i + 1:i + 1 + n])]))
+    return found
+
+
 def caption_is_true(caption: str, scene: Scene) -> bool:
     """Whether `caption` parses in the scenes grammar and every claim in it holds in `scene`."""
     try:

@@ -1,0 +1,135 @@
+"""ViECap: entity vocabularies (nouns; attribute-noun phrases that name pairs never seen together),
+entity masking in training, zero-shot detection at inference, and the command line. Loss, save/load
+and greedy-equals-a-naive-loop run for viecap with every prefix decoder (tests/test_prefix.py)."""
+import json
+
+import pytest
+import torch
+
+from unembed.cli import EXIT_FAILED, EXIT_OK, main
+from unembed.data.scenes import named_pairs
+from unembed.decoders import create_decoder, load_decoder
+from unembed.entities import Chunk, EntityVocabulary, chunks, detect, detection_scores
+
+# Colours seen with circles and squares; stars seen only in red and green; "purple star" never.
+CORPUS = ["a red circle", "a purple circle on the left", "two green circles", "a red star at the top",
+          "a green star and a red square", "a purple square", "a green square", "three red stars",
+          "a blue circle on a flat background", "a blue square"] * 3
+
+
+def test_chunks_are_head_nouns_with_the_word_before_them():
+    assert chunks("A tiny red circle at the top left, next to two big blue squares.") == [
+        Chunk("circle", "red"), Chunk("squares", "blue")]
+    assert chunks("there are two black plus signs on a flat background") == [
+        Chunk("signs", "plus"), Chunk("background", "flat")]
+
+
+def test_noun_vocabulary_folds_plurals_and_keeps_nouns_seen_often_enough():
+    vocabulary = EntityVocabulary.from_captions(CORPUS, "nouns", min_count=3)
+    assert vocabulary.entries == ["background", "circle", "square", "star"]
+    assert EntityVocabulary.from_captions(CORPUS, "nouns", min_count=4).entries == ["circle", "square", "star"]
+    assert vocabulary.caption_entities("two stars beside a circle and another star") == ["star", "circle"]
+
+
+def test_phrase_vocabulary_names_pairs_the_text_never_joined():
+    vocabulary = EntityVocabulary.from_captions(CORPUS, "phrases", min_count=3)
+    assert "purple star" in vocabulary.entries and "blue star" in vocabulary.entries  # never in the corpus
+    assert "red circle" in vocabulary.entries and "flat background" in vocabulary.entries
+    assert "flat star" not in vocabulary.entries and "purple background" not in vocabulary.entries
+    assert vocabulary.caption_entities("two purple stars on a flat background") == ["purple star", "flat background"]
+    strict = EntityVocabulary.from_captions(CORPUS, "phrases", min_count=3, similarity=1.01)  # no transfer at all
+    assert "purple star" not in strict.entries and "red star" in strict.entries
+
+
+def test_detection_keeps_the_top_k_above_the_threshold():
+    entries = ["circle", "square", "star", "heart"]
+    vectors = torch.eye(4)
+    image = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    found = detect(image, entries, vectors, top_k=3, threshold=0.2, temperature=0.1)
+    assert found[0] == ["circle", "square"] and found[1] == ["heart"] and len(found[2]) == 3
+    assert detect(image, entries, vectors, top_k=1, threshold=0.0, temperature=0.1)[0] == ["circle"]
+    scores = detection_scores([["circle", "star"]], [["a red circle", "a square"]],
+                              EntityVocabulary(entries, "nouns"))
+    assert scores["precision"] == 0.5 and scores["recall"] == 0.5
+
+
+def _viecap(embedder, **options):
+    from tests.test_prefix import tiny
+
+    decoder = tiny("viecap", embedder, mapper="mlp", entity_min_count=3, **options)
+    decoder.fit_text(embedder, CORPUS)
+    return decoder
+
+
+def _said(decoder, ids) -> str:
+    return decoder.tokenizer.decode(ids).replace(" ,", ",").replace(" .", ".")  # CLIP's BPE spaces punctuation
+
+
+def test_training_prompts_name_each_entity_with_probability_one_minus_mask(embedder):
+    decoder = _viecap(embedder, entity_mask=0.0)
+    caption = "a red star next to two green circles"
+    generator = torch.Generator().manual_seed(0)
+    prompts = {_said(decoder, decoder.training_prompts([caption], generator)[0]) for _ in range(20)}
+    assert prompts == {"there are star, circle in image.", "there are circle, star in image."}  # random order
+    decoder.config.entity_mask = 1.0
+    assert _said(decoder, decoder.training_prompts([caption], generator)[0]) == "there are something in image."
+    decoder.config.entity_mask = 0.4
+    named = [_said(decoder, p).count(",") + 1 - ("something" in _said(decoder, p))
+             for p in decoder.training_prompts([caption] * 2000, torch.Generator().manual_seed(1))]
+    assert 0.55 < sum(named) / (2 * len(named)) < 0.65  # each of the 2 entities kept with p = 0.6
+    decoder.config.hard_prompt = False
+    assert decoder.training_prompts([caption], generator) is None
+
+
+def test_inference_prompts_name_what_the_embedder_detects(embedder):
+    decoder = _viecap(embedder, entity_threshold=0.0, entity_top_k=2)
+    from unembed.embedders import Embedded
+
+    embedded = Embedded(embedder.embed_texts(["a photo of a star.", "a photo of a circle."]), ["0", "1"],
+                        embedder.id, embedder.spec, "image")
+    found = decoder.detect(embedded.vectors)
+    assert [len(f) for f in found] == [2, 2] and all(set(f) <= set(decoder.config.entities) for f in found)
+    prompts = decoder.text_prompts(embedded, embedded.vectors)
+    assert [_said(decoder, p) for p in prompts] == [f"there are {', '.join(f)} in image." for f in found]
+
+
+def test_vocabulary_and_its_vectors_round_trip(embedder, tmp_path):
+    decoder = _viecap(embedder, entity_vocabulary="phrases")
+    decoder.save(tmp_path / "v")
+    again = load_decoder(tmp_path / "v")
+    assert again.config.entities == decoder.config.entities and "purple star" in again.config.entities
+    torch.testing.assert_close(again.entity_vectors, decoder.entity_vectors)
+    assert again.vocabulary.caption_entities("a purple star") == ["purple star"]
+
+
+def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_path, scenes_dir, embedder_dir):
+    entities = tmp_path / "entities.txt"
+    entities.write_text("Circle\nsquare\n\nstar\ncircle\n")
+    out = tmp_path / "viecap"
+    common = ["train", "viecap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--out", str(out),
+              "--lm", "scratch", "--tokenizer", "corpus:64", "--lm-config", '{"n_layer": 1, "n_embd": 32}',
+              "--mapper", "mlp", "--prefix-length", "2", "--max-steps", "2", "--batch-size", "8", "--device", "cpu"]
+    assert main([*common, "--entities", str(entities)]) == EXIT_OK
+    assert json.loads((out / "config.json").read_text())["config"]["entities"] == ["circle", "square", "star"]
+    vectors = tmp_path / "vectors.safetensors"
+    images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:3]
+    assert main(["embed", *images, "--embedder", str(embedder_dir), "--out", str(vectors), "--device", "cpu"]) == EXIT_OK
+    captions = tmp_path / "captions.jsonl"
+    assert main(["caption", "--embeddings", str(vectors), "--decoder", str(out), "--out", str(captions),
+                 "--max-length", "4", "--device", "cpu"]) == EXIT_OK
+    assert [json.loads(line)["decoder"] for line in captions.read_text().splitlines()] == ["viecap"] * 3
+
+
+def test_an_empty_entities_file_is_refused_in_one_line(tmp_path, scenes_dir, embedder_dir, capsys):
+    empty = tmp_path / "none.txt"
+    empty.write_text("\n\n")
+    code = main(["train", "viecap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--out",
+                 str(tmp_path / "x"), "--lm", "scratch", "--entities", str(empty), "--max-steps", "1", "--device", "cpu"])
+    assert code == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.txt" in err[0] and "holds no entities" in err[0]
+
+
+def test_named_pairs_reads_colour_shape_pairs_in_any_caption():
+    assert named_pairs("two violet stars, an orange heart and a plus sign") == {("purple", "star"), ("orange", "heart")}
+    assert named_pairs("a black plus sign") == {("black", "cross")} and named_pairs("purple") == set()
