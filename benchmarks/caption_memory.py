@@ -43,7 +43,8 @@ def peak_rss_mb(command: list[str]) -> tuple[float, float, float, int]:
         except (psutil.NoSuchProcess, FileNotFoundError, StopIteration):
             break
         time.sleep(0.05)
-    return peak / 2**20, anonymous / 2**10, time.perf_counter() - t0, proc.returncode
+    code = proc.wait()  # the process may have ended between a poll and a read
+    return peak / 2**20, anonymous / 2**10, time.perf_counter() - t0, code
 
 
 def main() -> None:
