@@ -109,7 +109,7 @@ def test_caption_without_a_decoder_uses_the_bundle_and_demo_shows_every_decoder(
 
 def test_the_shipped_bundle_is_small_and_captions_the_example_images_with_no_flags():
     info = manifest(BUNDLE_DIR)
-    assert set(info["decoders"]) == {"retrieval", "clipcap", "capdec", "decap", "iterative", "coca"}
+    assert set(info["decoders"]) == {"retrieval", "clipcap", "capdec", "decap", "viecap", "iterative", "coca"}
     size = sum(f.stat().st_size for f in BUNDLE_DIR.rglob("*") if f.is_file())
     assert size <= MAX_BYTES
     examples = sorted(str(p) for p in (REPO / "examples").glob("*.png"))

@@ -21,7 +21,9 @@ SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-
          "train clipcap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "train capdec": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "train decap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
+         "train viecap": ["--max-steps", "3", "--batch-size", "16", "--warmup-steps", "1"],
          "caption scenes/test/images": ["--max-length", "6"],
+         "caption scenes/compositional/images": ["--max-length", "6"],
          "compare --data": ["--max-steps", "2", "--max-images", "8", "--no-spice", "--no-meteor"],
          "eval --results": ["--no-meteor"],  # METEOR's JVM is tested in test_metrics; here it would cost 10 s a call
          "demo --out": ["--n", "2"]}
@@ -70,7 +72,10 @@ def test_quickstart_then_prefix_decoders_run(tmp_path):
     for argv in commands("prefix"):
         result = run_small(argv, tmp_path)
     assert "| capdec-test |" in result.stdout
-    for kind in ("clipcap", "capdec", "decap"):
+    for argv in commands("viecap"):
+        run_small(argv, tmp_path)
+    assert (tmp_path / "viecap-compositional-captions.jsonl").read_text().count("\n") == 16  # --n-eval 16
+    for kind in ("clipcap", "capdec", "decap", "viecap"):
         assert (tmp_path / "models" / kind / "config.json").is_file()
 
 
