@@ -29,16 +29,14 @@ from pathlib import Path
 import torch
 
 from unembed.decoders.base import register_decoder
-from unembed.decoders.prefix import PrefixConfig, PrefixDecoder, option
+from unembed.decoders.capdec import CapDecConfig
+from unembed.decoders.prefix import PrefixDecoder, option
 from unembed.errors import BadInputError
 
 
 @dataclass
-class ViECapConfig(PrefixConfig):
+class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.016), ViECap's transformer mapper
     mapper: str = "transformer"
-    prefix_length: int = 10
-    lm_mode: str = "full"
-    noise_variance: float = 0.016
     hard_prompt: bool = option(True, "name the detected entities in a hard prompt (off: CapDec with this "
                                "decoder's mapper, the ablation without entities)")
     entity_vocabulary: str = option("nouns", "entities built from the training captions: head nouns (ViECap's), or "
