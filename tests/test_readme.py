@@ -110,7 +110,7 @@ def test_compare_commands_run(tmp_path, scenes_dir, embedder_dir):
         run_small(argv, tmp_path)
     compared = json.loads((tmp_path / "compare-run" / "compare.json").read_text())
     assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
-        (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "iterative", "coca")]
+        (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "viecap", "iterative", "coca")]
     assert (tmp_path / "compare-run" / "report.html").is_file() and (tmp_path / "gap" / "gap.png").is_file()
 
 
