@@ -55,6 +55,8 @@ def test_pruned_vocabulary_names_the_words_it_does_not_know_once(embedder, scene
 @pytest.fixture(scope="module")
 def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "bundle"
+    out.mkdir()
+    (out / "__init__.py").write_text("# the loader, as in unembed/bundle/\n")  # packing must keep it
     info = pack(compare_dir[0], scenes_dir, out)
     return out, info
 
@@ -62,6 +64,7 @@ def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
 def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare_dir, scenes_dir):
     out, info = tiny_bundle
     assert info["decoders"] == ["retrieval", "decap"] and info["default"] in info["decoders"]
+    assert (out / "__init__.py").read_text() == "# the loader, as in unembed/bundle/\n"
     assert json.loads((out / "bundle.json").read_text())["scores"]["retrieval"]["CIDEr"] is not None
     images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))
     original = caption(images, str(compare_dir[0] / "models" / "retrieval"), device="cpu")
