@@ -57,23 +57,34 @@ def test_make_demo_runs_exactly_the_quickstart():
 
 
 def run_small(argv, cwd):
-    extra = next((flags for key, flags in SMALL.items() if " ".join(argv[1:3]) == key), [])
-    result = run(argv + extra, cwd)
+    result = run(argv + small(argv), cwd)
     assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
     return result
 
 
+def run_in_one_process(argvs, cwd, extra, env=None):
+    """`unembed ARGS` for each command, in order, in ONE process (tests/run_commands.py, which stops at
+    the first failure): the same commands, with Python's and torch's start-up paid once, not per line."""
+    assert all(argv[0] == "unembed" for argv in argvs)
+    listing = Path(cwd) / f".commands-{len(list(Path(cwd).glob('.commands-*')))}.json"
+    listing.write_text(json.dumps([argv[1:] + extra(argv) for argv in argvs]))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(listing)], cwd=cwd,
+                            capture_output=True, text=True, timeout=900, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def small(argv) -> list[str]:
+    return next((flags for key, flags in SMALL.items() if " ".join(argv[1:3]) == key), [])
+
+
 @pytest.mark.slow
 def test_quickstart_then_prefix_decoders_run(tmp_path):
-    for argv in commands("quickstart"):
-        result = run_small(argv, tmp_path)
-    assert re.search(r"\| CIDEr", result.stdout) and "CLIPScore" in result.stdout  # the last eval's table
+    result = run_in_one_process(commands("quickstart"), tmp_path, small)
+    assert re.search(r"\| CIDEr", result.stdout) and "CLIPScore" in result.stdout  # the evals' tables
     assert (tmp_path / "test-scores.json").is_file() and (tmp_path / "compositional-scores.json").is_file()
-    for argv in commands("prefix"):
-        result = run_small(argv, tmp_path)
+    result = run_in_one_process(commands("prefix") + commands("viecap"), tmp_path, small)
     assert "| capdec-test |" in result.stdout
-    for argv in commands("viecap"):
-        run_small(argv, tmp_path)
     assert (tmp_path / "viecap-compositional-captions.jsonl").read_text().count("\n") == 16  # --n-eval 16
     for kind in ("clipcap", "capdec", "decap", "viecap"):
         assert (tmp_path / "models" / kind / "config.json").is_file()
@@ -163,10 +174,11 @@ def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, sc
     commits = write_hub_cache(tmp_path / "hf", split_captions(scenes_dir / "train"))
     karpathy_fixture(scenes_dir, tmp_path)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for argv in commands("pretrained"):
+    def pretrained_small(argv):
         key = next((k for k in PRETRAINED_SMALL if " ".join(argv[1:]).startswith(k)), None)
-        result = run(argv + PRETRAINED_SMALL.get(key, []), tmp_path, env)
-        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
+        return PRETRAINED_SMALL.get(key, [])
+
+    run_in_one_process(commands("pretrained"), tmp_path, pretrained_small, env)
     assert len((tmp_path / "photos-captions.jsonl").read_text().splitlines()) == 3
     compared = json.loads((tmp_path / "compare-coco" / "compare.json").read_text())
     assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
