@@ -63,16 +63,15 @@ def pairs_in_images(split_dir: Path) -> dict[str, set]:
             for s in load_split(split_dir)}
 
 
-def detection(model_dir: Path, split_dir: Path, embedder_spec: str) -> dict:
+def detection(model_dir: Path, split_dir: Path, embedder) -> dict:
     from unembed.data.splits import embed_split, load_split
     from unembed.decoders import load_decoder
-    from unembed.embedders import load_embedder
     from unembed.entities import detection_scores
 
     decoder = load_decoder(model_dir)
     if not getattr(decoder.config, "hard_prompt", False):
         return {}
-    embedded = embed_split(load_embedder(embedder_spec, "cpu"), split_dir)
+    embedded = embed_split(embedder, split_dir)
     _, references, _ = load_split(split_dir)
     found = decoder.detect(embedded.vectors)
     return {"vocabulary_size": len(decoder.config.entities), **detection_scores(found, references, decoder.vocabulary),
@@ -103,7 +102,8 @@ def main() -> None:
 
     from unembed.embedders import load_embedder
 
-    result = {"embedder": args.embedder, "embedder_id": load_embedder(args.embedder, "cpu").id, "data": f"scenes world, {args.n} training images, seed 0",
+    embedder = load_embedder(args.embedder, "cpu")  # detection embeds each split once, with this
+    result = {"embedder": args.embedder, "embedder_id": embedder.id, "data": f"scenes world, {args.n} training images, seed 0",
               "recipe": CONFIG, "decoders": {}}
     in_image = pairs_in_images(data / "compositional")
     for name in names:
@@ -112,7 +112,7 @@ def main() -> None:
             compared = json.loads((work / split / "compare.json").read_text())
             metrics = next(r for r in compared["decoders"] if r["name"] == name)["metrics"]
             row[split] = {k: metrics.get(k) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore")}
-            row[split]["detection"] = detection(work / "test" / "models" / name, data / split, args.embedder)
+            row[split]["detection"] = detection(work / "test" / "models" / name, data / split, embedder)
         records = [json.loads(line) for line in (work / "compositional" / "captions" / f"{name}.jsonl").open()]
         row["compositional"].update(heldout_counts({str(r["image_id"]): r["caption"] for r in records}, in_image))
         row["example_compositional_caption"] = records[0]["caption"]

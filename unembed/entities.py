@@ -86,12 +86,10 @@ class EntityVocabulary:
                       similarity: float = 0.5) -> "EntityVocabulary":
         """The vocabulary of a caption corpus (see the module docstring)."""
         seen = [chunks(c) for c in captions]
-        heads = Counter(ch.noun for cs in seen for ch in set(cs))
-        singular = {w: _singular(w, set(heads)) for w in heads}
-        nouns = Counter()
-        for word, count in heads.items():
-            nouns[singular[word]] += count
-        nouns = {n for n, count in nouns.items() if count >= min_count}
+        heads = {ch.noun for cs in seen for ch in cs}
+        singular = {w: _singular(w, heads) for w in heads}
+        captions_naming = Counter(n for cs in seen for n in {singular[ch.noun] for ch in cs})  # once per caption
+        nouns = {n for n, count in captions_naming.items() if count >= min_count}
         if kind == "nouns":
             return cls(sorted(nouns), kind)
         pairs = Counter((ch.attribute, singular[ch.noun]) for cs in seen for ch in set(cs) if ch.attribute)

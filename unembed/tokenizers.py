@@ -157,9 +157,13 @@ def encode_captions(tokenizer, captions: list[str], limit: int,
     """Token ids [N, T] (the start token if asked, the caption cut to fit `limit`, the end token;
     right-padded with the end token) and lengths [N]: padding is told apart by length, not by value."""
     eos, head = tokenizer.eos_id, [tokenizer.bos_id] if start else []
-    ids = [head + tokenizer.encode(c)[:limit - 1 - len(head)] + [eos] for c in captions]
-    lengths = torch.tensor([len(i) for i in ids])
-    tokens = torch.full((len(ids), int(lengths.max())), eos, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        tokens[row, :len(seq)] = torch.tensor(seq)
+    return pad_right([head + tokenizer.encode(c)[:limit - 1 - len(head)] + [eos] for c in captions], eos)
+
+
+def pad_right(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists as one tensor [N, longest] right-padded with `value`, and their lengths [N]."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    tokens = torch.full((len(rows), max(map(len, rows), default=0)), value, dtype=torch.long)
+    for row, seq in enumerate(rows):
+        tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
     return tokens, lengths

@@ -73,6 +73,7 @@ class ViECapDecoder(PrefixDecoder):
         super().__init__(config, tokenizer)
         self.register_buffer("entity_vectors", torch.zeros(len(config.entities), config.embed_dim))
         self._vocabulary = None
+        self._named: dict[str, list[str]] = {}  # training: each caption's entities
 
     @classmethod
     def example(cls, embedder, captions, workdir) -> "ViECapDecoder":
@@ -101,7 +102,7 @@ class ViECapDecoder(PrefixDecoder):
         else:
             vocabulary = EntityVocabulary.from_captions(captions, cfg.entity_vocabulary, cfg.entity_min_count,
                                                         cfg.entity_similarity)
-        cfg.entities, self._vocabulary = vocabulary.entries, vocabulary
+        cfg.entities, self._vocabulary, self._named = vocabulary.entries, vocabulary, {}
         vectors = entity_vectors(embedder, vocabulary.entries) if vocabulary.entries else torch.zeros(0, cfg.embed_dim)
         self.entity_vectors = vectors.to(self.entity_vectors.device)
 
@@ -112,7 +113,9 @@ class ViECapDecoder(PrefixDecoder):
             return None
         prompts = []
         for caption in captions:
-            named = self.vocabulary.caption_entities(caption)[:cfg.max_entities]
+            if caption not in self._named:  # read each caption once, not once per epoch
+                self._named[caption] = self.vocabulary.caption_entities(caption)
+            named = self._named[caption][:cfg.max_entities]
             kept = [e for e, draw in zip(named, torch.rand(len(named), generator=generator).tolist())
                     if draw >= cfg.entity_mask]
             order = torch.randperm(len(kept), generator=generator).tolist()

@@ -107,16 +107,17 @@ class CoCaTask(ClipTask):
         logits = model.text_decoder(image_tokens, text_tokens[:, :length - 1])
         # open_clip's CoCaLoss on one process: weight * InfoNCE + weight * token-mean cross-entropy
         # (pads ignored); the contrastive half is skipped at weight 0, as open_clip does.
+        scale = model.logit_scale.exp()
         contrastive = torch.zeros((), device=pixels.device)
         if self.weights[0]:
-            contrastive = self.weights[0] * contrastive_loss(image_latent, text_latent, model.logit_scale.exp())
+            contrastive = self.weights[0] * contrastive_loss(image_latent, text_latent, scale)
         caption_sum = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:length], ignore_index=self.pad_id,
                                       reduction="sum")
         caption = self.weights[1] * caption_sum / batch["caption_tokens"]
         part = contrastive * len(tokens) / batch["rows"] + caption
         return part, {"contrastive_loss": round(contrastive.item(), 5),
                       "caption_loss": round((caption * batch["rows"] / len(tokens)).item(), 5),
-                      "logit_scale": round(model.logit_scale.exp().item(), 2)}
+                      "logit_scale": round(scale.item(), 2)}
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         pixels = normalise_pixels(images, self.preprocess["mean"], self.preprocess["std"])

@@ -15,6 +15,7 @@ import torch
 from unembed.data.splits import embed_split, has_split, load_split
 from unembed.errors import BadInputError
 from unembed.io import write_json
+from unembed.tokenizers import pad_right
 from unembed.training.loop import Task, TrainConfig, fit
 
 VALIDATION_IMAGES = 200
@@ -42,10 +43,7 @@ class PrefixTask(Task):
         batch = {"vectors": vectors, "tokens": self.tokens[indices, :longest], "lengths": self.lengths[indices]}
         prompts = self.model.training_prompts([self.captions[i] for i in indices.tolist()], generator)
         if prompts is not None:  # as tensors, so that each process keeps its own rows of them
-            batch["prompt_lengths"] = torch.tensor([len(p) for p in prompts])
-            batch["prompt_ids"] = torch.zeros(len(prompts), max(map(len, prompts), default=0), dtype=torch.long)
-            for row, prompt in enumerate(prompts):
-                batch["prompt_ids"][row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            batch["prompt_ids"], batch["prompt_lengths"] = pad_right(prompts, 0)
         return batch
 
     def loss(self, model, batch):
