@@ -168,3 +168,21 @@ def test_an_internal_error_has_its_own_exit_code_and_keeps_its_traceback(retriev
     assert "in broken" in Path(saved).read_text()
     assert main(["--debug", "caption", image, "--decoder", str(retrieval_dir), "--device", "cpu"]) == EXIT_INTERNAL
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_workers_give_the_same_records_in_input_order_and_report_bad_files(scenes_dir, retrieval_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in sorted((scenes_dir / "test" / "images").glob("*.png"))[:5]:
+        shutil.copy(p, folder / p.name)
+    (folder / "000003_broken.png").write_bytes(b"not an image")
+    outputs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}.jsonl"
+        assert main(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out), "--batch-size", "2",
+                     "--workers", str(workers), "--device", "cpu"]) == EXIT_PARTIAL
+        outputs[workers] = [(r["file"], r["caption"]) for r in _read_jsonl(out)]
+    assert outputs[0] == outputs[2] and len(outputs[2]) == 5
+    assert [f for f, _ in outputs[2]] == sorted(f for f, _ in outputs[2])  # input order

@@ -85,3 +85,17 @@ def test_every_decoder_declares_its_needs(kind):
 
     cls = decoder_class(kind)
     assert cls.kind == kind and isinstance(cls.needs_tokens, bool) and isinstance(cls.text_only, bool)
+
+
+def test_decap_projection_in_chunks_equals_the_whole_matrix():
+    from unembed.memory import TextMemory
+
+    torch.manual_seed(0)
+    memory = TextMemory(500, 16)
+    memory.fill([str(i) for i in range(500)], torch.randn(500, 16))
+    queries = torch.randn(37, 16)
+    q = torch.nn.functional.normalize(queries, dim=-1)
+    whole = torch.nn.functional.normalize(torch.softmax(q @ memory.vectors.T / 0.01, dim=-1) @ memory.vectors, dim=-1)
+    for budget in (500, 500 * 5, 10 ** 9):  # one query at a time, chunks of 5 (the last one short), all at once
+        # equal up to fp32 rounding (a one-row product takes another kernel than a many-row one)
+        torch.testing.assert_close(memory.project(queries, 0.01, budget=budget), whole, atol=2e-5, rtol=1e-4)

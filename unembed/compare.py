@@ -152,7 +152,7 @@ def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict)
 
 
 def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_images: int, batch_size: int,
-                device: str, out_file: str) -> dict:
+                device: str, out_file: str, workers: int = 0) -> dict:
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
     from unembed.data.splits import embed_split
@@ -170,7 +170,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
 
         embedder = decoder.embedder if decoder.needs_embedder else load_embedder(
             resolve_embedder_spec(decoder.config.to_dict(), decoder_dir), device)
-        embedded = embed_split(embedder, split_dir, with_tokens=decoder.needs_tokens)
+        embedded = embed_split(embedder, split_dir, with_tokens=decoder.needs_tokens, workers=workers)
     embedded = embedded.select(range(min(max_images, len(embedded))))
     embed_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
 def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split: str = "test",
             config: dict | None = None, max_steps: int | None = None, max_images: int | None = None,
             batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True, meteor: bool = True,
-            log=lambda message: None) -> dict:
+            workers: int = 0, log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
     from unembed.data.splits import has_split, load_split
     from unembed.data.splits import image_domains, split_file
@@ -215,7 +215,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         if not e.given:
             rows[e.name].update(_train(e, data, embedder_spec, recipe(e.name, e.kind, overrides, max_steps), device, log))
 
-    shared = _shared_pass(embedder_spec, split_dir, device, log)
+    shared = _shared_pass(embedder_spec, split_dir, device, log, workers)
     n_images = min(max_images or len(shared["embedded"]), len(shared["embedded"]))
     captions = {}
     for e in entries:
@@ -223,7 +223,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             continue
         log(f"captioning {n_images} {split} images with {e.name}")
         done = _in_fresh_process(caption_job, str(e.path), str(split_dir), shared["path"], n_images, batch_size,
-                                 device, str(out / "captions" / f"{e.name}.jsonl"))
+                                 device, str(out / "captions" / f"{e.name}.jsonl"), workers)
         captions[e.name] = done.pop("captions", None)
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
@@ -283,7 +283,7 @@ def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: 
     return done
 
 
-def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
+def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log, workers: int = 0) -> dict:
     """The one embedding pass of the split (cached beside it), and the embedder for CLIPScore."""
     from unembed.data.splits import embed_split, split_cache
     from unembed.embedders import load_embedder
@@ -291,7 +291,7 @@ def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log) -> dict:
     embedder = load_embedder(embedder_spec, device)
     log(f"embedding {split_dir} with {embedder_spec}")
     t0 = time.perf_counter()
-    embedded = embed_split(embedder, split_dir)
+    embedded = embed_split(embedder, split_dir, workers=workers)
     return {"embedder": embedder, "embedded": embedded, "seconds": round(time.perf_counter() - t0, 2),
             "path": str(split_cache(split_dir, embedder.id))}
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from unembed import __version__
+from unembed import __version__, text_tower
 from unembed.compat import import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.hub import force_hub_offline, hub_reachable
@@ -147,7 +147,7 @@ class Embedder:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+            out.append(text_tower.encode_text(self.model, tokens).float().cpu())  # over real length, not padding
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     @torch.no_grad()
@@ -160,15 +160,20 @@ class Embedder:
 
     def embed(self, images: Sequence, ids: Sequence[str], with_tokens: bool = False, batch_size: int = 64) -> Embedded:
         """Embed images once into an `Embedded` (with CoCa's image tokens when asked)."""
+        parts = [self.embed_pixels(pixels, ids[i * batch_size:(i + 1) * batch_size], with_tokens)
+                 for i, pixels in enumerate(self._pixel_batches(images, batch_size))]
+        return Embedded.concat(parts) if parts else Embedded(torch.empty(0, self.dim), [], self.id, self.spec, "image")
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: torch.Tensor, ids: Sequence[str], with_tokens: bool = False) -> Embedded:
+        """Embed one batch of preprocessed pixels [B, 3, H, W] (pipeline.iter_pixel_batches gives them)."""
+        pixels = pixels.to(self.device)
         if with_tokens:
-            latents, tokens = [], []
-            with torch.no_grad():
-                for pixels in self._pixel_batches(images, batch_size):
-                    latent, toks = self.model._encode_image(pixels)
-                    latents.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu())
-                    tokens.append(toks.float().cpu())
-            return Embedded(torch.cat(latents), list(ids), self.id, self.spec, "image", torch.cat(tokens))
-        return Embedded(self.embed_images(images, batch_size), list(ids), self.id, self.spec, "image")
+            latent, tokens = self.model._encode_image(pixels)
+            return Embedded(torch.nn.functional.normalize(latent.float(), dim=-1).cpu(), list(ids), self.id, self.spec,
+                            "image", tokens.float().cpu())
+        vectors = self.model.encode_image(pixels, normalize=True).float().cpu()
+        return Embedded(vectors, list(ids), self.id, self.spec, "image")
 
     def check(self, embedded: Embedded) -> None:
         if embedded.embedder_id and embedded.embedder_id != self.id:

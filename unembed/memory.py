@@ -13,6 +13,8 @@ import torch
 from unembed.errors import ModelLoadError
 from unembed.io import write_json
 
+PROJECTION_BUDGET = 1 << 24  # similarity entries held at once by a projection (64 MB of fp32)
+
 
 class TextMemory(torch.nn.Module):
     """Caption texts with their embeddings, searched in chunks so N x M never sits in memory at once."""
@@ -34,11 +36,15 @@ class TextMemory(torch.nn.Module):
         return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
     @torch.no_grad()
-    def project(self, queries: torch.Tensor, tau: float) -> torch.Tensor:
-        """DeCap's training-free projection: normalise(softmax(q . T^T / tau) . T), [N, D] -> [N, D]."""
+    def project(self, queries: torch.Tensor, tau: float, budget: int = PROJECTION_BUDGET) -> torch.Tensor:
+        """DeCap's training-free projection: normalise(softmax(q . T^T / tau) . T), [N, D] -> [N, D].
+        Queries go in chunks of `budget` // M rows, so the weights held at once are O(chunk x M), never
+        N x M; each row's result is computed exactly as unchunked."""
         queries = torch.nn.functional.normalize(queries.float().to(self.vectors.device), dim=-1)
-        weights = torch.softmax(queries @ self.vectors.T / tau, dim=-1)
-        return torch.nn.functional.normalize(weights @ self.vectors, dim=-1)
+        chunk = max(1, budget // max(1, len(self.vectors)))
+        parts = [torch.softmax(queries[i:i + chunk] @ self.vectors.T / tau, dim=-1) @ self.vectors
+                 for i in range(0, len(queries), chunk)]
+        return torch.nn.functional.normalize(torch.cat(parts) if parts else queries, dim=-1)
 
     def save_texts(self, path: Path) -> None:
         write_json(path, self.texts)

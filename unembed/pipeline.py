@@ -21,35 +21,67 @@ def image_id(path: str) -> int | str:
     return int(stem) if stem.isdigit() else stem
 
 
-def iter_image_batches(paths: Sequence[str], batch_size: int,
-                       on_error: Callable[[BadInputError], None]) -> Iterator[tuple[list[str], list]]:
-    """Load images batch by batch (memory stays bounded by one batch), reporting bad ones."""
-    files, errors = expand_inputs(paths)
-    for e in errors:
-        on_error(e)
-    batch_paths, batch_images = [], []
-    for path in files:
+class ImageFiles:
+    """A torch map-style dataset of image files: item i is (i, pixels) after the embedder's
+    preprocessing, or (i, (file, reason)) for a file that cannot be used. The error travels as plain
+    strings, which pickle across worker processes where an exception might not."""
+
+    def __init__(self, files: Sequence[str], preprocess):
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
         try:
-            batch_images.append(load_image(path))
-            batch_paths.append(path)
+            return i, self.preprocess(load_image(self.files[i]))
         except BadInputError as e:
-            on_error(e)
-        if len(batch_images) == batch_size:
-            yield batch_paths, batch_images
-            batch_paths, batch_images = [], []
-    if batch_images:
-        yield batch_paths, batch_images
+            return i, (e.item, e.reason)
+
+
+def _as_list(items):
+    return items
+
+
+def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
+                       on_error: Callable[[BadInputError], None], workers: int = 0,
+                       device=None) -> Iterator[tuple[list[str], "torch.Tensor"]]:
+    """(files, pixels [B, 3, H, W]) batch by batch, in input order, bad files reported and left out.
+    With `workers` > 0, decoding and preprocessing run in that many processes (a DataLoader), ahead of
+    the model; on CUDA the pixels come pinned and are copied without blocking."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    loader = torch.utils.data.DataLoader(ImageFiles(files, preprocess), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_as_list, persistent_workers=False)
+    for items in loader:
+        good = []
+        for i, result in items:
+            if isinstance(result, tuple):
+                on_error(BadInputError(*result))
+            else:
+                good.append((i, result))
+        if good:
+            pixels = torch.stack([px for _, px in good])
+            if cuda:
+                pixels = pixels.pin_memory().to(device, non_blocking=True)
+            yield [files[i] for i, _ in good], pixels
 
 
 def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
-                   on_error: Callable[[BadInputError], None] = lambda e: None,
+                   on_error: Callable[[BadInputError], None] = lambda e: None, workers: int = 0,
                    **generation) -> Iterator[list[dict]]:
-    """Yield, per batch, records {file, image_id, caption, decoder, seconds}."""
-    for batch_paths, images in iter_image_batches(paths, batch_size, on_error):
+    """Yield, per batch, records {file, image_id, caption, decoder, seconds} for image files, folders
+    and globs."""
+    files, errors = expand_inputs(paths)
+    for e in errors:
+        on_error(e)
+    for batch_paths, pixels in iter_pixel_batches(files, batch_size, embedder.preprocess, on_error, workers,
+                                                  embedder.device):
         t0 = time.perf_counter()
-        embedded = embedder.embed(images, [display_path(p) for p in batch_paths], with_tokens=decoder.needs_tokens)
+        embedded = embedder.embed_pixels(pixels, [display_path(p) for p in batch_paths], with_tokens=decoder.needs_tokens)
         captions = decoder.decode(embedded, **generation)
-        per_item = (time.perf_counter() - t0) / len(images)
+        per_item = (time.perf_counter() - t0) / len(batch_paths)
         yield [{"file": display_path(p), "image_id": image_id(p), "caption": c, "decoder": decoder.kind,
                 "seconds": round(per_item, 4)} for p, c in zip(batch_paths, captions)]
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from unembed.cli.common import EXIT_FAILED, ErrorCounter, err, exit_code, given, log
+from unembed.cli.common import EXIT_FAILED, ErrorCounter, add_workers_option, err, exit_code, given, log
 
 
 def my_inputs(paths, world, errors) -> list[str]:
@@ -23,13 +23,14 @@ def my_inputs(paths, world, errors) -> list[str]:
 def cmd_embed(args) -> int:
     from unembed.distributed import world
     from unembed.embedders import Embedded, load_embedder
-    from unembed.pipeline import iter_image_batches
+    from unembed.pipeline import iter_pixel_batches
 
     w = world(args.device)
     embedder = load_embedder(args.embedder, w.device)
     errors = ErrorCounter()
-    parts = [embedder.embed(images, paths, with_tokens=args.tokens, batch_size=args.batch_size)
-             for paths, images in iter_image_batches(my_inputs(args.paths, w, errors), args.batch_size, errors)]
+    batches = iter_pixel_batches(my_inputs(args.paths, w, errors), args.batch_size, embedder.preprocess, errors,
+                                 args.workers, embedder.device)
+    parts = [embedder.embed_pixels(pixels, paths, with_tokens=args.tokens) for paths, pixels in batches]
     out = args.out if w.size == 1 else w.part_path(args.out)
     if parts:
         Embedded.concat(parts).save(out)
@@ -162,7 +163,8 @@ def cmd_caption(args) -> int:
             batches, total = caption_batches(source.batches(args.batch_size, rows), decoder, **generation), len(rows)
         else:
             files = my_inputs(args.paths, w, errors)
-            batches, total = caption_images(files, decoder, embedder, args.batch_size, errors, **generation), len(files)
+            batches = caption_images(files, decoder, embedder, args.batch_size, errors, args.workers, **generation)
+            total = len(files)
         with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar:
             for records in batches:
                 writer.write(records)
@@ -205,6 +207,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", default="auto")
+    add_workers_option(p)
     p.add_argument("--out", help="output file (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
     p.set_defaults(func=cmd_caption)
@@ -216,4 +219,5 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tokens", action="store_true", help="also store image token embeddings (CoCa)")
     p.add_argument("--device", default="auto")
+    add_workers_option(p)
     p.set_defaults(func=cmd_embed)

@@ -129,3 +129,9 @@ def train_config(args, defaults: dict):
     return TrainConfig(**{**defaults, **given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
                                                        "mixed_precision", "warmup_steps", "checkpoint_every",
                                                        "validate_every"))})
+
+
+def add_workers_option(p) -> None:
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="decode and preprocess images in N worker processes, ahead of the model (default 0: in "
+                   "this process)")

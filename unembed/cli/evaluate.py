@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unembed.cli.common import EXIT_OK, err, exit_code, json_arg, log
+from unembed.cli.common import EXIT_OK, add_workers_option, err, exit_code, json_arg, log
 
 
 def cmd_eval(args) -> int:
@@ -18,7 +18,8 @@ def cmd_eval(args) -> int:
         from unembed.embedders import load_embedder
         from unembed.eval.scoring import clip_scores_for_refs
 
-        scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references))
+        scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references,
+                                           args.workers))
     name = args.name or Path(args.results).stem
     from unembed.data.splits import image_domains
     from unembed.eval.scoring import domain_scores
@@ -76,7 +77,8 @@ def cmd_compare(args) -> int:
     result = compare(args.data, args.decoders, args.out, embedder=args.embedder, split=args.split,
                      config=json_arg(args.config) if args.config else None, max_steps=args.max_steps,
                      max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                     spice=not args.no_spice, gap=not args.no_gap, meteor=not args.no_meteor, log=log)
+                     spice=not args.no_spice, gap=not args.no_gap, meteor=not args.no_meteor, workers=args.workers,
+                     log=log)
     print(markdown_table(result))
     failed = [row for row in result["decoders"] if row["error"]]
     for row in failed:
@@ -107,6 +109,7 @@ def register(sub) -> None:
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--device", default="auto")
+    add_workers_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="draw new scenes images and caption them with every bundled decoder")
@@ -134,6 +137,7 @@ def register(sub) -> None:
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--no-gap", action="store_true", help="skip the modality-gap diagnostic")
     p.add_argument("--device", default="auto")
+    add_workers_option(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("gap", help="measure the modality gap of an embedder on a dataset, and what bridges close it")

@@ -84,11 +84,12 @@ def split_fingerprint(split_dir) -> str:
     return digest.hexdigest()[:20]
 
 
-def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128):
+def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128, workers: int = 0):
     """The split's image embeddings (ids = image ids as strings), from the cache when it was made
-    from this very split (its fingerprint, kept in the cache, matches), else computed afresh."""
-    from unembed.data.images import load_image
+    from this very split (its fingerprint, kept in the cache, matches), else computed afresh, the
+    images decoded in `workers` processes (pipeline.iter_pixel_batches)."""
     from unembed.embedders import Embedded
+    from unembed.pipeline import iter_pixel_batches
 
     split_dir = Path(split_dir)
     cache = split_cache(split_dir, embedder.id, with_tokens)
@@ -98,10 +99,14 @@ def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int 
         cached = Embedded.load(cache)
         if cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]:
             return cached
-    parts = []
-    for start in range(0, len(paths), batch_size):
-        images = [load_image(p) for p in paths[start:start + batch_size]]
-        parts.append(embedder.embed(images, [str(i) for i in ids[start:start + batch_size]], with_tokens, batch_size))
+    id_of = {str(p): str(i) for p, i in zip(paths, ids)}
+
+    def fail(error):  # a split is scored whole: an image it names must load
+        raise error
+
+    parts = [embedder.embed_pixels(pixels, [id_of[str(p)] for p in files], with_tokens)
+             for files, pixels in iter_pixel_batches(paths, batch_size, embedder.preprocess, fail, workers,
+                                                     embedder.device)]
     embedded = Embedded.concat(parts)
     embedded.meta["split_fingerprint"] = fingerprint
     embedded.save(cache)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unembed import text_tower
 from unembed.compat import import_transformers
 from unembed.decoders.base import Decoder, DecoderConfig, register_decoder
 from unembed.lm import LMWeights, build_lm
@@ -115,15 +116,16 @@ class EmbedderScore(CandidateScorer):
         eos, ids = self.tokenizer.eos_id, c.ids.tolist()
         # Choosing EOS ends the caption as it is, so that is the text judged.
         texts = [self.tokenizer.decode(c.captions[r] + ([v] if v != eos else [])) for r in rows for v in ids[r]]
-        embedded = self.embed_texts(texts).view(len(rows), c.ids.shape[1], -1)
+        embedded = self.embed_texts(texts, group=c.ids.shape[1]).view(len(rows), c.ids.shape[1], -1)
         cosine = (embedded @ c.targets[rows].to(embedded)[:, :, None]).squeeze(-1)
         scores[rows] = (self.logit_scale * cosine).softmax(dim=-1).to(scores.device)
         return scores
 
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        # The model itself rather than Embedder.embed_texts: one call for all texts, kept on its device.
+    def embed_texts(self, texts: list[str], group: int = 1) -> torch.Tensor:
+        # One call for all texts, kept on the device. Each row's k candidates share their caption so
+        # far: with open_clip's CLIP text tower that prefix runs once per row (text_tower).
         tokens = self.embedder.tokenizer(texts).to(self.embedder.device)
-        return self.embedder.model.encode_text(tokens, normalize=True).float()
+        return text_tower.encode_continuations(self.embedder.model, tokens, group).float()
 
 
 def magic_scorers(embedder, tokenizer, alpha: float, beta: float,
@@ -297,19 +299,27 @@ class IterativeDecoder(LMWeights, Decoder):
         for _ in range(settings.max_length):
             probs, ids = logits.float().softmax(dim=-1).topk(k, dim=-1)  # [R, k]
             cache.batch_repeat_interleave(k)
-            out = self.lm(input_ids=ids.reshape(-1, 1), past_key_values=cache, use_cache=True,
-                          output_hidden_states=True)
-            hidden = out.hidden_states[-1][:, -1]  # [R*k, E]
+            hidden, next_logits = self.candidate_states(ids.reshape(-1, 1), cache)  # [R*k, E]
             candidates = Candidates(ids, probs, hidden.view(n * b, k, -1), context, beams.captions, targets,
                                     ~beams.finished.flatten().to(ids.device))
             scores = sum(weight * term(candidates) for weight, term in scorers)
             kept = beams.advance(scores, ids).to(ids.device)
             cache.batch_select_indices(kept)
             context = torch.cat([context[kept // k], hidden[kept, None]], dim=1)
-            logits = out.logits[kept, -1]
+            logits = next_logits(kept)
             if beams.finished.all():
                 break
         return beams.best()
+
+    def candidate_states(self, ids: torch.Tensor, cache):
+        """The LM's last hidden state at each candidate token [R*k, 1] (over the cache, which it extends),
+        and a function giving the next-step logits of the kept rows. GPT-2's logits are its LM head over
+        that very hidden state, so only the kept rows pay for the vocabulary-wide head: one in k."""
+        if type(self.lm).__name__ == "GPT2LMHeadModel":
+            hidden = self.lm.transformer(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            return hidden, lambda kept: self.lm.lm_head(hidden[kept])
+        out = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        return out.hidden_states[-1][:, -1], lambda kept: out.logits[kept, -1]
 
     def caption_text(self, ids: list[int], stop: str) -> str:
         text = self.tokenizer.decode(ids)

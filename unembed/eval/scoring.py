@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from unembed.errors import BadInputError
 from unembed.eval.metrics import clip_scores, coco_caption_metrics
 
@@ -28,18 +30,24 @@ def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references:
     return per_image
 
 
-def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict) -> dict:
+def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict, workers: int = 0) -> dict:
     """CLIPScore / RefCLIPScore of `predictions` {image_id: caption}; the images are found through the
     refs file's images[].file_name (relative to the refs file)."""
-    from unembed.data.images import load_image
     from unembed.io import read_json
+    from unembed.pipeline import iter_pixel_batches
 
     coco = read_json(refs)
     files = {im["id"]: Path(refs).parent / im["file_name"] for im in coco.get("images", []) if "file_name" in im}
     ids = [i for i in predictions if i in files and i in references]
     if not ids:
         raise BadInputError(refs, "its images[] give no file_name for the scored image ids, so CLIPScore cannot run")
-    image_vecs = embedder.embed_images([load_image(files[i]) for i in ids])
+
+    def fail(error):  # every scored image must load, or the scores would silently cover fewer
+        raise error
+
+    image_vecs = torch.cat([embedder.embed_pixels(pixels, [str(p) for p in paths]).vectors for paths, pixels in
+                            iter_pixel_batches([files[i] for i in ids], 64, embedder.preprocess, fail, workers,
+                                               embedder.device)])
     result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
     result.pop("per_image", None)
     return result

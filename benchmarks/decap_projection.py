@@ -1,0 +1,78 @@
+"""DeCap's projection onto a CC3M-size text memory: M = 1,000,000 vectors of D = 512, queried by 1,000
+image embeddings. Time and peak memory of the chunked projection (unembed/memory.py: O(chunk x M)
+weights at once) against the whole N x M matrix, each in a fresh process, with the results asserted
+equal (max |difference| recorded).
+
+    python benchmarks/decap_projection.py --out benchmarks/results/decap_projection_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def run(variant: str, m: int, d: int, n: int, out: str) -> dict:
+    """One projection in this process; writes the projected vectors to `out`."""
+    from unembed.memory import PROJECTION_BUDGET, TextMemory
+
+    torch.manual_seed(0)
+    memory = TextMemory(0, d)
+    memory.vectors = torch.nn.functional.normalize(torch.randn(m, d), dim=-1)
+    queries = torch.randn(n, d)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    result = memory.project(queries, 0.01, budget=PROJECTION_BUDGET if variant == "chunked" else n * m)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.save(result, out)
+    return {"variant": variant, "seconds": round(seconds, 2), "queries_per_s": round(n / seconds, 1),
+            "peak_rss_mb": round(peak / 1024), "extra_rss_mb_during_projection": round((peak - base) / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/decap_projection_cpu.json")
+    parser.add_argument("--m", type=int, default=1_000_000)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run(args.variant, args.m, args.d, args.n, args.result)))
+        return
+    from unembed.memory import PROJECTION_BUDGET
+
+    rows, outputs = [], {}
+    for variant in ("chunked", "whole matrix"):
+        outputs[variant] = f"/tmp/decap_projection_{variant.replace(' ', '_')}.pt"
+        done = subprocess.run([sys.executable, __file__, "--variant", variant, "--result", outputs[variant],
+                               "--m", str(args.m), "--d", str(args.d), "--n", str(args.n)],
+                              capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    a, b = (torch.load(outputs[v], weights_only=True) for v in ("chunked", "whole matrix"))
+    difference = float((a - b).abs().max())
+    assert difference < 1e-4, f"chunked and whole projections differ by {difference}"
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "memory_vectors": args.m, "dim": args.d, "queries": args.n,
+              "chunk_queries": max(1, PROJECTION_BUDGET // args.m), "max_abs_difference": difference,
+              "memory_vectors_mb": round(args.m * args.d * 4 / 2 ** 20), "runs": rows,
+              "time_ratio_whole_over_chunked": round(rows[1]["seconds"] / rows[0]["seconds"], 2),
+              "extra_memory_ratio_whole_over_chunked": round(rows[1]["extra_rss_mb_during_projection"]
+                                                             / max(1, rows[0]["extra_rss_mb_during_projection"]), 1)}
+    from unembed.io import write_json
+
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
