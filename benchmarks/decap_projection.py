@@ -14,23 +14,44 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 
-def run(variant: str, m: int, d: int, n: int, out: str) -> dict:
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss_kb() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5) and return it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS")
+
+
+def run(variant: str, m: int, d: int, n: int, out: str, device: str = "cpu") -> dict:
     """One projection in this process; writes the projected vectors to `out`."""
     from unembed.memory import PROJECTION_BUDGET, TextMemory
 
     torch.manual_seed(0)
     memory = TextMemory(0, d)
-    memory.vectors = torch.nn.functional.normalize(torch.randn(m, d), dim=-1)
-    queries = torch.randn(n, d)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory.vectors = torch.nn.functional.normalize(torch.randn(m, d), dim=-1).to(device)
+    queries = torch.randn(n, d).to(device)
+    base = _reset_peak_rss_kb()  # the set-up's temporaries must not stand in for the projection's peak
     t0 = time.perf_counter()
     result = memory.project(queries, 0.01, budget=PROJECTION_BUDGET if variant == "chunked" else n * m)
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
+    if device != "cpu":  # device memory, not the host's
+        base, peak = 0, torch.cuda.max_memory_allocated() // 1024
     torch.save(result, out)
     return {"variant": variant, "seconds": round(seconds, 2), "queries_per_s": round(n / seconds, 1),
             "peak_rss_mb": round(peak / 1024), "extra_rss_mb_during_projection": round((peak - base) / 1024)}
@@ -42,11 +63,12 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run(args.variant, args.m, args.d, args.n, args.result)))
+        print(json.dumps(run(args.variant, args.m, args.d, args.n, args.result, args.device)))
         return
     from unembed.memory import PROJECTION_BUDGET
 
@@ -54,14 +76,14 @@ def main() -> None:
     for variant in ("chunked", "whole matrix"):
         outputs[variant] = f"/tmp/decap_projection_{variant.replace(' ', '_')}.pt"
         done = subprocess.run([sys.executable, __file__, "--variant", variant, "--result", outputs[variant],
-                               "--m", str(args.m), "--d", str(args.d), "--n", str(args.n)],
+                               "--m", str(args.m), "--d", str(args.d), "--n", str(args.n), "--device", args.device],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    a, b = (torch.load(outputs[v], weights_only=True) for v in ("chunked", "whole matrix"))
+    a, b = (torch.load(outputs[v], weights_only=True, map_location="cpu") for v in ("chunked", "whole matrix"))
     difference = float((a - b).abs().max())
     assert difference < 1e-4, f"chunked and whole projections differ by {difference}"
-    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    result = {"device": args.device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "memory_vectors": args.m, "dim": args.d, "queries": args.n,
               "chunk_queries": max(1, PROJECTION_BUDGET // args.m), "max_abs_difference": difference,
               "memory_vectors_mb": round(args.m * args.d * 4 / 2 ** 20), "runs": rows,

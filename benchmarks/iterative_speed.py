@@ -129,7 +129,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16, help="tokens per caption")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--naive-images", type=int, default=1, help="images the naive loop decodes (0: skip it)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (autocast)")
     args = parser.parse_args()
+    from unembed.pipeline import inference_precision
+
+    with inference_precision(args.dtype, args.device):
+        run(args)
+
+
+def run(args) -> None:
     torch.manual_seed(0)
     embedder = Embedder.from_spec(args.embedder, device=args.device)
     decoder = IterativeDecoder.build(embedder, lm="scratch", tokenizer="clip-bpe", lm_config=json.loads(args.lm_config),
@@ -138,7 +146,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     images = max(batches)  # every caption timed is checked against MAGIC's design
     targets = F.normalize(torch.randn(images, embedder.dim), dim=-1)
-    results = {"device": args.device, "cpu": platform.processor() or platform.machine(),
+    results = {"device": args.device, "dtype": args.dtype, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "lm": f"GPT-2 architecture {json.loads(args.lm_config)}, random weights, "
                      f"{sum(p.numel() for p in decoder.lm.parameters()) / 1e6:.1f}M parameters",

@@ -186,3 +186,21 @@ def test_workers_give_the_same_records_in_input_order_and_report_bad_files(scene
         outputs[workers] = [(r["file"], r["caption"]) for r in _read_jsonl(out)]
     assert outputs[0] == outputs[2] and len(outputs[2]) == 5
     assert [f for f, _ in outputs[2]] == sorted(f for f, _ in outputs[2])  # input order
+
+
+def test_dtype_runs_the_decoders_in_reduced_precision(tmp_path):
+    import torch
+
+    from unembed.pipeline import inference_precision
+
+    a = torch.randn(4, 4)
+    with inference_precision("bf16", "cpu"):
+        assert (a @ a).dtype == torch.bfloat16
+    with inference_precision("fp32", "cpu"):
+        assert (a @ a).dtype == torch.float32
+    examples = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.png"))
+    for dtype in ("bf16", "fp16"):
+        out = tmp_path / f"{dtype}.jsonl"
+        assert main(["caption", *examples, "--dtype", dtype, "--out", str(out), "--device", "cpu"]) == EXIT_OK
+        records = _read_jsonl(out)
+        assert len(records) == len(examples) and all(r["caption"] for r in records)

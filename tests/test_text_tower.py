@@ -31,7 +31,8 @@ def test_real_length_equals_the_padded_forward(model_and_tokenizer):
 
 def test_shared_prefix_continuations_equal_the_padded_forward(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    captions, ends = ["a red circle at the", "two small"], ["top", " left", "s", ".", "", "bigger things"]
+    # the groups share prefixes of different lengths, and "s" re-tokenizes the caption's last word
+    captions, ends = ["a red circle at the", "two small", "x"], ["top", " left", "s", ".", "", "bigger things"]
     texts = [c + e for c in captions for e in ends]
     tokens = tokenizer(texts)
     padded = model.encode_text(tokens, normalize=True)

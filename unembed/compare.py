@@ -152,14 +152,14 @@ def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict)
 
 
 def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_images: int, batch_size: int,
-                device: str, out_file: str, workers: int = 0) -> dict:
+                device: str, out_file: str, workers: int = 0, dtype: str = "fp32") -> dict:
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
     from unembed.data.splits import embed_split
     from unembed.decoders import load_decoder
     from unembed.embedders import Embedded
     from unembed.io import atomic_path
-    from unembed.pipeline import caption_embeddings
+    from unembed.pipeline import caption_embeddings, inference_precision
 
     decoder = load_decoder(decoder_dir, device=device)
     t0 = time.perf_counter()
@@ -174,8 +174,9 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
     embedded = embedded.select(range(min(max_images, len(embedded))))
     embed_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    records = [r for batch in caption_embeddings(embedded, decoder, batch_size) for r in batch]
-    seconds = time.perf_counter() - t0
+    with inference_precision(dtype, device):  # decoding only: split embeddings are cached, and stay fp32
+        records = [r for batch in caption_embeddings(embedded, decoder, batch_size) for r in batch]
+        seconds = time.perf_counter() - t0
     with atomic_path(out_file) as tmp:
         Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     peak = _peak_memory_mb()
@@ -193,7 +194,7 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
 def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split: str = "test",
             config: dict | None = None, max_steps: int | None = None, max_images: int | None = None,
             batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True, meteor: bool = True,
-            workers: int = 0, log=lambda message: None) -> dict:
+            workers: int = 0, dtype: str = "fp32", log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
     from unembed.data.splits import has_split, load_split
     from unembed.data.splits import image_domains, split_file
@@ -223,7 +224,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             continue
         log(f"captioning {n_images} {split} images with {e.name}")
         done = _in_fresh_process(caption_job, str(e.path), str(split_dir), shared["path"], n_images, batch_size,
-                                 device, str(out / "captions" / f"{e.name}.jsonl"), workers)
+                                 device, str(out / "captions" / f"{e.name}.jsonl"), workers, dtype)
         captions[e.name] = done.pop("captions", None)
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))

@@ -21,6 +21,24 @@ def image_id(path: str) -> int | str:
     return int(stem) if stem.isdigit() else stem
 
 
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def inference_precision(dtype: str, device):
+    """A context in which embedders and decoders compute in `dtype`: torch.autocast, so matrix products
+    run in bf16 or fp16 while the weights, softmaxes and norms stay fp32 (works for every decoder kind
+    and on CPU too). "fp32" changes nothing."""
+    import contextlib
+
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
 class ImageFiles:
     """A torch map-style dataset of image files: item i is (i, pixels) after the embedder's
     preprocessing, or (i, (file, reason)) for a file that cannot be used. The error travels as plain

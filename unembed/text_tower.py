@@ -11,7 +11,7 @@ pooled one ever sees a padding column. Two exact shortcuts follow:
 - `encode_continuations`: texts that share a prefix (the iterative decoder's k candidates are one
   caption plus k different last tokens) run the prefix once, keep each layer's keys and values, and
   run only each text's own suffix against them, as an LM's KV cache does. Per row of k candidates the
-  tower then reads P + k*S tokens instead of k*(P + S).
+  tower then reads P + k*S tokens instead of k*(P + S). Each group keeps its own prefix length.
 
 Both hold only for open_clip's `CLIP` text tower with its standard residual blocks (`supported`);
 anything else (CoCa's class token, a bidirectional tower, a Hugging Face text model) takes the
@@ -63,42 +63,52 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = True) -> torch.Te
     if not supported(model):
         return model.encode_text(tokens, normalize=normalize)
     tokens = tokens[:, :real_length(tokens)]
-    x, _ = _run(model, _embed(model, tokens, 0), None)
-    return _pool(model, x, tokens, normalize)
+    x, _ = _run(model, _embed(model, tokens, torch.arange(tokens.shape[1], device=tokens.device)), None)
+    return _pool(model, x, _pool_positions(model, tokens), normalize)
 
 
 @torch.no_grad()
 def encode_continuations(model, tokens: torch.Tensor, group: int, normalize: bool = True) -> torch.Tensor:
     """The embeddings of texts [G*group, T] (padded token ids, each run of `group` rows sharing a
-    prefix, as the k candidates of one caption do): the longest prefix every group shares runs once
-    per group, the rest of each text against its keys and values. Equals encode_text (where
+    prefix, as the k candidates of one caption do). Each group's longest shared prefix runs once; the
+    rest of each text runs against that prefix's keys and values. Groups keep their own prefix
+    lengths: prefixes are padded at the end and those columns masked. Equals encode_text (where
     `supported`; elsewhere it is encode_text)."""
     if not supported(model) or group < 2:
         return encode_text(model, tokens, normalize)
     tokens = tokens[:, :real_length(tokens)]
-    groups = tokens.view(-1, group, tokens.shape[1])
-    ends = _pool_positions(model, tokens).view(-1, group)
+    n, width = tokens.shape
+    groups = tokens.view(-1, group, width)
+    ends = _pool_positions(model, tokens)
     same = (groups == groups[:, :1]).all(dim=1).long()  # [G, T]: columns where the whole group agrees
-    shared = int(min(same.cumprod(dim=1).sum(dim=1).min(), ends.min()))  # keep every pooled token in the suffix
-    if shared == 0:
+    shared = torch.minimum(same.cumprod(dim=1).sum(dim=1), ends.view(-1, group).min(dim=1).values)  # [G]
+    if int(shared.max()) == 0:
         return encode_text(model, tokens, normalize)
-    prefix = groups[:, 0, :shared]
-    _, past = _run(model, _embed(model, prefix, 0), None)
+    longest = int(shared.max())
+    _, past = _run(model, _embed(model, groups[:, 0, :longest], torch.arange(longest, device=tokens.device)), None)
     past = [(k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)) for k, v in past]
-    suffix = tokens[:, shared:]
-    x, _ = _run(model, _embed(model, suffix, shared), past)
-    return _pool(model, x, tokens, normalize, offset=shared)
+    start = shared.repeat_interleave(group)  # [N]: where each text's own part begins
+    span = width - int(start.min())
+    columns = start[:, None] + torch.arange(span, device=tokens.device)  # [N, S]
+    suffix = tokens.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, PAD)
+    positions = columns.clamp(max=model.positional_embedding.shape[0] - 1)
+    seen = torch.arange(longest, device=tokens.device)[None, :] < start[:, None]  # [N, P] real prefix columns
+    causal = torch.ones(span, span, dtype=torch.bool, device=tokens.device).tril()
+    mask = torch.cat([seen[:, None, :].expand(-1, span, -1), causal.expand(n, -1, -1)], dim=2)[:, None]
+    x, _ = _run(model, _embed(model, suffix, positions), past, mask)
+    return _pool(model, x, ends - start, normalize)
 
 
-def _embed(model, tokens: torch.Tensor, start: int) -> torch.Tensor:
+def _embed(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token plus positional embeddings; `positions` is [S] or per row [B, S]."""
     cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast)
-    return x + model.positional_embedding[start:start + tokens.shape[1]].to(cast)
+    return model.token_embedding(tokens).to(cast) + model.positional_embedding[positions].to(cast)
 
 
-def _run(model, x: torch.Tensor, past: list | None) -> tuple[torch.Tensor, list]:
-    """The residual blocks over x [B, S, W], causal, attending also to `past` (each layer's keys and
-    values [B, heads, P, W/heads] of the positions before x); returns x and this run's keys and values."""
+def _run(model, x: torch.Tensor, past: list | None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    """The residual blocks over x [B, S, W], attending also to `past` (each layer's keys and values
+    [B, heads, P, W/heads] of earlier positions). `mask` [B, 1, S, P+S] says which keys each query sees
+    (default: all of the past, and causally within x). Returns x and this run's keys and values."""
     kept = []
     for i, block in enumerate(model.transformer.resblocks):
         attn = block.attn
@@ -109,8 +119,9 @@ def _run(model, x: torch.Tensor, past: list | None) -> tuple[torch.Tensor, list]
         seen = past[i][0].shape[2] if past else 0
         if past:
             k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
-        n = x.shape[1]
-        mask = torch.ones(n, seen + n, dtype=torch.bool, device=x.device).tril(seen)
+        if mask is None:
+            n = x.shape[1]
+            mask = torch.ones(n, seen + n, dtype=torch.bool, device=x.device).tril(seen)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
         x = x + block.ls_1(attn.out_proj(out))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -126,9 +137,9 @@ def _pool_positions(model, tokens: torch.Tensor) -> torch.Tensor:
     return tokens.argmax(dim=-1)
 
 
-def _pool(model, x: torch.Tensor, tokens: torch.Tensor, normalize: bool, offset: int = 0) -> torch.Tensor:
+def _pool(model, x: torch.Tensor, positions: torch.Tensor, normalize: bool) -> torch.Tensor:
     x = model.ln_final(x)
-    pooled = x[torch.arange(len(x), device=x.device), _pool_positions(model, tokens) - offset]
+    pooled = x[torch.arange(len(x), device=x.device), positions]
     if model.text_projection is not None:
         pooled = model.text_projection(pooled) if isinstance(model.text_projection, torch.nn.Linear) \
             else pooled @ model.text_projection

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from unembed.cli.common import EXIT_FAILED, ErrorCounter, add_workers_option, err, exit_code, given, log
+from unembed.cli.common import (EXIT_FAILED, ErrorCounter, add_dtype_option, add_workers_option, err, exit_code, given,
+                                log)
 
 
 def my_inputs(paths, world, errors) -> list[str]:
@@ -23,14 +24,15 @@ def my_inputs(paths, world, errors) -> list[str]:
 def cmd_embed(args) -> int:
     from unembed.distributed import world
     from unembed.embedders import Embedded, load_embedder
-    from unembed.pipeline import iter_pixel_batches
+    from unembed.pipeline import inference_precision, iter_pixel_batches
 
     w = world(args.device)
     embedder = load_embedder(args.embedder, w.device)
     errors = ErrorCounter()
     batches = iter_pixel_batches(my_inputs(args.paths, w, errors), args.batch_size, embedder.preprocess, errors,
                                  args.workers, embedder.device)
-    parts = [embedder.embed_pixels(pixels, paths, with_tokens=args.tokens) for paths, pixels in batches]
+    with inference_precision(args.dtype, embedder.device):
+        parts = [embedder.embed_pixels(pixels, paths, with_tokens=args.tokens) for paths, pixels in batches]
     out = args.out if w.size == 1 else w.part_path(args.out)
     if parts:
         Embedded.concat(parts).save(out)
@@ -138,7 +140,7 @@ def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
     from unembed.distributed import world
-    from unembed.pipeline import caption_batches, caption_images
+    from unembed.pipeline import caption_batches, caption_images, inference_precision
 
     if not args.paths and not args.embeddings:
         err("give image files/folders/globs, or --embeddings FILE.safetensors")
@@ -165,7 +167,8 @@ def cmd_caption(args) -> int:
             files = my_inputs(args.paths, w, errors)
             batches = caption_images(files, decoder, embedder, args.batch_size, errors, args.workers, **generation)
             total = len(files)
-        with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar:
+        with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar, \
+                inference_precision(args.dtype, embedder.device if embedder else "cpu"):
             for records in batches:
                 writer.write(records)
                 done += len(records)
@@ -208,6 +211,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--device", default="auto")
     add_workers_option(p)
+    add_dtype_option(p)
     p.add_argument("--out", help="output file (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
     p.set_defaults(func=cmd_caption)
@@ -220,4 +224,5 @@ def register(sub) -> None:
     p.add_argument("--tokens", action="store_true", help="also store image token embeddings (CoCa)")
     p.add_argument("--device", default="auto")
     add_workers_option(p)
+    add_dtype_option(p)
     p.set_defaults(func=cmd_embed)

@@ -135,3 +135,8 @@ def add_workers_option(p) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="decode and preprocess images in N worker processes, ahead of the model (default 0: in "
                    "this process)")
+
+
+def add_dtype_option(p) -> None:
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="compute precision of the embedder and decoder (bf16 runs on CPU too; default fp32)")

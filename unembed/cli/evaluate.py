@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unembed.cli.common import EXIT_OK, add_workers_option, err, exit_code, json_arg, log
+from unembed.cli.common import EXIT_OK, add_dtype_option, add_workers_option, err, exit_code, json_arg, log
 
 
 def cmd_eval(args) -> int:
@@ -78,7 +78,7 @@ def cmd_compare(args) -> int:
                      config=json_arg(args.config) if args.config else None, max_steps=args.max_steps,
                      max_images=args.max_images, batch_size=args.batch_size, device=args.device,
                      spice=not args.no_spice, gap=not args.no_gap, meteor=not args.no_meteor, workers=args.workers,
-                     log=log)
+                     dtype=args.dtype, log=log)
     print(markdown_table(result))
     failed = [row for row in result["decoders"] if row["error"]]
     for row in failed:
@@ -138,6 +138,7 @@ def register(sub) -> None:
     p.add_argument("--no-gap", action="store_true", help="skip the modality-gap diagnostic")
     p.add_argument("--device", default="auto")
     add_workers_option(p)
+    add_dtype_option(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("gap", help="measure the modality gap of an embedder on a dataset, and what bridges close it")

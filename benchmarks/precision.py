@@ -1,0 +1,61 @@
+"""Reduced-precision inference (`--dtype`): every bundled decoder captions the scenes test split in
+fp32, bf16 and fp16 (torch.autocast; the shared embedding pass stays fp32), side by side through
+`unembed compare`. Reported per decoder: CIDEr in each precision and its change, the share of
+captions identical to fp32's, and decoding speed against fp32.
+
+    python benchmarks/precision.py --data DIR --out benchmarks/results/precision_cpu.json
+
+DIR is a scenes world (`unembed data scenes --out DIR --seed 0`; `make bundle` leaves one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BUNDLE = Path(__file__).resolve().parents[1] / "unembed" / "bundle"
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", default="/tmp/precision-run")
+    parser.add_argument("--max-images", type=int, default=500)
+    parser.add_argument("--out", default="benchmarks/results/precision_cpu.json")
+    args = parser.parse_args()
+    names = json.loads((BUNDLE / "bundle.json").read_text())["decoders"]
+    decoders = ",".join(f"{n}={BUNDLE / n}" for n in names)
+    runs = {}
+    for dtype in DTYPES:
+        out = Path(args.work) / dtype
+        subprocess.run([sys.executable, "-m", "unembed.cli", "compare", "--data", args.data, "--decoders", decoders,
+                        "--embedder", str(BUNDLE / "embedder"), "--out", str(out), "--max-images", str(args.max_images),
+                        "--dtype", dtype, "--no-spice", "--no-gap", "--device", "cpu"], check=True)
+        compared = json.loads((out / "compare.json").read_text())
+        runs[dtype] = {row["name"]: {"CIDEr": row["metrics"].get("CIDEr"),
+                                     "captions_per_second": row.get("captions_per_second"),
+                                     "captions": [json.loads(line)["caption"] for line in
+                                                  (out / "captions" / f"{row['name']}.jsonl").open()]}
+                       for row in compared["decoders"]}
+    result = {"data": args.data, "images": args.max_images, "decoders": {}}
+    for name in names:
+        base = runs["fp32"][name]
+        row = {"fp32 CIDEr": round(100 * base["CIDEr"], 1), "fp32 captions/s": base["captions_per_second"]}
+        for dtype in DTYPES[1:]:
+            other = runs[dtype][name]
+            same = sum(a == b for a, b in zip(base["captions"], other["captions"])) / len(base["captions"])
+            row[dtype] = {"CIDEr change": round(100 * (other["CIDEr"] - base["CIDEr"]), 1),
+                          "same captions": round(same, 3),
+                          "speed vs fp32": round(other["captions_per_second"] / base["captions_per_second"], 2)}
+        result["decoders"][name] = row
+        print(name, json.dumps(row), flush=True)
+    from unembed.io import write_json
+
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
