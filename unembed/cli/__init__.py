@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unembed.cli import caption, data, evaluate, published, train
+from unembed.cli import caption, data, evaluate, published, serve, train
 from unembed.cli.common import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
 
-COMMAND_GROUPS = (caption, evaluate, train, published, data)
+COMMAND_GROUPS = (caption, evaluate, train, published, data, serve)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 

@@ -1,0 +1,414 @@
+"""`unembed serve`: captioning over HTTP, with requests that arrive together decoded as one batch.
+
+The app (FastAPI on uvicorn) loads the embedder and each decoder once. Every image or vector of
+every request becomes one item in a queue per (decoder, decoding options). One worker thread takes
+the oldest queue's items, up to `max_batch` of them, once `max_batch` are waiting or the first has
+waited `max_wait_ms`, and embeds and decodes them together: the batch speed-ups of the library
+become throughput for many small clients. Each item's caption goes back to its own request.
+
+Bad input never reaches a batch: uploads are read with a size limit and a time limit, decoded with
+the image loader's pixel limit (in a thread pool, off the event loop), and options and vector
+widths are checked first. Each problem is a 4xx with one JSON error naming it. If a batch still
+fails, its items are decoded again one by one, so only the request that caused it fails (a 500
+naming the error).
+
+Endpoints: POST /caption (images as multipart files or one raw body), POST /caption/embeddings
+(vectors as JSON or a safetensors body), GET /decoders, GET /health, GET / (a page to try it) and
+GET /docs (OpenAPI). Responses carry the fields of `unembed caption`'s JSON Lines records.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+
+from unembed.errors import BadInputError, UnembedError
+
+API_KEY_ENV = "UNEMBED_API_KEY"
+PAGE = Path(__file__).parent / "serve_page.html"
+OPTION_LIMITS = {"num_beams": (1, 16), "max_length": (1, 128), "seed": (0, 2 ** 31 - 1)}
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32           # items decoded together at most
+    max_wait_ms: float = 10.0     # how long the first item of a batch waits for others
+    max_upload_mb: float = 20.0   # one request's body
+    max_items: int = 16           # images or vectors per request
+    max_pixels: int = 40_000_000  # per image, checked from its header before decoding
+    read_timeout_s: float = 30.0  # a client that has not sent its body by then gets 408
+    workers: int = 4              # threads decoding uploaded images
+    api_key: str = ""             # when set, every API call needs "Authorization: Bearer KEY"
+    device: str = "auto"
+    batch_size: int = 32          # the CLI's default, for the equality with `unembed caption`
+
+
+class RequestError(Exception):
+    """A request that cannot be served as sent: an HTTP status and one line naming the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# --- the models ---------------------------------------------------------------------------------
+
+class Models:
+    """The decoders by name, each with its embedder (loaded once per spec)."""
+
+    def __init__(self, decoders: list[str], device: str = "auto"):
+        from unembed.bundle import bundled_decoder, manifest
+        from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
+        from unembed.decoders.base import decoder_path
+        from unembed.embedders import load_embedder
+
+        if not decoders:  # the bundle: every decoder, the bundle's default first
+            info = manifest()
+            names = [info["default"]] + [n for n in info["decoders"] if n != info["default"]]
+            decoders = [str(bundled_decoder(n)) for n in names]
+        self.decoders, self.embedders, self.paths = {}, {}, {}
+        for given in decoders:
+            path = Path(given) if Path(given).exists() else (decoder_path(given) if given.startswith("hf-hub:")
+                                                             else bundled_decoder(given))
+            spec = resolve_embedder_spec(read_decoder_config(path)["config"], path)
+            if spec not in self.embedders:
+                self.embedders[spec] = load_embedder(spec, device)
+            embedder = self.embedders[spec]
+            name = path.name if path.name not in self.decoders else given
+            self.decoders[name] = (load_decoder(path, device=str(embedder.device), embedder=embedder), embedder)
+            self.paths[name] = str(path)
+        self.default = next(iter(self.decoders))
+
+    def get(self, name: str | None):
+        name = name or self.default
+        if name not in self.decoders:
+            raise RequestError(404, f"unknown decoder {name!r} (this server has {', '.join(self.decoders)})")
+        return name, *self.decoders[name]
+
+    def describe(self) -> list[dict]:
+        return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": e.spec, "embed_dim": d.config.embed_dim,
+                 "default": n == self.default, "path": self.paths[n]} for n, (d, e) in self.decoders.items()]
+
+
+# --- dynamic batching -----------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    payload: object              # a PIL image, or a vector [D]
+    record: dict                 # the response record so far (file, image_id)
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Queues of items per (decoder, options) and one thread that decodes them in batches."""
+
+    def __init__(self, models: Models, max_batch: int, max_wait_ms: float):
+        self.models, self.max_batch, self.max_wait = models, max_batch, max_wait_ms / 1000
+        self.queues: dict[tuple, list[Item]] = {}
+        self.lock = threading.Condition()
+        self.stats = {"batches": 0, "items": 0, "largest_batch": 0, "failed_items": 0}
+        self.closing = False
+        self.thread = threading.Thread(target=self._loop, name="unembed-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, key: tuple, items: list[Item]) -> list[Future]:
+        with self.lock:
+            if self.closing:
+                raise RequestError(503, "the server is shutting down")
+            self.queues.setdefault(key, []).extend(items)
+            self.lock.notify()
+        return [item.future for item in items]
+
+    def close(self) -> None:
+        """Finish every queued item, then stop."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        self.thread.join()
+
+    def _next_batch(self) -> tuple[tuple, list[Item]] | None:
+        with self.lock:
+            while True:
+                waiting = [(q[0].arrived, key) for key, q in self.queues.items() if q]
+                if not waiting:
+                    if self.closing:
+                        return None
+                    self.lock.wait()
+                    continue
+                first, key = min(waiting)
+                queue = self.queues[key]
+                left = first + self.max_wait - time.monotonic()
+                if len(queue) >= self.max_batch or left <= 0 or self.closing:
+                    batch, self.queues[key] = queue[:self.max_batch], queue[self.max_batch:]
+                    return key, batch
+                self.lock.wait(timeout=left)
+
+    def _loop(self) -> None:
+        while (taken := self._next_batch()) is not None:
+            key, batch = taken
+            self.stats["batches"] += 1
+            self.stats["items"] += len(batch)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            try:
+                self._decode(key, batch)
+            except Exception:  # noqa: BLE001 - find the item that fails, decode the others
+                for item in batch:
+                    try:
+                        self._decode(key, [item])
+                    except Exception as e:  # noqa: BLE001
+                        self.stats["failed_items"] += 1
+                        item.future.set_exception(e)
+
+    def _decode(self, key: tuple, batch: list[Item]) -> None:
+        from unembed.embedders import Embedded
+        from unembed.pipeline import caption_batches
+
+        name, kind, options = key
+        _, decoder, embedder = self.models.get(name)
+        ids = [str(item.record["image_id"]) for item in batch]
+        t0 = time.perf_counter()
+        if kind == "images":
+            embedded = embedder.embed([item.payload for item in batch], ids, with_tokens=decoder.needs_tokens)
+        else:
+            embedded = Embedded(torch.stack([item.payload for item in batch]), ids, "", "", "image")
+        records = [r for part in caption_batches([(embedded, None)], decoder, **dict(options)) for r in part]
+        per_item = round((time.perf_counter() - t0) / len(batch), 4)
+        for item, record in zip(batch, records):
+            item.future.set_result({**item.record, "caption": record["caption"], "decoder": decoder.kind,
+                                    "seconds": per_item})
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+def decoding_options(query) -> dict:
+    """The decoding options of a request's query string, checked: num_beams, max_length, sample
+    (with top_p and seed)."""
+    options = {}
+    for name, (low, high) in OPTION_LIMITS.items():
+        if name in query:
+            try:
+                value = int(query[name])
+            except ValueError:
+                raise RequestError(400, f"{name} must be an integer, got {query[name]!r}") from None
+            if not low <= value <= high:
+                raise RequestError(400, f"{name} must be between {low} and {high}, got {value}")
+            options[name] = value
+    sample = query.get("sample", "false").lower()
+    if sample not in ("true", "false", "1", "0"):
+        raise RequestError(400, f"sample must be true or false, got {query['sample']!r}")
+    if sample in ("true", "1"):
+        options["do_sample"] = True
+        if "top_p" in query:
+            try:
+                top_p = float(query["top_p"])
+            except ValueError:
+                raise RequestError(400, f"top_p must be a number, got {query['top_p']!r}") from None
+            if not 0 < top_p <= 1:
+                raise RequestError(400, f"top_p must be in (0, 1], got {top_p}")
+            options["top_p"] = top_p
+    elif "top_p" in query:
+        raise RequestError(400, "top_p needs sample=true")
+    return options
+
+
+def decode_image(data: bytes, name: str, max_pixels: int):
+    from unembed.data.images import _decode
+
+    if not data:
+        raise BadInputError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> tuple[torch.Tensor, list[str]]:
+    """Vectors [N, D] and their ids from a JSON body ({"vectors": [[...]], "ids": [...]}, or a bare
+    list of lists) or a safetensors body (one [N, D] tensor, or an `unembed embed` file)."""
+    if "json" in content_type:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the body is not valid JSON ({e})") from None
+        rows = parsed.get("vectors") if isinstance(parsed, dict) else parsed
+        ids = parsed.get("ids") if isinstance(parsed, dict) else None
+        try:
+            vectors = torch.tensor(rows, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise RequestError(400, "vectors must be a list of equal-length lists of numbers") from None
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            tensors = load_safetensors(body)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise RequestError(400, f"the body is neither JSON nor a safetensors file ({e})") from None
+        vectors = tensors.get("vectors", next(iter(tensors.values()), None)) if len(tensors) else None
+        ids = None
+        if vectors is None:
+            raise RequestError(400, "the safetensors body holds no tensor")
+        vectors = vectors.float()
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise RequestError(400, f"vectors must be [N, D] with N >= 1, got shape {tuple(vectors.shape)}")
+    if len(vectors) > max_items:
+        raise RequestError(413, f"{len(vectors)} vectors in one request, over the limit of {max_items}")
+    if vectors.shape[1] != dim:
+        raise RequestError(400, f"vectors are {vectors.shape[1]}-d; this decoder takes {dim}-d vectors")
+    if not torch.isfinite(vectors).all():
+        raise RequestError(400, "vectors hold NaN or infinite values")
+    ids = [str(i) for i in ids] if isinstance(ids, list) and len(ids) == len(vectors) else \
+        [str(i) for i in range(len(vectors))]
+    return torch.nn.functional.normalize(vectors, dim=-1), ids
+
+
+async def read_body(request, limit: int, timeout: float) -> bytes:
+    """The request body, refused past `limit` bytes (413) or when it takes over `timeout` s (408)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the body is {int(declared)} bytes, over the limit of {limit} (--max-upload-mb)")
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the body is over the limit of {limit} bytes (--max-upload-mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout:g} s") from None
+
+
+async def uploaded_images(request, body: bytes, max_items: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each uploaded image: multipart files (any field name), or the raw body."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        async def once():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, once(), max_files=max_items + 1,
+                                         max_fields=max_items + 16).parse()
+        except MultiPartException as e:
+            raise RequestError(400 if "Too many" not in str(e) else 413, f"bad multipart body ({e})") from None
+        files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+    else:
+        files = [(request.query_params.get("name") or "upload", body)] if body else []
+    if not files:
+        raise RequestError(400, "no image in the request (send multipart files, or the image as the body)")
+    if len(files) > max_items:
+        raise RequestError(413, f"{len(files)} images in one request, over the limit of {max_items}")
+    return files
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+def create_app(config: ServeConfig, models: Models | None = None, decoders: list[str] | None = None):
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    from unembed.pipeline import image_id
+
+    models = models or Models(decoders or [], config.device)
+    batcher = Batcher(models, config.max_batch, config.max_wait_ms)
+    pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="unembed-images")
+    key = config.api_key or os.environ.get(API_KEY_ENV, "")
+    limit = int(config.max_upload_mb * 2 ** 20)
+
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)  # finish what is queued
+        pool.shutdown()
+
+    app = FastAPI(title="unembed", summary="Caption images and embeddings with dynamic batching", lifespan=lifespan)
+    app.state.models, app.state.batcher, app.state.config = models, batcher, config
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        if key and request.url.path not in ("/", "/health", "/docs", "/openapi.json") \
+                and request.headers.get("authorization") != f"Bearer {key}":
+            return JSONResponse({"error": "missing or wrong API key (send Authorization: Bearer KEY)"}, status_code=401)
+        return await call_next(request)
+
+    async def answer(futures: list[Future]) -> list[dict]:
+        results = []
+        for future in futures:
+            try:
+                results.append(await asyncio.wrap_future(future))
+            except UnembedError as e:
+                raise RequestError(400, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - a decoding error fails this request only
+                raise RequestError(500, f"decoding failed: {type(e).__name__}: {e}") from None
+        return results
+
+    @app.post("/caption", summary="Caption images (multipart files, or one image as the body)")
+    async def caption(request: Request) -> list[dict]:
+        name, _, _ = models.get(request.query_params.get("decoder"))
+        options = decoding_options(request.query_params)
+        body = await read_body(request, limit, config.read_timeout_s)
+        files = await uploaded_images(request, body, config.max_items)
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(*(loop.run_in_executor(pool, decode_image, data, file, config.max_pixels)
+                                        for file, data in files), return_exceptions=True)
+        for image in images:
+            if isinstance(image, BadInputError):
+                raise RequestError(413 if "limit" in image.reason else 400, str(image))
+            if isinstance(image, BaseException):
+                raise RequestError(400, f"cannot decode an upload ({type(image).__name__})")
+        items = [Item(image, {"file": file, "image_id": image_id(file)}) for (file, _), image in zip(files, images)]
+        return await answer(batcher.submit((name, "images", tuple(sorted(options.items()))), items))
+
+    @app.post("/caption/embeddings", summary="Caption vectors (JSON {\"vectors\": [[...]]} or safetensors bytes)")
+    async def caption_embeddings(request: Request) -> list[dict]:
+        name, decoder, _ = models.get(request.query_params.get("decoder"))
+        if decoder.needs_tokens:
+            raise RequestError(400, f"the {decoder.kind} decoder needs image tokens, which a vector does not carry")
+        options = decoding_options(request.query_params)
+        body = await read_body(request, limit, config.read_timeout_s)
+        vectors, ids = parse_vectors(body, request.headers.get("content-type", ""), decoder.config.embed_dim,
+                                     config.max_items)
+        items = [Item(v, {"image_id": i}) for v, i in zip(vectors, ids)]
+        return await answer(batcher.submit((name, "vectors", tuple(sorted(options.items()))), items))
+
+    @app.get("/decoders", summary="The loaded decoders: names, kinds, embedder ids")
+    async def list_decoders() -> list[dict]:
+        return models.describe()
+
+    @app.get("/health", summary="Liveness and batching counters")
+    async def health() -> dict:
+        return {"status": "ok", "decoders": list(models.decoders), **batcher.stats}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    return app
+
+
+def serve(config: ServeConfig, decoders: list[str] | None = None, log=print) -> None:
+    import uvicorn
+
+    app = create_app(config, decoders=decoders)
+    names = ", ".join(app.state.models.decoders)
+    log(f"serving {names} on http://{config.host}:{config.port} (page at /, API docs at /docs); Ctrl-C stops")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=30)
