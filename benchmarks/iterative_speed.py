@@ -36,6 +36,14 @@ from unembed.embedders import Embedder
 GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}  # transformers' GPT2Config()
 
 
+def ends_with(caption: list[int], v: int, tok, settings) -> bool:
+    """Add the chosen token to the caption (EOS is not added); whether the caption has ended."""
+    if v == tok.eos_id:
+        return True
+    caption.append(v)
+    return bool(settings.stop and settings.stop in tok.decode([v]))
+
+
 @torch.no_grad()
 def naive_search(decoder, targets: torch.Tensor, settings) -> list[list[int]]:
     """The same method with neither batching nor a KV cache (see the module docstring)."""
@@ -58,11 +66,7 @@ def naive_search(decoder, targets: torch.Tensor, settings) -> list[list[int]]:
                 similarities.append(scale * float(embedder.embed_texts([text])[0] @ target))
             score = ((1 - alpha) * probs.cpu() - alpha * torch.tensor(penalties)
                      + beta * torch.tensor(similarities).softmax(-1))
-            v = ids[int(score.argmax())].item()
-            if v == tok.eos_id:
-                break
-            caption.append(v)
-            if settings.stop and settings.stop in tok.decode([v]):
+            if ends_with(caption, ids[int(score.argmax())].item(), tok, settings):
                 break
         captions.append(caption)
     return captions
@@ -103,11 +107,7 @@ def magic_one_step_fast(decoder, targets: torch.Tensor, settings) -> list[list[i
             past.batch_select_indices(torch.tensor([chosen], device=lm.device))  # select_past_key_values
             context = torch.cat([context, hidden[chosen:chosen + 1]], dim=1)
             logits = out.logits[chosen:chosen + 1, -1]
-            v = ids[chosen]
-            if v == tok.eos_id:
-                break
-            caption.append(v)
-            if settings.stop and settings.stop in tok.decode([v]):
+            if ends_with(caption, ids[chosen], tok, settings):
                 break
         captions.append(caption)
     return captions

@@ -1,6 +1,7 @@
 """Reduced-precision inference (`--dtype`): every bundled decoder captions the scenes test split in
 fp32, bf16 and fp16 (torch.autocast; the shared embedding pass stays fp32), side by side through
-`unembed compare`. Reported per decoder: CIDEr in each precision and its change, the share of
+`unembed compare` (a finished
+precision's compare.json in --work is reused). Reported per decoder: CIDEr in each precision and its change, the share of
 captions identical to fp32's, and decoding speed against fp32.
 
     python benchmarks/precision.py --data DIR --out benchmarks/results/precision_cpu.json
@@ -31,9 +32,11 @@ def main() -> None:
     runs = {}
     for dtype in DTYPES:
         out = Path(args.work) / dtype
-        subprocess.run([sys.executable, "-m", "unembed.cli", "compare", "--data", args.data, "--decoders", decoders,
-                        "--embedder", str(BUNDLE / "embedder"), "--out", str(out), "--max-images", str(args.max_images),
-                        "--dtype", dtype, "--no-spice", "--no-gap", "--device", "cpu"], check=True)
+        done = out / "compare.json"
+        if not (done.is_file() and not any(r["error"] for r in json.loads(done.read_text())["decoders"])):
+            subprocess.run([sys.executable, "-m", "unembed.cli", "compare", "--data", args.data, "--decoders", decoders,
+                            "--embedder", str(BUNDLE / "embedder"), "--out", str(out), "--max-images", str(args.max_images),
+                            "--dtype", dtype, "--no-spice", "--no-gap", "--device", "cpu"], check=True)
         compared = json.loads((out / "compare.json").read_text())
         runs[dtype] = {row["name"]: {"CIDEr": row["metrics"].get("CIDEr"),
                                      "captions_per_second": row.get("captions_per_second"),

@@ -204,3 +204,16 @@ def test_dtype_runs_the_decoders_in_reduced_precision(tmp_path):
         assert main(["caption", *examples, "--dtype", dtype, "--out", str(out), "--device", "cpu"]) == EXIT_OK
         records = _read_jsonl(out)
         assert len(records) == len(examples) and all(r["caption"] for r in records)
+
+
+def test_the_embedding_pass_leaves_the_global_random_stream_alone(scenes_dir, embedder):
+    import torch
+
+    from unembed.pipeline import iter_pixel_batches
+
+    files = sorted((scenes_dir / "test" / "images").glob("*.png"))[:3]
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(iter_pixel_batches(files, 2, embedder.preprocess, lambda e: None))
+    assert torch.equal(torch.rand(3), expected)

@@ -166,8 +166,12 @@ def test_a_slow_client_times_out_without_blocking_others(server, images, cli_cap
         fast = post_image(server.url, images[0])  # answered while the slow body is pending
         assert fast.status_code == 200 and fast.json()[0]["caption"] == cli_captions["clipcap"][images[0].name]
         slow.settimeout(10)
-        reply = slow.recv(4096).decode()
-    assert reply.startswith("HTTP/1.1 408") and "did not arrive" in reply
+        reply = b""
+        while b"did not arrive" not in reply:  # headers and body may come in separate packets
+            chunk = slow.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408")
 
 
 def test_decoders_health_and_page(server):
@@ -270,3 +274,63 @@ def test_page_in_a_browser_uploads_an_image_and_shows_every_decoders_caption(ser
     assert captions == set(DECODERS), markup[-2000:]
     for name in DECODERS:
         assert cli_captions[name][images[0].name] in markup
+
+
+def test_readme_serve_commands_answer_like_unembed_caption_and_stop_on_sigterm(tmp_path):
+    """The README's block: the server in the background, then its curl lines; each answer equals what
+    `unembed caption` prints with the same options. SIGTERM then stops the server once the request
+    in flight is answered."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_readme import ROOT, block
+
+    port = str(free_port())
+    lines = [line.replace("8000", port) for line in block("serve").splitlines() if line.strip()]
+    assert lines[0].endswith("&") and all(line.startswith("curl ") for line in lines[1:])
+    server = subprocess.Popen([sys.executable, "-m", "unembed.cli", *shlex.split(lines[0][:-1])[1:]], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "the README's server did not start"
+                time.sleep(0.2)
+        for line in lines[1:]:
+            argv = shlex.split(line)
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+            (record,) = json.loads(done.stdout)
+            query = dict(p.split("=") for p in argv[-1].partition("?")[2].split("&") if p)
+            image = ROOT / argv[argv.index("-F") + 1].split("@")[1]
+            options = ["--decoder", query.get("decoder", "clipcap")] + (
+                ["--num-beams", query["num_beams"]] if "num_beams" in query else [])
+            out = tmp_path / "cli.jsonl"
+            assert main(["caption", str(image), *options, "--out", str(out), "--device", "cpu"]) == EXIT_OK
+            assert record["caption"] == json.loads(out.read_text())["caption"] and record["file"] == image.name
+        # SIGTERM while a request is in flight (its body half sent): the request still gets its caption.
+        image = (ROOT / "examples" / "scene-0.png").read_bytes()
+        head = (f"POST /caption?name=scene-0.png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", int(port))) as pending:
+            pending.sendall(head + image[:100])
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            pending.sendall(image[100:])
+            pending.settimeout(60)
+            reply = b""
+            while chunk := pending.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])[0]["caption"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM: the exit status says it was terminated
+    assert code == -signal.SIGTERM

@@ -70,8 +70,10 @@ def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
     import torch
 
     cuda = device is not None and torch.device(device).type == "cuda"
+    # Its own generator: a DataLoader otherwise draws its workers' seed from the global RNG, and an
+    # embedding pass must not change what a training run draws after it (cached or not).
     loader = torch.utils.data.DataLoader(ImageFiles(files, preprocess), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_as_list, persistent_workers=False)
+                                         collate_fn=_as_list, generator=torch.Generator())
     for items in loader:
         good = []
         for i, result in items:

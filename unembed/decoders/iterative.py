@@ -118,7 +118,7 @@ class EmbedderScore(CandidateScorer):
         texts = [self.tokenizer.decode(c.captions[r] + ([v] if v != eos else [])) for r in rows for v in ids[r]]
         embedded = self.embed_texts(texts, group=c.ids.shape[1]).view(len(rows), c.ids.shape[1], -1)
         cosine = (embedded @ c.targets[rows].to(embedded)[:, :, None]).squeeze(-1)
-        scores[rows] = (self.logit_scale * cosine).softmax(dim=-1).to(scores.device)
+        scores[rows] = (self.logit_scale * cosine).float().softmax(dim=-1).to(scores.device)  # fp32 under autocast too
         return scores
 
     def embed_texts(self, texts: list[str], group: int = 1) -> torch.Tensor:
