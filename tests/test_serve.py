@@ -151,6 +151,14 @@ def test_bad_requests_get_one_json_error(server, what, request_kwargs, status, s
     assert set(response.json()) == {"error"} and says in response.json()["error"], (what, response.json())
 
 
+def test_unknown_paths_and_methods_get_one_json_error(server):
+    missing = httpx.get(f"{server.url}/nope")
+    wrong = httpx.post(f"{server.url}/decoders")
+    assert (missing.status_code, wrong.status_code) == (404, 405)
+    assert set(missing.json()) == {"error"} and "/nope" in missing.json()["error"]
+    assert set(wrong.json()) == {"error"} and "Method Not Allowed" in wrong.json()["error"]
+
+
 def test_truncated_image_and_wrong_vector_width(server, images):
     data = images[0].read_bytes()
     response = httpx.post(f"{server.url}/caption", files={"file": ("cut.png", data[:len(data) // 2], "image/png")},
@@ -334,3 +342,12 @@ def test_readme_serve_commands_answer_like_unembed_caption_and_stop_on_sigterm(t
         code = server.wait(timeout=60)
     # uvicorn shuts down gracefully, then re-raises the SIGTERM: the exit status says it was terminated
     assert code == -signal.SIGTERM
+
+
+def test_a_decoder_that_cannot_load_stops_serve_with_one_line(capsys, tmp_path):
+    from unembed.cli import EXIT_FAILED
+
+    assert main(["serve", "--decoder", str(tmp_path / "missing"), "--port", str(free_port())]) == EXIT_FAILED
+    assert main(["serve", "--decoder", "nope", "--port", str(free_port())]) == EXIT_FAILED
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "missing" in lines[0] and "no decoder 'nope'" in lines[1]

@@ -79,8 +79,12 @@ class Models:
             decoders = [str(bundled_decoder(n)) for n in names]
         self.decoders, self.embedders, self.paths = {}, {}, {}
         for given in decoders:
-            path = Path(given) if Path(given).exists() else (decoder_path(given) if given.startswith("hf-hub:")
-                                                             else bundled_decoder(given))
+            if given.startswith("hf-hub:"):
+                path = decoder_path(given)
+            elif Path(given).exists() or "/" in given:  # a directory (a missing one is named by the loader)
+                path = Path(given)
+            else:
+                path = bundled_decoder(given)
             spec = resolve_embedder_spec(read_decoder_config(path)["config"], path)
             if spec not in self.embedders:
                 self.embedders[spec] = load_embedder(spec, device)
@@ -118,7 +122,7 @@ class Batcher:
         self.models, self.max_batch, self.max_wait = models, max_batch, max_wait_ms / 1000
         self.queues: dict[tuple, list[Item]] = {}
         self.lock = threading.Condition()
-        self.stats = {"batches": 0, "items": 0, "largest_batch": 0, "failed_items": 0}
+        self.stats = {"batches": 0, "items": 0, "largest_batch": 0, "failed_items": 0, "decode_seconds": 0.0}
         self.closing = False
         self.thread = threading.Thread(target=self._loop, name="unembed-batcher", daemon=True)
         self.thread.start()
@@ -161,6 +165,7 @@ class Batcher:
             self.stats["batches"] += 1
             self.stats["items"] += len(batch)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            t0 = time.perf_counter()
             try:
                 self._decode(key, batch)
             except Exception:  # noqa: BLE001 - find the item that fails, decode the others
@@ -170,6 +175,7 @@ class Batcher:
                     except Exception as e:  # noqa: BLE001
                         self.stats["failed_items"] += 1
                         item.future.set_exception(e)
+            self.stats["decode_seconds"] = round(self.stats["decode_seconds"] + time.perf_counter() - t0, 3)
 
     def _decode(self, key: tuple, batch: list[Item]) -> None:
         from unembed.embedders import Embedded
@@ -322,6 +328,7 @@ async def uploaded_images(request, body: bytes, max_items: int) -> list[tuple[st
 def create_app(config: ServeConfig, models: Models | None = None, decoders: list[str] | None = None):
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from unembed.pipeline import image_id
 
@@ -342,6 +349,14 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
         return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # unknown paths, wrong methods: the same one-line shape
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {e.detail}"}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug: one JSON line; uvicorn logs the traceback
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
     @app.middleware("http")
     async def bearer_token(request: Request, call_next):
