@@ -41,20 +41,17 @@ def photos(folder: Path, n: int) -> list[str]:
 def measure(embedder, files: list[str], batch_size: int) -> dict:
     from unembed.pipeline import iter_pixel_batches
 
-    def fail(error):
-        raise error
-
     row, vectors = {"images": len(files)}, {}
     for workers in (0, 2):
         t0 = time.perf_counter()
         parts = [embedder.embed_pixels(px, p).vectors
-                 for p, px in iter_pixel_batches(files, batch_size, embedder.preprocess, fail, workers)]
+                 for p, px in iter_pixel_batches(files, batch_size, embedder.preprocess, workers=workers)]
         seconds = time.perf_counter() - t0
         vectors[workers] = torch.cat(parts)
         row[f"images_per_s_workers_{workers}"] = round(len(files) / seconds, 1)
     assert torch.equal(vectors[0], vectors[2]), "workers changed the vectors"
     t0 = time.perf_counter()
-    pixels = [px for _, px in iter_pixel_batches(files, batch_size, embedder.preprocess, fail, 0)]
+    pixels = [px for _, px in iter_pixel_batches(files, batch_size, embedder.preprocess)]
     row["loading_only_images_per_s"] = round(len(files) / (time.perf_counter() - t0), 1)
     t0 = time.perf_counter()
     for px in pixels:

@@ -121,18 +121,16 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
+    from entity_scenes import detection_cell, heldout_cell
+
     lines = ["| model | entity source | test CIDEr | comp. CIDEr | comp. CLIPScore | names a held-out pair (in the image) "
              "| detection P / R (test) | detection P / R (comp.) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, rows in result["models"].items():
         for source, row in rows.items():
             t, c = row["test"], row["compositional"]
-
-            def pr(d):
-                d = d["detection"]
-                return "—" if d["precision"] is None else f"{100 * d['precision']:.0f} / {100 * (d['recall'] or 0):.0f}"
             lines.append(f"| {name} | {source} | {100 * t['CIDEr']:.1f} | {100 * c['CIDEr']:.1f} | "
-                         f"{100 * c['CLIPScore']:.1f} | {c['names_heldout_pair']} ({c['names_heldout_pair_in_image']}) "
-                         f"| {pr(t)} | {pr(c)} |")
+                         f"{100 * c['CLIPScore']:.1f} | {heldout_cell(c)} | {detection_cell(t['detection'])} | "
+                         f"{detection_cell(c['detection'])} |")
     return "\n".join(lines)
 
 

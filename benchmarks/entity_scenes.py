@@ -123,18 +123,26 @@ def main() -> None:
     print(table(result))
 
 
+def detection_cell(detection: dict) -> str:
+    """Entity precision / recall in %, or a dash for a decoder that detects nothing."""
+    if detection.get("precision") is None:
+        return "—"
+    return f"{100 * detection['precision']:.0f} / {100 * (detection['recall'] or 0):.0f}"
+
+
+def heldout_cell(compositional: dict) -> str:
+    return f"{compositional['names_heldout_pair']} ({compositional['names_heldout_pair_in_image']})"
+
+
 def table(result: dict) -> str:
     lines = ["| decoder | test CIDEr | test CLIPScore | comp. CIDEr | comp. CLIPScore | names a held-out pair "
              "(in the image) / 1,000 | detection P / R (test) | detection P / R (comp.) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in result["decoders"].items():
         t, c = row["test"], row["compositional"]
-
-        def pr(d):
-            return f"{100 * d['precision']:.0f} / {100 * d['recall']:.0f}" if d.get("precision") is not None else "—"
         lines.append(f"| {name} | {100 * t['CIDEr']:.1f} | {100 * t['CLIPScore']:.1f} | {100 * c['CIDEr']:.1f} | "
-                     f"{100 * c['CLIPScore']:.1f} | {c['names_heldout_pair']} ({c['names_heldout_pair_in_image']}) | "
-                     f"{pr(t['detection'])} | {pr(c['detection'])} |")
+                     f"{100 * c['CLIPScore']:.1f} | {heldout_cell(c)} | {detection_cell(t['detection'])} | "
+                     f"{detection_cell(c['detection'])} |")
     return "\n".join(lines)
 
 

@@ -62,9 +62,10 @@ def _as_list(items):
 
 
 def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
-                       on_error: Callable[[BadInputError], None], workers: int = 0,
+                       on_error: Callable[[BadInputError], None] | None = None, workers: int = 0,
                        device=None) -> Iterator[tuple[list[str], "torch.Tensor"]]:
-    """(files, pixels [B, 3, H, W]) batch by batch, in input order, bad files reported and left out.
+    """(files, pixels [B, 3, H, W]) batch by batch, in input order, bad files reported to `on_error`
+    and left out (no `on_error`: the first bad file raises, for inputs that must all load).
     With `workers` > 0, decoding and preprocessing run in that many processes (a DataLoader), ahead of
     the model; on CUDA the pixels come pinned and are copied without blocking."""
     import torch
@@ -78,6 +79,8 @@ def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
         good = []
         for i, result in items:
             if isinstance(result, tuple):
+                if on_error is None:
+                    raise BadInputError(*result)
                 on_error(BadInputError(*result))
             else:
                 good.append((i, result))

@@ -19,7 +19,6 @@ GET /docs (OpenAPI). Responses carry the fields of `unembed caption`'s JSON Line
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import threading
@@ -229,14 +228,6 @@ def decoding_options(query) -> dict:
     return options
 
 
-def decode_image(data: bytes, name: str, max_pixels: int):
-    from unembed.data.images import _decode
-
-    if not data:
-        raise BadInputError(name, "empty file (0 bytes)")
-    return _decode(io.BytesIO(data), name, max_pixels)
-
-
 def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> tuple[torch.Tensor, list[str]]:
     """Vectors [N, D] and their ids from a JSON body ({"vectors": [[...]], "ids": [...]}, or a bare
     list of lists) or a safetensors body (one [N, D] tensor, or an `unembed embed` file)."""
@@ -330,6 +321,7 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from unembed.data.images import load_image_bytes
     from unembed.pipeline import image_id
 
     models = models or Models(decoders or [], config.device)
@@ -383,7 +375,7 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
         body = await read_body(request, limit, config.read_timeout_s)
         files = await uploaded_images(request, body, config.max_items)
         loop = asyncio.get_running_loop()
-        images = await asyncio.gather(*(loop.run_in_executor(pool, decode_image, data, file, config.max_pixels)
+        images = await asyncio.gather(*(loop.run_in_executor(pool, load_image_bytes, data, file, config.max_pixels)
                                         for file, data in files), return_exceptions=True)
         for image in images:
             if isinstance(image, BadInputError):

@@ -169,10 +169,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.I
     """
     name = display_path(path)
     if isinstance(path, ShardMember):
-        data = path.read_bytes()
-        if not data:
-            raise BadInputError(name, "empty file (0 bytes)")
-        return _decode(io.BytesIO(data), name, max_pixels)
+        return load_image_bytes(path.read_bytes(), name, max_pixels)
     try:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
@@ -180,6 +177,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.I
             return _decode(file, name, max_pixels)
     except OSError as err:  # only open() itself gets here; _decode turns its errors into ours
         raise BadInputError(name, _os_reason(err)) from err
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+    """`load_image` for bytes already in memory (a shard member, an upload); `name` names it in errors."""
+    if not data:
+        raise BadInputError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
 
 
 def _os_reason(err: OSError) -> str:

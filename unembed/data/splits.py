@@ -100,13 +100,10 @@ def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int 
         if cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]:
             return cached
     id_of = {str(p): str(i) for p, i in zip(paths, ids)}
-
-    def fail(error):  # a split is scored whole: an image it names must load
-        raise error
-
+    # no on_error: a split is scored whole, so an image it names must load
     parts = [embedder.embed_pixels(pixels, [id_of[str(p)] for p in files], with_tokens)
-             for files, pixels in iter_pixel_batches(paths, batch_size, embedder.preprocess, fail, workers,
-                                                     embedder.device)]
+             for files, pixels in iter_pixel_batches(paths, batch_size, embedder.preprocess, workers=workers,
+                                                     device=embedder.device)]
     embedded = Embedded.concat(parts)
     embedded.meta["split_fingerprint"] = fingerprint
     embedded.save(cache)

@@ -41,13 +41,10 @@ def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict, wo
     ids = [i for i in predictions if i in files and i in references]
     if not ids:
         raise BadInputError(refs, "its images[] give no file_name for the scored image ids, so CLIPScore cannot run")
-
-    def fail(error):  # every scored image must load, or the scores would silently cover fewer
-        raise error
-
+    # no on_error: every scored image must load, or the scores would silently cover fewer
     image_vecs = torch.cat([embedder.embed_pixels(pixels, [str(p) for p in paths]).vectors for paths, pixels in
-                            iter_pixel_batches([files[i] for i in ids], 64, embedder.preprocess, fail, workers,
-                                               embedder.device)])
+                            iter_pixel_batches([files[i] for i in ids], 64, embedder.preprocess, workers=workers,
+                                               device=embedder.device)])
     result = clip_scores(embedder, image_vecs, [predictions[i] for i in ids], [references[i] for i in ids])
     result.pop("per_image", None)
     return result
