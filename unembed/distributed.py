@@ -73,7 +73,20 @@ def world(device: str = "auto") -> World:
     """This process's place among the launched ones (a world of one without a launcher)."""
     if launched_world_size() <= 1:
         return World(device=device)
+    import atexit
+
     from accelerate import PartialState
 
     state = PartialState(cpu=use_cpu(device))
+    atexit.register(_close_process_group)
     return World(state.process_index, state.num_processes, str(state.device), state)
+
+
+def _close_process_group() -> None:
+    """Destroy the process group before the interpreter tears down: left to the end, gloo's threads
+    can be destroyed while joinable, and the process aborts after its work is done ("terminate
+    called without an active exception", seen once in CI on a two-process caption)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
