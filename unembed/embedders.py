@@ -1,7 +1,9 @@
 """Joint image-text embedders over open_clip, and the embeddings they produce.
 
 An `Embedder` is built from a spec string, resolved in one place (`Embedder.from_spec`):
-- "ViT-B-32:laion2b_s34b_b79k"   an open_clip architecture and pretrained tag (needs network once),
+- "ViT-B-32:laion2b_s34b_b79k"   an open_clip architecture and pretrained tag (needs network once);
+                                  a tag trained with QuickGELU builds that architecture: "ViT-B-32:openai"
+                                  is "ViT-B-32-quickgelu:openai", the spelling it records,
 - "ViT-B-32"                      the architecture with random weights (speed benchmarks),
 - "hf-hub:org/repo"               an open_clip model on the Hugging Face hub,
 - "path/to/dir"                   a directory saved by `Embedder.save` (config.json + model.safetensors),
@@ -10,6 +12,9 @@ An `Embedder` is built from a spec string, resolved in one place (`Embedder.from
 Shapes: embed_images(list of N PIL images) -> [N, D]; embed_texts(N strings) -> [N, D], both
 L2-normalised; image_tokens(images) -> [N, T, W] for CoCa models. `Embedded` bundles vectors with
 their ids and the embedder's identity so one embedding pass serves training, captioning and eval.
+An embedding pass (`embed_pixels`) keeps the vectors as the model made them (CLIP's raw
+`encode_image`): each decoder applies the normalisation its method uses (ClipCap's release feeds
+them raw; CapDec, DeCap, ViECap and the iterative search normalise).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from unembed import __version__, text_tower
 from unembed.compat import import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
-from unembed.hub import force_hub_offline, hub_reachable
+from unembed.hub import open_clip_hub_dir, open_clip_spelling, open_clip_weights
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 EMBEDDER_FORMAT = "unembed-embedder"
@@ -43,9 +48,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class Embedded:
-    """One embedding pass: `vectors` [N, D] (L2-normalised), `ids` (N strings), optional
-    `image_tokens` [N, T, W] (CoCa decodes from them), and the embedder that produced them.
-    Saved as safetensors with the tensors "vectors" and "tokens" (the file key keeps its first name)."""
+    """One embedding pass: `vectors` [N, D] as the embedder made them (`normalized` says whether they
+    are L2-normalised), `ids` (N strings), optional `image_tokens` [N, T, W] (CoCa decodes from them),
+    and the embedder that produced them. Saved as safetensors with the tensors "vectors" and "tokens"
+    and the metadata "normalized" ("true" | "false"; files written before it held unit vectors)."""
 
     vectors: torch.Tensor
     ids: list[str]
@@ -54,6 +60,7 @@ class Embedded:
     modality: str = "image"
     image_tokens: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    normalized: bool = False
 
     def __post_init__(self):
         if self.vectors.ndim != 2 or len(self.ids) != self.vectors.shape[0]:
@@ -66,19 +73,25 @@ class Embedded:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    def unit(self) -> torch.Tensor:
+        """The vectors L2-normalised (cosine-based methods and the normalising decoders read these)."""
+        return self.vectors.float() if self.normalized else torch.nn.functional.normalize(self.vectors.float(), dim=-1)
+
     @classmethod
     def concat(cls, parts: Sequence["Embedded"]) -> "Embedded":
         """One Embedded from batches of the same embedding pass, in order."""
         first = parts[0]
         tokens = None if first.image_tokens is None else torch.cat([p.image_tokens for p in parts])
+        if len({p.normalized for p in parts}) > 1:
+            raise MismatchError("cannot join raw and normalised embeddings into one pass")
         return cls(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], first.embedder_id,
-                   first.embedder_spec, first.modality, tokens, dict(first.meta))
+                   first.embedder_spec, first.modality, tokens, dict(first.meta), first.normalized)
 
     def select(self, index: Sequence[int] | slice) -> "Embedded":
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         t = None if self.image_tokens is None else self.image_tokens[idx]
         return Embedded(self.vectors[idx], [self.ids[i] for i in idx], self.embedder_id,
-                        self.embedder_spec, self.modality, t, dict(self.meta))
+                        self.embedder_spec, self.modality, t, dict(self.meta), self.normalized)
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {"vectors": self.vectors}
@@ -86,7 +99,8 @@ class Embedded:
             tensors["tokens"] = self.image_tokens
         metadata = {"format": "unembed-embeddings", "embedder_id": self.embedder_id,
                     "embedder_spec": self.embedder_spec, "modality": self.modality,
-                    "ids": json.dumps(self.ids), "meta": json.dumps(self.meta)}
+                    "ids": json.dumps(self.ids), "meta": json.dumps(self.meta),
+                    "normalized": "true" if self.normalized else "false"}
         save_tensors(path, tensors, metadata)
 
     @classmethod
@@ -99,11 +113,15 @@ class Embedded:
             (vectors,) = tensors.values()
             if vectors.ndim != 2:
                 raise BadInputError(path, f"expected a [N, D] tensor, got shape {tuple(vectors.shape)}")
-            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+            from unembed.data.vectors import rows_are_unit
+
+            vectors = vectors.float()
             return cls(vectors, [str(i) for i in range(len(vectors))], md.get("embedder_id", ""),
-                       md.get("embedder_spec", ""), "unknown")
+                       md.get("embedder_spec", ""), "unknown", normalized=rows_are_unit(vectors))
         return cls(tensors["vectors"].float(), json.loads(md["ids"]), md["embedder_id"], md["embedder_spec"],
-                   md.get("modality", "image"), tensors.get("tokens"), json.loads(md.get("meta", "{}")))
+                   md.get("modality", "image"), tensors.get("tokens"), json.loads(md.get("meta", "{}")),
+                   md.get("normalized", "true") == "true")  # files from before the flag held unit vectors
+
 
 
 class Embedder:
@@ -169,10 +187,9 @@ class Embedder:
         """Embed one batch of preprocessed pixels [B, 3, H, W] (pipeline.iter_pixel_batches gives them)."""
         pixels = pixels.to(self.device)
         if with_tokens:
-            latent, tokens = self.model._encode_image(pixels)
-            return Embedded(torch.nn.functional.normalize(latent.float(), dim=-1).cpu(), list(ids), self.id, self.spec,
-                            "image", tokens.float().cpu())
-        vectors = self.model.encode_image(pixels, normalize=True).float().cpu()
+            latent, tokens = self.model._encode_image(pixels, normalize=False)
+            return Embedded(latent.float().cpu(), list(ids), self.id, self.spec, "image", tokens.float().cpu())
+        vectors = self.model.encode_image(pixels, normalize=False).float().cpu()  # raw: each decoder normalises as its method does
         return Embedded(vectors, list(ids), self.id, self.spec, "image")
 
     def check(self, embedded: Embedded) -> None:
@@ -190,32 +207,43 @@ class Embedder:
         if spec.startswith("hf-hub:"):
             return cls._pretrained(spec, None, spec, device)
         name, _, tag = spec.partition(":")
+        if tag:  # the architecture the tag's weights were trained as: "ViT-B-32:openai" builds ViT-B-32-quickgelu
+            name = open_clip_spelling(name, tag)
+            spec = f"{name}:{tag}"
         return cls._pretrained(name, tag or None, spec, device)
 
     @classmethod
     def _pretrained(cls, name: str, tag: str | None, spec: str, device: str) -> "Embedder":
+        """Hub files come through unembed.hub (huggingface_hub's own resolving: the local cache when
+        the hub cannot be reached), then open_clip builds from the local files."""
         open_clip = import_open_clip()
-        if not name.startswith("hf-hub:"):
-            if name not in open_clip.list_models():
-                raise ModelLoadError(f"unknown embedder {spec!r}: {name!r} is neither a directory nor an open_clip "
-                                     "architecture (see open_clip.list_models())")
-            if tag and tag not in open_clip.list_pretrained_tags_by_model(name):
-                tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-                raise ModelLoadError(f"unknown pretrained tag {tag!r} for {name} (known: {tags})")
+        if not name.startswith("hf-hub:") and name not in open_clip.list_models():
+            raise ModelLoadError(f"unknown embedder {spec!r}: {name!r} is neither a directory nor an open_clip "
+                                 "architecture (see open_clip.list_models())")
         needs_hub = name.startswith("hf-hub:") or tag is not None
-        if needs_hub and not hub_reachable():
-            force_hub_offline()  # a copy already in the local cache still loads
+        build, tokenizer_name, pretrained, preprocess_cfg = name, name, tag, {}
+        offline_hint = ". Without network, pass a local embedder directory instead (e.g. one trained with `unembed train clip`)."
+        try:
+            if name.startswith("hf-hub:"):
+                build = f"local-dir:{open_clip_hub_dir(name)}"
+                text_cfg = read_json(Path(build[len("local-dir:"):]) / "open_clip_config.json")["model_cfg"].get("text_cfg", {})
+                tokenizer_name = name if text_cfg.get("hf_tokenizer_name") else build  # an HF tokenizer: by its hub name
+            elif tag:
+                file, preprocess_cfg = open_clip_weights(name, tag)
+                pretrained = file or tag  # a tag open_clip fetches by URL: open_clip fetches it
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{e}{offline_hint}") from None
         logging.disable(logging.ERROR)  # open_clip logs its own multi-line failure; ours is the one line
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                build, pretrained=None if build.startswith("local-dir:") else pretrained, device="cpu",
+                **{f"image_{k}": v for k, v in preprocess_cfg.items()})
         except Exception as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            why = "the Hugging Face hub is unreachable and it is not in the local cache" if offline else str(e).splitlines()[0]
-            raise ModelLoadError(f"cannot load pretrained embedder {spec!r}: {why}. Without network, pass a local "
-                                 "embedder directory instead (e.g. one trained with `unembed train clip`).") from None
+            raise ModelLoadError(f"cannot load pretrained embedder {spec!r}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{offline_hint}") from None
         finally:
             logging.disable(logging.NOTSET)
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = open_clip.get_tokenizer(tokenizer_name)
         return cls(model, preprocess, tokenizer, spec, spec if needs_hub else f"{name}:random", device)
 
     @classmethod

@@ -76,7 +76,7 @@ class Models:
             info = manifest()
             names = [info["default"]] + [n for n in info["decoders"] if n != info["default"]]
             decoders = [str(bundled_decoder(n)) for n in names]
-        self.decoders, self.embedders, self.paths = {}, {}, {}
+        self.decoders, self.embedders = {}, {}
         for given in decoders:
             if given.startswith("hf-hub:"):
                 path = decoder_path(given)
@@ -90,7 +90,6 @@ class Models:
             embedder = self.embedders[spec]
             name = path.name if path.name not in self.decoders else given
             self.decoders[name] = (load_decoder(path, device=str(embedder.device), embedder=embedder), embedder)
-            self.paths[name] = str(path)
         self.default = next(iter(self.decoders))
 
     def get(self, name: str | None):
@@ -100,8 +99,13 @@ class Models:
         return name, *self.decoders[name]
 
     def describe(self) -> list[dict]:
-        return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": e.spec, "embed_dim": d.config.embed_dim,
-                 "default": n == self.default, "path": self.paths[n]} for n, (d, e) in self.decoders.items()]
+        # Names and kinds only: a directory is shown by its name, never by where it lies on this machine.
+        return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": _shown(e.spec), "embed_dim": d.config.embed_dim,
+                 "default": n == self.default} for n, (d, e) in self.decoders.items()]
+
+
+def _shown(spec: str) -> str:
+    return Path(spec).name if spec and Path(spec).is_dir() else spec
 
 
 # --- dynamic batching -----------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> t
         raise RequestError(400, "vectors hold NaN or infinite values")
     ids = [str(i) for i in ids] if isinstance(ids, list) and len(ids) == len(vectors) else \
         [str(i) for i in range(len(vectors))]
-    return torch.nn.functional.normalize(vectors, dim=-1), ids
+    return vectors, ids  # as sent: each decoder normalises as its method does
 
 
 async def read_body(request, limit: int, timeout: float) -> bytes:

@@ -97,7 +97,9 @@ def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int 
     fingerprint = split_fingerprint(split_dir)
     if cache.is_file():
         cached = Embedded.load(cache)
-        if cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]:
+        # A cache from before embeddings were kept raw holds unit vectors: made again, not trusted.
+        if (cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]
+                and not cached.normalized):
             return cached
     id_of = {str(p): str(i) for p, i in zip(paths, ids)}
     # no on_error: a split is scored whole, so an image it names must load

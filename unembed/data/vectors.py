@@ -7,7 +7,9 @@ bounded by one batch, whatever the file's size):
 - clip-retrieval's folder (and LAION's published embeddings): `img_emb/img_emb_{i}.npy` with
   `metadata/metadata_{i}.parquet` beside them, row for row; each row's metadata (key, url,
   caption, ...) is carried into the output records, and its `key` (else `image_path`) is its id.
-The last three carry no embedder id: a decoder can check only their width.
+The last three carry no embedder id: a decoder can check only their width. Vectors are passed on as
+the file holds them; whether they are L2-normalised is the file's word (unembed's own files) or read
+off the rows (every row of unit length), so each decoder can normalise as its method does.
 """
 from __future__ import annotations
 
@@ -40,10 +42,15 @@ class EmbeddingSource:
     """N embeddings from one of the formats above; `batches` yields (Embedded, per-row metadata)."""
 
     def __init__(self, path, parts: list[_Part], dim: int, embedder_id: str = "", embedder_spec: str = "",
-                 modality: str = "image"):
+                 modality: str = "image", normalized: bool | None = None):
         self.path, self.parts, self.dim = str(path), parts, dim
         self.embedder_id, self.embedder_spec, self.modality = embedder_id, embedder_spec, modality
         self.starts = np.cumsum([0] + [p.rows for p in parts])
+        if normalized is None:  # a file that does not say: read it off its first rows
+            sample = parts[0].read(0, min(parts[0].rows, 1024)) if parts else []
+            normalized = rows_are_unit(sample if isinstance(sample, torch.Tensor)
+                                       else torch.from_numpy(np.array(sample, dtype=np.float32)))
+        self.normalized = normalized
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -68,9 +75,8 @@ class EmbeddingSource:
                 meta += found if found is not None else [{} for _ in range(hi - lo)]
                 if part.tokens is not None:
                     tokens.append(part.tokens(lo, hi))
-            batch = torch.nn.functional.normalize(torch.cat(vectors), dim=-1)
-            yield (Embedded(batch, ids, self.embedder_id, self.embedder_spec, self.modality,
-                            torch.cat(tokens).float() if tokens else None),
+            yield (Embedded(torch.cat(vectors), ids, self.embedder_id, self.embedder_spec, self.modality,
+                            torch.cat(tokens).float() if tokens else None, normalized=self.normalized),
                    meta if any(meta) else None)
 
     def _spans(self, start: int, stop: int):
@@ -143,8 +149,9 @@ def _safetensors(path: Path) -> EmbeddingSource:
     part = _Part(shape[0], lambda lo, hi: vectors[lo:hi].float(),
                  (lambda lo, hi: ids[lo:hi]) if ids is not None else (lambda lo, hi: [str(i) for i in range(lo, hi)]),
                  lambda lo, hi: None, (lambda lo, hi: tokens[lo:hi]) if tokens is not None else None)
+    said = metadata.get("normalized", "true") == "true" if ids is not None else None  # unembed's files say
     return EmbeddingSource(path, [part], shape[1], metadata.get("embedder_id", ""), metadata.get("embedder_spec", ""),
-                           metadata.get("modality", "image" if ids is not None else "unknown"))
+                           metadata.get("modality", "image" if ids is not None else "unknown"), said)
 
 
 def _clip_retrieval(folder: Path) -> EmbeddingSource:
@@ -166,6 +173,11 @@ def _clip_retrieval(folder: Path) -> EmbeddingSource:
         dim = array.shape[1]
         parts.append(_array_part(array, file.stem, table))
     return EmbeddingSource(folder, parts, dim)
+
+
+def rows_are_unit(vectors: torch.Tensor, tolerance: float = 1e-3) -> bool:
+    """Whether every row of [N, D] vectors is L2-normalised: what a file that does not say holds."""
+    return bool(len(vectors)) and bool(((vectors.float().norm(dim=-1) - 1).abs() < tolerance).all())
 
 
 def _number(path: Path) -> int:

@@ -22,7 +22,8 @@ from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.io import load_module, read_json, save_module, write_json, write_text
 
 DECODER_FORMAT = "unembed-decoder"
-FORMAT_VERSION = 2  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied
+FORMAT_VERSION = 3  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied;
+                    # 3: where the LM's weights are is recorded (lm_weights); embeddings arrive raw
 _REGISTRY: dict[str, type["Decoder"]] = {}
 
 
@@ -115,8 +116,8 @@ class Decoder(torch.nn.Module):
         load_module(self, path / "model.safetensors")
 
     @classmethod
-    def upgrade_config(cls, config: dict, format_version: int) -> dict:
-        """A config saved by an older format, brought to this one."""
+    def upgrade_config(cls, config: dict, format_version: int, path: Path | None = None) -> dict:
+        """A config saved by an older format (in directory `path`), brought to this one."""
         return config
 
     @classmethod
@@ -191,7 +192,8 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     if unknown:
         raise ModelLoadError(f"{path}/config.json has options the {cls.kind} decoder does not know: {sorted(unknown)}")
     try:
-        decoder = cls.from_saved(cls.config_class(**cls.upgrade_config(config, saved.get("format_version", 1))), path)
+        config = cls.upgrade_config(config, saved.get("format_version", 1), path)
+        decoder = cls.from_saved(cls.config_class(**config), path)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # e.g. a negative size, a string for a number
         raise ModelLoadError(f"{path}/config.json describes no buildable {cls.kind} decoder "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -231,18 +233,27 @@ def model_card(decoder: "Decoder", metrics: dict) -> str:
     if scores:
         lines.append("metrics: " + json.dumps(sorted(k.split("_")[-1].lower() for k in scores)))
     lines += ["---", "", f"# unembed {decoder.kind} decoder", "",
-              f"{decoder.summary or decoder.kind}. Decodes embeddings of `{config.get('embedder_spec') or '?'}` "
+              f"{decoder.summary or decoder.kind}. Decodes embeddings of `{_shown_spec(config.get('embedder_spec'))}` "
               f"(id `{config.get('embedder_id') or '?'}`, {config.get('embed_dim')}-d) into captions.", "",
               "```bash", "pip install unembed", "unembed caption IMAGES --decoder hf-hub:ORG/NAME   # or this directory",
               "```", ""]
-    if config.get("lm") and config.get("lm") != "scratch":
-        revision = config.get("lm_revision") or "as saved"
-        lines += [f"Base LM: `{config['lm']}` (revision `{revision}`)" + (
-            ", referenced, not copied: loading needs it in the local Hugging Face cache or the hub reachable."
-            if not config.get("save_full_lm") and config.get("lm_mode", "frozen") != "full" else ", saved in full."), ""]
+    if config.get("lm_weights") == "referenced":
+        lines += [f"Base LM: `{config['lm']}` (revision `{config.get('lm_revision') or 'main'}`), referenced, not "
+                  "copied: loading needs it in the local Hugging Face cache or the hub reachable.", ""]
+    elif config.get("lm"):
+        what = config.get("lm_config", {}).get("model_type", "causal")
+        origin = f" (from `{config['lm']}`)" if _hub_id(config["lm"]) else ""
+        lines += [f"LM: a {what} LM{origin}, its weights saved in this directory's model.safetensors.", ""]
     if scores:
         lines += ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4g} |" for k, v in scores.items()] + [""]
     return "\n".join(lines)
+
+
+def _shown_spec(spec: str | None) -> str:
+    """An embedder spec as a card may show it: a folder of the building machine is named by its last part."""
+    if not spec:
+        return "?"
+    return Path(spec).name if (os.path.isabs(spec) or Path(spec).is_dir()) else spec
 
 
 def _hub_id(name: str) -> str:

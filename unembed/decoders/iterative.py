@@ -53,6 +53,7 @@ class IterativeConfig(DecoderConfig):
     lm: str = "gpt2"               # a Hugging Face causal LM id, a directory written by train_lm, or "scratch"
     lm_config: dict = field(default_factory=dict)  # the LM's HF config, recorded at creation
     lm_revision: str = ""          # the hub snapshot the LM resolved to: a hub LM is referenced, not copied
+    lm_weights: str = ""           # recorded at save: "inside" (in model.safetensors) or "referenced" (hub id + revision)
     save_full_lm: bool = False     # keep a full copy of a hub LM instead (air-gapped use)
     tokenizer: str = ""            # "" = the LM's own; a train_lm directory names its own
     k: int = 45                    # candidates re-ranked per step
@@ -254,7 +255,7 @@ class IterativeDecoder(LMWeights, Decoder):
         config for this call."""
         self.check_embedded(embedded)
         settings = self.settings(options)
-        return [self.caption_text(ids, settings.stop) for ids in self.search(embedded.vectors, settings)]
+        return [self.caption_text(ids, settings.stop) for ids in self.search(embedded.unit(), settings)]
 
     def settings(self, options: dict) -> IterativeConfig:
         unknown = sorted(set(options) - set(SEARCH_OPTIONS))

@@ -25,7 +25,7 @@ from torch import nn
 from unembed.decoders.base import Decoder, DecoderConfig
 from unembed.decoders.bridges import ModalityBridge
 from unembed.errors import MismatchError, ModelLoadError
-from unembed.lm import LMWeights, apply_lm_mode, build_lm
+from unembed.lm import LMWeights, apply_lm_mode, build_lm, saved_adapter
 from unembed.tokenizers import encode_captions, make_tokenizer
 
 
@@ -47,6 +47,7 @@ class PrefixConfig(DecoderConfig):
                             "captions) or an HF tokenizer id (default: the LM's own; scratch LMs: clip-bpe)")
     lm_mode: str = option("full", "how the LM is trained", ("frozen", "lora", "full"))
     lm_revision: str = ""           # the hub snapshot (commit hash) the LM resolved to, recorded at creation
+    lm_weights: str = ""            # recorded at save: "inside" (in model.safetensors) or "referenced" (hub id + revision)
     save_full_lm: bool = option(False, "keep a full copy of a frozen or LoRA-trained hub LM in the decoder "
                                 "(self-contained, for air-gapped use) instead of its id, revision and adapter")
     lora_r: int = option(8, "LoRA rank (--lm-mode lora)")
@@ -127,7 +128,7 @@ class PrefixDecoder(LMWeights, Decoder):
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
 
-    def __init__(self, config: PrefixConfig, tokenizer=None):
+    def __init__(self, config: PrefixConfig, tokenizer=None, adapter: Path | None = None):
         super().__init__(config)
         self.tokenizer = tokenizer or make_tokenizer(config)
         lm = build_lm(config, self.tokenizer)
@@ -137,7 +138,7 @@ class PrefixDecoder(LMWeights, Decoder):
         if config.prefix_length + 2 > self.positions:
             raise MismatchError(f"a {config.prefix_length}-token prefix leaves no room for a caption: the LM "
                                 f"{config.lm!r} reads {self.positions} positions")
-        self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r)
+        self.lm = apply_lm_mode(lm, config.lm_mode, config.lora_r, adapter)
         self.mapper = make_mapper(config, lm.get_input_embeddings().embedding_dim)
         self.bridge = ModalityBridge(config.embed_dim, config.mean_shift, config.projection_size,
                                      config.projection_tau, config.noise_variance, config.noise_kind,
@@ -232,7 +233,9 @@ class PrefixDecoder(LMWeights, Decoder):
         """Captions for [N, D] embeddings: greedy (num_beams=1), beam search, or nucleus sampling."""
         self.check_embedded(embedded)
         self.eval()
-        vectors = self.bridge.for_inference(embedded.vectors, "text" if embedded.modality == "text" else "image")
+        # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
+        given = embedded.unit() if self.config.normalize else embedded.vectors.float()
+        vectors = self.bridge.for_inference(given, "text" if embedded.modality == "text" else "image")
         inputs, attention = self.lm_inputs(self.prefix(vectors), self.text_prompts(embedded, vectors))
         if seed is not None:
             torch.manual_seed(seed)
@@ -284,4 +287,10 @@ class PrefixDecoder(LMWeights, Decoder):
 
     @classmethod
     def from_saved(cls, config: PrefixConfig, path: Path) -> "PrefixDecoder":
-        return cls(config, make_tokenizer(config, path))
+        return cls(config, make_tokenizer(config, path), adapter=saved_adapter(path))
+
+    @classmethod
+    def upgrade_config(cls, config: dict, format_version: int, path: Path | None = None) -> dict:
+        """Before format 3 every embedding reached the decoder L2-normalised: it still does."""
+        config = super().upgrade_config(config, format_version, path)
+        return dict(config, normalize=True) if format_version < 3 else config

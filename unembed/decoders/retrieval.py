@@ -44,7 +44,7 @@ class RetrievalDecoder(Decoder):
 
     def decode(self, embedded, **generation) -> list[str]:
         self.check_embedded(embedded)
-        _, index = self.memory.nearest(embedded.vectors)
+        _, index = self.memory.nearest(embedded.unit())  # cosine
         return [self.memory.texts[i] for i in index.tolist()]
 
     def save_extra(self, path: Path) -> None:

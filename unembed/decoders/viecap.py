@@ -69,8 +69,8 @@ class ViECapDecoder(PrefixDecoder):
         "hard_prompt", "entity_vocabulary", "entities_file", "entity_min_count", "entity_similarity", "entity_mask",
         "max_entities", "entity_top_k", "entity_threshold", "entity_temperature")
 
-    def __init__(self, config: ViECapConfig, tokenizer=None):
-        super().__init__(config, tokenizer)
+    def __init__(self, config: ViECapConfig, tokenizer=None, adapter=None):
+        super().__init__(config, tokenizer, adapter)
         self.register_buffer("entity_vectors", torch.zeros(len(config.entities), config.embed_dim))
         self._vocabulary = None
         self._named: dict[str, list[str]] = {}  # training: each caption's entities
@@ -144,7 +144,7 @@ class ViECapDecoder(PrefixDecoder):
     def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
         if not self.config.hard_prompt:
             return None
-        return [self.prompt_ids(found) for found in self.detect(embedded.vectors)]
+        return [self.prompt_ids(found) for found in self.detect(embedded.unit())]
 
 
 def _read_entities(path) -> list[str]:

@@ -175,7 +175,7 @@ def gap_report(embedder, data_dir: str | Path, split: str = "test", out_dir: str
     _, captions, ids = load_split(data_dir / split)
     if embedded.ids != [str(i) for i in ids]:
         raise MismatchError(f"{data_dir / split}: the cached image embeddings do not list the split's images in order")
-    images = embedded.vectors[:max_pairs]
+    images = embedded.unit()[:max_pairs]
     texts = embedder.embed_texts([c[0] for c in captions[:max_pairs]])
     train = data_dir / "train"
     if has_split(data_dir, "train"):

@@ -128,7 +128,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     decoder.fit_text(embedder, captions)
     if unique is not None:
         memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:projection]
-        decoder.bridge.fit(vectors, None if images is None else images.vectors,
+        decoder.bridge.fit(vectors, None if images is None else images.unit(),  # the means of unit vectors
                            [unique[i] for i in memory.tolist()], vectors[memory])
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
                       _validation_set(embedder, data_dir))
