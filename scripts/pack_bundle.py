@@ -11,6 +11,7 @@ model it came from, records the share of identical captions and the CIDEr of eac
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -119,7 +120,45 @@ def _copy_decoder(source: Path, target: Path, embedder_spec: str, embedder_id: s
         shutil.copyfile(source / "model.safetensors", target / "model.safetensors")
     saved = read_json(source / "config.json")
     saved["config"].update(embedder_spec=embedder_spec, embedder_id=embedder_id)
+    refuse_machine_paths(saved, source / "config.json")
     write_json(target / "config.json", saved)
+
+
+def refuse_machine_paths(value, where: Path, key: str = "") -> None:
+    """A shipped config names no folder of the machine that built it: such a folder exists nowhere
+    else, and a loader that followed it would fail (or worse, find something else) on every install."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_machine_paths(v, where, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_machine_paths(v, where, f"{key}[{i}]")
+    elif isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        raise UnembedError(f"{where}: {key} names the absolute path {value!r}; a bundle must not depend on the "
+                           "machine that built it")
+
+
+def upgrade(bundle: Path = BUNDLE_DIR) -> list[str]:
+    """Bring the bundle's decoder configs to this unembed's format without retraining: each config
+    is read as a loader reads it (upgrade_config: where the LM's weights are, from the weights file)
+    and written back with what the current format records; weights and other files stay as they are."""
+    from unembed.decoders import decoder_class
+    from unembed.decoders.base import FORMAT_VERSION, read_decoder_config
+    from unembed.lm import record_lm
+
+    done = []
+    for name in read_json(bundle / MANIFEST)["decoders"]:
+        path = bundle / name
+        saved = read_decoder_config(path)
+        cls = decoder_class(saved["kind"])
+        config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
+        if hasattr(config, "lm_weights"):
+            record_lm(config)
+        saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
+        refuse_machine_paths(saved, path / "config.json")
+        write_json(path / "config.json", saved)
+        done.append(name)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the dataset it ran on (its captions give the vocabulary)")
     p.add_argument("--out", default=str(BUNDLE_DIR))
     p.add_argument("--default", help="the decoder `unembed caption` uses (default: best CIDEr)")
+    u = sub.add_parser("upgrade", help="rewrite a bundle's decoder configs in the current format (no retraining)")
+    u.add_argument("--out", default=str(BUNDLE_DIR), help="the bundle directory")
     args = parser.parse_args(argv)
     try:
+        if args.command == "upgrade":
+            print(f"upgraded {', '.join(upgrade(Path(args.out)))} in {args.out}")
+            return 0
         info = pack(args.compare, args.data, args.out, args.default)
     except UnembedError as e:
         print(f"unembed: {e}", file=sys.stderr)
