@@ -13,6 +13,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,14 +74,15 @@ def main() -> None:
     from unembed.memory import PROJECTION_BUDGET
 
     rows, outputs = [], {}
-    for variant in ("chunked", "whole matrix"):
-        outputs[variant] = f"/tmp/decap_projection_{variant.replace(' ', '_')}.pt"
-        done = subprocess.run([sys.executable, __file__, "--variant", variant, "--result", outputs[variant],
-                               "--m", str(args.m), "--d", str(args.d), "--n", str(args.n), "--device", args.device],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    a, b = (torch.load(outputs[v], weights_only=True, map_location="cpu") for v in ("chunked", "whole matrix"))
+    with tempfile.TemporaryDirectory(prefix="decap_projection-") as scratch:
+        for variant in ("chunked", "whole matrix"):
+            outputs[variant] = str(Path(scratch) / f"{variant.replace(' ', '_')}.pt")
+            done = subprocess.run([sys.executable, __file__, "--variant", variant, "--result", outputs[variant],
+                                   "--m", str(args.m), "--d", str(args.d), "--n", str(args.n), "--device",
+                                   args.device], capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        a, b = (torch.load(outputs[v], weights_only=True, map_location="cpu") for v in ("chunked", "whole matrix"))
     difference = float((a - b).abs().max())
     assert difference < 1e-4, f"chunked and whole projections differ by {difference}"
     result = {"device": args.device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

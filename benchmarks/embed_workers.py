@@ -65,7 +65,7 @@ def measure(embedder, files: list[str], batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/embed_workers_cpu.json")
-    parser.add_argument("--work", default="/tmp/embed-workers")
+    parser.add_argument("--work", default="bench-run/embed-workers")
     parser.add_argument("--scenes", type=int, default=2000)
     parser.add_argument("--photos", type=int, default=500)
     args = parser.parse_args()

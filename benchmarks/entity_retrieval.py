@@ -16,7 +16,7 @@ What is not built: IFCap's training side (noisy text features retrieve k = 5 nei
 embeddings a fusion module attends to). The entity filter is what issue 14 names as the entity step,
 and it needs no retraining, so it is measured on the very models of the zero-shot rows.
 
-    python benchmarks/entity_retrieval.py --work /tmp/entity-run   # after benchmarks/entity_scenes.py
+    python benchmarks/entity_retrieval.py --work bench-run/entity   # after benchmarks/entity_scenes.py
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main() -> None:
     from unembed.entities import detection_scores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="entity-run", help="the --work of benchmarks/entity_scenes.py")
+    parser.add_argument("--work", default="bench-run/entity", help="the --work of benchmarks/entity_scenes.py")
     parser.add_argument("--out", default="benchmarks/results/entity_retrieval.json")
     parser.add_argument("--embedder", default=str(Path(__file__).resolve().parents[1] / "unembed" / "bundle" / "embedder"))
     args = parser.parse_args()

@@ -17,7 +17,7 @@ Variants (the ablations): viecap (noun vocabulary, ViECap's), phrases (attribute
 phrases_nomask (no entity masking in training), noprompt (no hard prompt: CapDec with the same
 mapper and budget).
 
-    python benchmarks/entity_scenes.py --work /tmp/entity-run --out benchmarks/results/entity_scenes.json
+    python benchmarks/entity_scenes.py --work bench-run/entity --out benchmarks/results/entity_scenes.json
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from result_paths import recorded_path
 
 LM = {"n_layer": 3, "n_embd": 128}
 VIECAP = {"lm_config": LM, "mapper": "mlp"}  # CapDec's mapper, so the hard prompt is the difference
@@ -80,7 +82,7 @@ def detection(model_dir: Path, split_dir: Path, embedder) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="entity-run")
+    parser.add_argument("--work", default="bench-run/entity")
     parser.add_argument("--out", default="benchmarks/results/entity_scenes.json")
     parser.add_argument("--embedder", default=str(Path(__file__).resolve().parents[1] / "unembed" / "bundle" / "embedder"))
     parser.add_argument("--n", type=int, default=20000, help="training images of the scenes world")
@@ -103,7 +105,7 @@ def main() -> None:
     from unembed.embedders import load_embedder
 
     embedder = load_embedder(args.embedder, "cpu")  # detection embeds each split once, with this
-    result = {"embedder": args.embedder, "embedder_id": embedder.id, "data": f"scenes world, {args.n} training images, seed 0",
+    result = {"embedder": recorded_path(args.embedder), "embedder_id": embedder.id, "data": f"scenes world, {args.n} training images, seed 0",
               "recipe": CONFIG, "decoders": {}}
     in_image = pairs_in_images(data / "compositional")
     for name in names:

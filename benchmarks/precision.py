@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from result_paths import recorded_path
+
 BUNDLE = Path(__file__).resolve().parents[1] / "unembed" / "bundle"
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -23,7 +25,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--work", default="/tmp/precision-run")
+    parser.add_argument("--work", default="bench-run/precision")
     parser.add_argument("--max-images", type=int, default=500)
     parser.add_argument("--out", default="benchmarks/results/precision_cpu.json")
     args = parser.parse_args()
@@ -43,7 +45,7 @@ def main() -> None:
                                      "captions": [json.loads(line)["caption"] for line in
                                                   (out / "captions" / f"{row['name']}.jsonl").open()]}
                        for row in compared["decoders"]}
-    result = {"data": args.data, "images": args.max_images, "decoders": {}}
+    result = {"data": recorded_path(args.data), "images": args.max_images, "decoders": {}}
     for name in names:
         base = runs["fp32"][name]
         row = {"fp32 CIDEr": round(100 * base["CIDEr"], 1), "fp32 captions/s": base["captions_per_second"]}

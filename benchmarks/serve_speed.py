@@ -66,7 +66,7 @@ def load(url: str, images: list[Path], clients: int, per_client: int, expected: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/serve_speed_cpu.json")
-    parser.add_argument("--work", default="/tmp/serve-bench")
+    parser.add_argument("--work", default="bench-run/serve")
     parser.add_argument("--requests", type=int, default=400, help="requests per client count")
     args = parser.parse_args()
     from unembed.data.scenes import write_scenes

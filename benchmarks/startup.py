@@ -3,8 +3,8 @@ image and for 100, each run 5 times, the trees taking turns (the median is kept)
 (`--against DIR`, e.g. a worktree of the previous main), side by side in one run, with the captions
 asserted equal. The import cost is listed from `python -X importtime` (the largest top-level packages).
 
-    git worktree add /tmp/unembed-before <commit>
-    python benchmarks/startup.py --against /tmp/unembed-before --out benchmarks/results/startup_cpu.json
+    git worktree add ../unembed-before <commit>
+    python benchmarks/startup.py --against ../unembed-before --out benchmarks/results/startup_cpu.json
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from result_paths import recorded_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="another checkout of unembed to time beside this one")
     parser.add_argument("--out", default="benchmarks/results/startup_cpu.json")
-    parser.add_argument("--work", default="/tmp/startup-bench")
+    parser.add_argument("--work", default="bench-run/startup")
     args = parser.parse_args()
     from unembed.data.scenes import write_scenes
 
@@ -67,7 +69,7 @@ def main() -> None:
                 seconds, captions[name, label] = caption(tree, files, work / "out.jsonl")
                 times[name, label].append(seconds)
     for name, tree in trees.items():
-        row = {"tree": str(tree)}
+        row = {"tree": recorded_path(tree)}
         for label in ("1 image", "100 images"):
             row[f"{label} seconds"] = round(statistics.median(times[name, label]), 2)
             row[f"{label} seconds, all runs"] = [round(t, 2) for t in times[name, label]]

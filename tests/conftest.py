@@ -1,10 +1,44 @@
 """Shared tiny fixtures: a small scenes dataset, a tiny embedder trained on it for a few steps,
-and a retrieval decoder built from its captions. Session-scoped: built once, seconds in all."""
+and a retrieval decoder built from its captions. Session-scoped: built once, seconds in all.
+
+Nothing outside the session's temporary folders can make a test pass: HOME and every cache a library
+looks in (HF_HOME, XDG_CACHE_HOME; TORCH_HOME and the other cache variables are unset, so they fall
+inside) are set here, before anything imports huggingface_hub or open_clip (both read them once, at
+import), for this process and the processes tests start; and every test runs in an empty folder of
+its own, not the repository (tests that run a README command from a clone pass cwd=REPO)."""
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
-import pytest
+REPO = Path(__file__).resolve().parents[1]
 
-from unembed.embedders import scenes_config
+# One folder per process (each pytest-xdist worker imports this file itself), removed at the end.
+_ISOLATED = Path(tempfile.mkdtemp(prefix="unembed-tests-"))
+_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_DATASETS_CACHE",
+                    "HF_EVALUATE_CACHE", "HF_MODULES_CACHE", "HF_XET_CACHE", "TRANSFORMERS_CACHE",
+                    "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE", "TORCH_HOME",
+                    "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "XDG_DATA_HOME", "XDG_CONFIG_HOME")
+
+
+def _isolate_environment(base: Path) -> None:
+    already = [m for m in ("huggingface_hub", "open_clip", "transformers", "datasets", "evaluate") if m in sys.modules]
+    assert not already, f"{already} imported before tests/conftest.py could point their caches into {base}"
+    home = base / "home"
+    for folder in (home / ".cache", base / "cwd"):
+        folder.mkdir(parents=True)
+    for name in _CACHE_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update({"HOME": str(home), "USERPROFILE": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+                       "HF_HOME": str(home / ".cache" / "huggingface")})
+
+
+_isolate_environment(_ISOLATED)
+
+import pytest  # noqa: E402
+
+from unembed.embedders import scenes_config  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the cores: one thread each (and in the processes tests start), not one per core
@@ -66,6 +100,25 @@ def compare_dir(tmp_path_factory, scenes_dir, embedder_dir):
                  str(embedder_dir), "--out", str(out), "--max-steps", "2", "--config", config, "--no-spice",
                  "--device", "cpu"])
     return out, code
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cwd():
+    """Session fixtures are built in an empty folder, not wherever pytest was started."""
+    before = os.getcwd()
+    os.chdir(_ISOLATED / "cwd")
+    yield
+    os.chdir(before)
+
+
+@pytest.fixture(autouse=True)
+def _test_cwd(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty folder of its own (not its tmp_path, which the test may list)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_ISOLATED, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -64,8 +64,13 @@ def _gpt2(out: Path, captions: list[str]) -> None:
                                   unk_token="<|endoftext|>", model_max_length=128)
     tokenizer.save_pretrained(out)
     eos = tokenizer.eos_token_id
+    # Weights at 0.5, not GPT-2's 0.02: a random LM at its own init scale writes one caption whatever
+    # prefix it is given, and tests of decoders over it need captions that depend on their input.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos)
+                        bos_token_id=eos, eos_token_id=eos, initializer_range=0.5)
+    import torch
+
+    torch.manual_seed(0)  # the same weights on every run, whatever drew from the global RNG before
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
 
 
@@ -117,3 +122,27 @@ def add_decoder_repo(hf_home: Path, repo: str, decoder_dir: Path) -> str:
     with tempfile.TemporaryDirectory() as staging:
         shutil.copytree(decoder_dir, Path(staging) / "d", symlinks=False)
         return add_repo(Path(hf_home) / "hub", repo, Path(staging) / "d")
+
+
+OPENAI_VIT_B_32 = "timm/vit_base_patch32_clip_224.openai"  # where open_clip's "ViT-B-32:openai" weights live
+
+
+def add_openai_vit_b_32(hf_home: Path, seed: int = 0) -> dict:
+    """OpenAI's ViT-B/32 in the hub layout open_clip's "openai" tag downloads from: the repo
+    OPENAI_VIT_B_32 holding open_clip_model.safetensors with the keys and shapes of open_clip's
+    ViT-B-32-quickgelu, random fp16 values (~300 MB, a few seconds; made without building the model).
+    Returns a few of the tensors, to tell that a load gave these weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unembed.compat import import_open_clip
+
+    open_clip = import_open_clip()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in open_clip.create_model("ViT-B-32-quickgelu", device="meta").state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(shape, generator=generator) * 0.02).half() for k, shape in shapes.items()}
+    with tempfile.TemporaryDirectory() as staging:
+        save_file(state, str(Path(staging) / "open_clip_model.safetensors"))
+        add_repo(Path(hf_home) / "hub", OPENAI_VIT_B_32, Path(staging))
+    return {k: state[k] for k in ("visual.class_embedding", "logit_scale", "text_projection")}

@@ -54,12 +54,15 @@ def test_embedded_round_trip_and_raw_vectors(tmp_path, embedder):
     e.save(tmp_path / "e.safetensors")
     back = Embedded.load(tmp_path / "e.safetensors")
     assert back.ids == ["a", "b", "c"] and back.embedder_id == embedder.id and torch.equal(back.vectors, e.vectors)
-    # A user's bare [N, D] tensor is accepted, normalised, and numbered.
+    # A user's bare [N, D] tensor is accepted as it is (raw: each decoder normalises as its method does),
+    # said to be raw since its rows are not of unit length, and numbered.
     from safetensors.torch import save_file
 
-    save_file({"anything": torch.randn(4, embedder.dim) * 3}, str(tmp_path / "raw.safetensors"))
+    given = torch.randn(4, embedder.dim) * 3
+    save_file({"anything": given}, str(tmp_path / "raw.safetensors"))
     raw = Embedded.load(tmp_path / "raw.safetensors")
-    assert raw.ids == ["0", "1", "2", "3"] and torch.allclose(raw.vectors.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert raw.ids == ["0", "1", "2", "3"] and torch.equal(raw.vectors, given) and not raw.normalized
+    assert torch.allclose(raw.unit().norm(dim=-1), torch.ones(4), atol=1e-5)
     embedder.check(back)
     with pytest.raises(MismatchError, match="not from"):
         embedder.check(Embedded(e.vectors, e.ids, "other-id", "ViT-B-32:openai"))

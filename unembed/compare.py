@@ -157,14 +157,14 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
     from unembed.data.splits import embed_split
     from unembed.decoders import load_decoder
-    from unembed.embedders import Embedded
+    from unembed.embedders import Embedded, same_embedder
     from unembed.io import atomic_path
     from unembed.pipeline import caption_embeddings, inference_precision
 
     decoder = load_decoder(decoder_dir, device=device)
     t0 = time.perf_counter()
     embedded = Embedded.load(shared_pass) if shared_pass else None
-    if embedded is None or decoder.needs_tokens or embedded.embedder_id != decoder.config.embedder_id:
+    if embedded is None or decoder.needs_tokens or not same_embedder(embedded.embedder_id, decoder.config.embedder_id):
         from unembed.embedders import load_embedder
         from unembed.decoders import resolve_embedder_spec
 

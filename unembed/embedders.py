@@ -193,7 +193,7 @@ class Embedder:
         return Embedded(vectors, list(ids), self.id, self.spec, "image")
 
     def check(self, embedded: Embedded) -> None:
-        if embedded.embedder_id and embedded.embedder_id != self.id:
+        if embedded.embedder_id and not same_embedder(embedded.embedder_id, self.id):
             raise MismatchError(f"embeddings come from embedder {embedded.embedder_spec!r} (id {embedded.embedder_id}), "
                                 f"not from {self.spec!r} (id {self.id})")
 
@@ -382,6 +382,26 @@ def scenes_config(image_size: int = 64, embed_dim: int = 256, vision_width: int 
         "preprocess": {"image_size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
         "tokenizer": "clip-bpe",
     }
+
+
+def canonical_embedder_id(embedder_id: str) -> str:
+    """A pretrained embedder's id as it is built now: "ViT-B-32:openai" is "ViT-B-32-quickgelu:openai"
+    (OpenAI's weights need QuickGELU), so decoders and embeddings recorded under the old spelling still
+    match. Ids of trained embedders (a name and a hash) and anything unknown stay as they are."""
+    name, _, tag = embedder_id.partition(":")
+    if not tag or name == "hf-hub" or tag == "random" or Path(embedder_id).is_dir():
+        return embedder_id
+    from unembed.hub import open_clip_spelling
+
+    try:
+        return f"{open_clip_spelling(name, tag)}:{tag}"
+    except ModelLoadError:
+        return embedder_id
+
+
+def same_embedder(a: str, b: str) -> bool:
+    """Whether two recorded embedder ids name the same weights (see canonical_embedder_id)."""
+    return a == b or canonical_embedder_id(a) == canonical_embedder_id(b)
 
 
 def load_embedder(spec: str, device: str = "auto") -> Embedder:

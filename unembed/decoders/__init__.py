@@ -63,7 +63,9 @@ def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
 def check_embedder(config: dict, embedder, where) -> None:
     from unembed.errors import MismatchError
 
-    if config.get("embedder_id") and config["embedder_id"] != embedder.id:
+    from unembed.embedders import same_embedder
+
+    if config.get("embedder_id") and not same_embedder(config["embedder_id"], embedder.id):
         raise MismatchError(f"decoder {where} was built for embedder {config.get('embedder_spec')!r} "
                             f"(id {config['embedder_id']}), not {embedder.spec!r} (id {embedder.id})")
     if config.get("embed_dim") and config["embed_dim"] != embedder.dim:

@@ -82,7 +82,9 @@ class Decoder(torch.nn.Module):
     def check_embedded(self, embedded) -> None:
         """Refuse embeddings from another embedder or of another dimension, naming both."""
         cfg = self.config
-        if embedded.embedder_id and cfg.embedder_id and embedded.embedder_id != cfg.embedder_id:
+        from unembed.embedders import same_embedder
+
+        if embedded.embedder_id and cfg.embedder_id and not same_embedder(embedded.embedder_id, cfg.embedder_id):
             raise MismatchError(f"this {self.kind} decoder was built for embedder {cfg.embedder_spec!r} "
                                 f"(id {cfg.embedder_id}) but the embeddings come from {embedded.embedder_spec!r} "
                                 f"(id {embedded.embedder_id})")

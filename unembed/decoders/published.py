@@ -85,9 +85,12 @@ def _embedder_identity(spec: str) -> tuple[str, str]:
     """(spec, id) without loading weights: a pretrained name is its own id; a directory says its id."""
     from unembed.io import read_json
 
+    from unembed.embedders import canonical_embedder_id
+
     if Path(spec).is_dir():
         config = read_json(Path(spec) / "config.json")
         return str(spec), config.get("id", "")
+    spec = canonical_embedder_id(spec)  # "ViT-B-32:openai" is built as "ViT-B-32-quickgelu:openai"
     return spec, spec
 
 
