@@ -79,12 +79,20 @@ def test_bad_configs_are_refused_before_weights_load(retrieval_dir, tmp_path):
         load_decoder(tmp_path / "missing")
 
 
+# What each method needs, by its paper: (decodes from image tokens, made from captions alone, decodes
+# with the embedder's own towers). The CLI, compare and the trainers act on these declarations.
+NEEDS = {"retrieval": (False, True, False), "clipcap": (False, False, False), "capdec": (False, True, False),
+         "decap": (False, True, False), "viecap": (False, True, False), "iterative": (False, True, True),
+         "coca": (True, False, True)}
+
+
 @pytest.mark.parametrize("kind", list_decoders())
 def test_every_decoder_declares_its_needs(kind):
     from unembed.decoders import decoder_class
 
     cls = decoder_class(kind)
-    assert cls.kind == kind and isinstance(cls.needs_tokens, bool) and isinstance(cls.text_only, bool)
+    assert kind in NEEDS, f"add the new decoder {kind!r} to NEEDS with what its method needs"
+    assert cls.kind == kind and (cls.needs_tokens, cls.text_only, cls.needs_embedder) == NEEDS[kind]
 
 
 def test_decap_projection_in_chunks_equals_the_whole_matrix():

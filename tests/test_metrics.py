@@ -111,7 +111,23 @@ def test_empty_captions_score_zero_and_unreferenced_are_skipped(scored):
     assert 99 not in result["per_image"]["CIDEr"]
 
 
-def test_spice_unavailable_without_corenlp_jars(scored):
+def _spice_can_run() -> bool:
+    import shutil
+
+    lib = metrics._pycocoevalcap_dir() / "spice" / "lib"
+    return shutil.which("java") is not None and all((lib / jar).is_file() for jar in metrics.CORENLP_JARS)
+
+
+def test_spice_scores_where_it_can_run(scored):
+    if not _spice_can_run():
+        pytest.skip("SPICE cannot run here: no Java or no Stanford CoreNLP 3.6.0 jars")
+    result, _ = scored
+    assert 0 <= result["SPICE"] <= 1 and "SPICE" not in result["unavailable"]
+
+
+def test_spice_is_said_unavailable_where_it_cannot_run(scored):
+    if _spice_can_run():
+        pytest.skip("SPICE can run here (its test above scores it)")
     result, _ = scored
     assert result["SPICE"] is None
     assert "Stanford CoreNLP 3.6.0 jars missing" in result["unavailable"]["SPICE"]

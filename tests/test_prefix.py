@@ -93,8 +93,12 @@ def test_decoding_options(trained, embedder, scenes_dir):
     embedded = embed_split(embedder, scenes_dir / "test").select(range(4))
     greedy = decoder.decode(embedded, num_beams=1)
     assert decoder.decode(embedded, num_beams=1) == greedy  # deterministic
-    sampled = [decoder.decode(embedded, do_sample=True, top_p=0.95, temperature=2.0, seed=s) for s in (1, 1, 2)]
-    assert sampled[0] == sampled[1] and len(sampled[2]) == 4
+    sampled = [decoder.decode(embedded, do_sample=True, top_p=0.95, temperature=2.0, seed=s) for s in (1, 1, 2, 3)]
+    assert sampled[0] == sampled[1] and len(sampled[2]) == 4  # the same seed, the same captions
+    # Different seeds give different captions, and sampling is not greedy: a decoder that ignored
+    # do_sample (or the seed) would give one list every time.
+    assert sampled[2] != sampled[0] or sampled[3] != sampled[0]
+    assert any(s != greedy for s in sampled)
     short = decoder.decode(embedded, num_beams=1, max_length=2)
     assert all(len(decoder.tokenizer.encode(c)) <= 2 for c in short)
 
