@@ -7,7 +7,8 @@ JPEG like photos), then runs the stages a COCO user runs, each as its own `unemb
 
     data import (Karpathy)  ->  embed (the test split)  ->  train capdec (text only, --steps)
     ->  train clip (one epoch over a --clip-images subset, streaming)  ->  caption the test images
-    (raw COCO file names)  ->  eval against the test references
+    (raw COCO file names)  ->  eval against the test references (a COCO annotation file: integer ids,
+    raw file names; every caption must find its image)
 
 and records each stage's wall time and peak RSS (the process tree's, sampled every 0.1 s) in JSON.
 Run it at two sizes to see whether memory grows with the number of images:
@@ -61,6 +62,12 @@ def make_dataset(root: Path, n_train: int, n_val: int, n_test: int, seed: int, w
     with ProcessPoolExecutor(workers) as pool:
         records = [r for part in pool.map(_write_images, jobs) for r in part]
     (root / "dataset_coco.json").write_text(json.dumps({"images": records, "dataset": "coco"}))
+    # The test references as COCO's own annotation files hold them: integer ids, raw file names.
+    test = [r for r in records if r["split"] == "test"]
+    refs = {"images": [{"id": r["cocoid"], "file_name": r["filename"]} for r in test],
+            "annotations": [{"id": n, "image_id": r["cocoid"], "caption": s["raw"]}
+                            for n, (r, s) in enumerate((r, s) for r in test for s in r["sentences"])]}
+    (root / "captions_test.json").write_text(json.dumps(refs))
     return {"images": len(records)}
 
 
@@ -142,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--workers", str(args.workers), "--device", "cpu"]),
         ("caption", ["caption", *test_files, "--decoder", "capdec", "--out", "test-captions.jsonl",
                      "--workers", str(args.workers), "--device", "cpu"]),
-        ("eval", ["eval", "--results", "test-captions.jsonl", "--refs", "data/test/captions.json", "--no-spice",
-                  "--out", "scores.json"]),
+        ("eval", ["eval", "--results", "test-captions.jsonl", "--refs", str(coco / "captions_test.json"),
+                  "--no-spice", "--out", "scores.json"]),
     ]
     for name, stage in stages:
         print(f"{name} ...", flush=True)

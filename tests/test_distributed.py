@@ -133,4 +133,4 @@ def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes
     assert [name for name, _ in captions[1]] == sorted(name for name, _ in captions[1])
     torch.testing.assert_close(vectors[2][0]["vectors"], vectors[1][0]["vectors"])
     assert vectors[2][1]["ids"] == vectors[1][1]["ids"]
-    assert from_shards[2] == from_shards[1] and [i for i, _ in from_shards[1]] == [int(k) for k in keys]
+    assert from_shards[2] == from_shards[1] and [i for i, _ in from_shards[1]] == keys  # keys spelled exactly

@@ -23,13 +23,23 @@ def test_embeddings_are_normalised_batched_and_deterministic(embedder, scenes_di
 
 
 def test_training_preprocessing_matches_inference_preprocessing(embedder, scenes_dir):
-    from unembed.training.clip import image_tensor, normalise_pixels
+    """Training augments (open_clip's random resized crop) but must see pixels of the same size and
+    normalisation as inference does: the same Normalize and the same output shape."""
+    from torchvision import transforms
+
+    from unembed.training.clip import train_transform
 
     path = sorted((scenes_dir / "test" / "images").glob("*.png"))[0]
-    pre = embedder.config["preprocess"]
-    trained_on = normalise_pixels(image_tensor([path]), pre["mean"], pre["std"])[0]
-    inferred_on = embedder.preprocess(Image.open(path).convert("RGB"))
-    assert torch.allclose(trained_on, inferred_on, atol=1e-5)
+    train = train_transform(embedder.config["preprocess"])
+    image = Image.open(path).convert("RGB")
+    assert train(image).shape == embedder.preprocess(image).shape
+
+    def normalize(transform):
+        (found,) = [t for t in transform.transforms if isinstance(t, transforms.Normalize)]
+        return tuple(found.mean), tuple(found.std)
+
+    assert normalize(train) == normalize(embedder.preprocess)
+    assert any(isinstance(t, transforms.RandomResizedCrop) for t in train.transforms)
 
 
 def test_saved_embedder_reloads_identically(embedder, embedder_dir, tmp_path):

@@ -155,7 +155,8 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
                 device: str, out_file: str, workers: int = 0, dtype: str = "fp32") -> dict:
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
-    from unembed.data.splits import embed_split
+    from unembed.data.ids import IdIndex
+    from unembed.data.splits import embed_split, split_file
     from unembed.decoders import load_decoder
     from unembed.embedders import Embedded, same_embedder
     from unembed.io import atomic_path
@@ -173,9 +174,10 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
         embedded = embed_split(embedder, split_dir, with_tokens=decoder.needs_tokens, workers=workers)
     embedded = embedded.select(range(min(max_images, len(embedded))))
     embed_seconds = time.perf_counter() - t0
+    ids = IdIndex.from_file(split_file(split_dir))  # the split's own ids, not the embeddings' text of them
     t0 = time.perf_counter()
     with inference_precision(dtype, device):  # decoding only: split embeddings are cached, and stay fp32
-        records = [r for batch in caption_embeddings(embedded, decoder, batch_size) for r in batch]
+        records = [r for batch in caption_embeddings(embedded, decoder, batch_size, ids) for r in batch]
         seconds = time.perf_counter() - t0
     with atomic_path(out_file) as tmp:
         Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

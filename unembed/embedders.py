@@ -41,9 +41,21 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """`device` as torch names it ("auto": CUDA when there is one). A device this machine lacks (cuda
+    without CUDA, cuda:3 with two GPUs, a misspelling) is one error naming it, here rather than deep
+    inside torch; every command's --device goes through this one check."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"device {device!r}", "is not a device (auto | cpu | cuda[:N] | mps)") from None
+    count = {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(torch.backends.mps.is_available())}.get(found.type)
+    if count is not None and (found.index or 0) >= count:
+        raise BadInputError(f"device {device!r}", f"this machine has {count or 'no'} {found.type.upper()} device"
+                            f"{'' if count == 1 else 's'} (use --device cpu, or auto)")
+    return found
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Atomic file writes and safe tensor files.
 
 Every write goes to a temporary file in the destination's directory and is moved into place
-with os.replace, so a crash never leaves a half-written file under the final name. Tensors are
+with os.replace, so a crash never leaves a half-written file under the final name; a directory
+written whole (a decoder) goes to a staging folder beside it and is renamed into place. Tensors are
 read only from safetensors; anything that would need unpickling is refused.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +35,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, keep_others: bool = True) -> Iterator[Path]:
+    """Yield an empty folder beside `path` to write a whole directory into; on success it takes
+    `path`'s place: the old folder is moved aside, the new one renamed in, then the old one removed.
+    A crash leaves `path` the old complete folder or the new one (in the instant between the two
+    renames, the old one lies aside as .NAME.old-*). With `keep_others`, what the old folder holds
+    that the new one does not (a training run's checkpoints/ and log, a CoCa's embedder/) moves into
+    the new one, as a write in place would have kept it."""
+    path = Path(path).absolute()
+    if path == Path.cwd() or path in Path.cwd().parents:  # renamed away, this process would work in a removed folder
+        raise BadInputError(path, "is the current directory (or holds it); save into a folder below it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is owner-only; a saved directory is not
+    try:
+        yield staging
+        _swap_in(staging, path, keep_others)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(new: Path, path: Path, keep_others: bool) -> None:
+    if not path.exists():
+        os.rename(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, aside)  # onto the empty folder mkdtemp made: a unique name, no race
+    os.rename(new, path)
+    if keep_others:
+        for entry in aside.iterdir():
+            if not (path / entry.name).exists():
+                os.rename(entry, path / entry.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_out_dir(path: str | os.PathLike, format: str, overwrite: bool) -> None:
+    """Where a command writes a model directory (`--out`): absent, empty, or a directory of `format`
+    (its config.json's "format", e.g. "unembed-decoder"), that one replaced only with `overwrite`. A
+    folder of anything else is refused, so `--out models` never replaces or fills a folder of models."""
+    path = Path(path)
+    what = format.removeprefix("unembed-")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise BadInputError(path, f"is a file; --out names the {what} directory to write")
+    if not any(path.iterdir()):
+        return
+    if _model_format(path) != format:
+        raise BadInputError(path, f"is neither empty nor an unembed {what} directory; give a new or empty folder")
+    if not overwrite:
+        raise BadInputError(path, f"already holds an unembed {what}; give --overwrite to replace it")
+
+
+def _model_format(path: Path) -> str | None:
+    try:
+        config = read_json(path / "config.json")
+    except (BadInputError, UnsafeFileError):
+        return None
+    return config.get("format") if isinstance(config, dict) else None
 
 
 def _umask() -> int:

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from unembed.data.ids import file_id
 from unembed.data.images import display_path, expand_inputs, load_image
 from unembed.errors import BadInputError
 
 
-def image_id(path: str) -> int | str:
-    """The id an image gets in results: its file stem, as an int when it is all digits
-    (so scenes' 000123.png matches image_id 123 in its captions.json)."""
-    stem = display_path(Path(path).stem)  # bytes that are not UTF-8 become \xNN, as in "file"
-    return int(stem) if stem.isdigit() else stem
+def image_id(path: str, ids=None) -> int | str:
+    """The id an image (or an embedding row) gets in results: its file stem spelled exactly, an
+    all-digit key included (data/ids.py); with `ids` (the IdIndex of a captions file), the id that
+    file gives it, e.g. scenes' 000123.png is image 123 of its captions.json."""
+    name = display_path(file_id(path))  # bytes that are not UTF-8 become \xNN, as in "file"
+    return name if ids is None else ids.resolve(name)
 
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -92,10 +93,10 @@ def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
 
 
 def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
-                   on_error: Callable[[BadInputError], None] = lambda e: None, workers: int = 0,
+                   on_error: Callable[[BadInputError], None] = lambda e: None, workers: int = 0, ids=None,
                    **generation) -> Iterator[list[dict]]:
     """Yield, per batch, records {file, image_id, caption, decoder, seconds} for image files, folders
-    and globs."""
+    and globs (`ids`: an IdIndex that names the images, see image_id)."""
     files, errors = expand_inputs(paths)
     for e in errors:
         on_error(e)
@@ -105,24 +106,24 @@ def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32
         embedded = embedder.embed_pixels(pixels, [display_path(p) for p in batch_paths], with_tokens=decoder.needs_tokens)
         captions = decoder.decode(embedded, **generation)
         per_item = (time.perf_counter() - t0) / len(batch_paths)
-        yield [{"file": display_path(p), "image_id": image_id(p), "caption": c, "decoder": decoder.kind,
+        yield [{"file": display_path(p), "image_id": image_id(p, ids), "caption": c, "decoder": decoder.kind,
                 "seconds": round(per_item, 4)} for p, c in zip(batch_paths, captions)]
 
 
-def caption_embeddings(embedded, decoder, batch_size: int = 256, **generation) -> Iterator[list[dict]]:
+def caption_embeddings(embedded, decoder, batch_size: int = 256, ids=None, **generation) -> Iterator[list[dict]]:
     """Yield, per batch, records {image_id, caption, decoder, seconds} for precomputed embeddings."""
     batches = ((embedded.select(slice(s, s + batch_size)), None) for s in range(0, len(embedded), batch_size))
-    return caption_batches(batches, decoder, **generation)
+    return caption_batches(batches, decoder, ids, **generation)
 
 
-def caption_batches(batches, decoder, **generation) -> Iterator[list[dict]]:
+def caption_batches(batches, decoder, ids=None, **generation) -> Iterator[list[dict]]:
     """Records for (Embedded, per-row metadata or None) batches, e.g. from `data.vectors`; a row's
-    metadata (clip-retrieval's key, url, caption...) comes along as "metadata"."""
+    metadata (clip-retrieval's key, url, caption...) comes along as "metadata"; `ids` as in image_id."""
     for part, metadata in batches:
         t0 = time.perf_counter()
         captions = decoder.decode(part, **generation)
         per_item = (time.perf_counter() - t0) / len(part)
-        records = [{"image_id": image_id(i), "caption": c, "decoder": decoder.kind, "seconds": round(per_item, 4)}
+        records = [{"image_id": image_id(i, ids), "caption": c, "decoder": decoder.kind, "seconds": round(per_item, 4)}
                    for i, c in zip(part.ids, captions)]
         for record, row in zip(records, metadata or ()):
             record["metadata"] = row

@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from unembed.cli import caption, data, evaluate, published, serve, train
-from unembed.cli.common import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, err
+from unembed.cli.common import (EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, check_device,
+                                err)
 
 COMMAND_GROUPS = (caption, evaluate, train, published, data, serve)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "build_parser", "main"]
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
+        check_device(args)
         return args.func(args)
     except KeyboardInterrupt:
         err("interrupted; output written so far is kept")

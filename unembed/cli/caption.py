@@ -107,15 +107,16 @@ def _decoder_dir(decoder: str | None) -> str:
 
 
 def _load_decoder_and_embedder(args):
+    """(decoder, embedder or None for --embeddings, the device both run on)."""
     from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
-    from unembed.embedders import load_embedder
+    from unembed.embedders import load_embedder, resolve_device
 
     args.decoder = _decoder_dir(args.decoder)
     saved = read_decoder_config(args.decoder)
     spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
-    embedder = load_embedder(spec, args.device) if not args.embeddings else None
-    decoder = load_decoder(args.decoder, device=str(embedder.device) if embedder else "cpu", embedder=embedder)
-    return decoder, embedder
+    device = str(resolve_device(args.device))  # --embeddings are decoded where --device says too
+    embedder = load_embedder(spec, device) if not args.embeddings else None
+    return load_decoder(args.decoder, device=device, embedder=embedder), embedder, device
 
 
 def _merge_caption_parts(out: str, fmt: str):
@@ -151,7 +152,8 @@ def cmd_caption(args) -> int:
         return EXIT_FAILED
     args.device = w.device
     source = _embeddings(args.embeddings, w) if args.embeddings else None
-    decoder, embedder = _load_decoder_and_embedder(args)
+    decoder, embedder, device = _load_decoder_and_embedder(args)
+    ids = _id_index(args.refs)
     generation = given(args, ("max_length", "num_beams", "top_p", "seed"))
     if args.sample:
         generation["do_sample"] = True
@@ -162,13 +164,15 @@ def cmd_caption(args) -> int:
     try:
         if args.embeddings:
             rows = w.block(range(len(source)))
-            batches, total = caption_batches(source.batches(args.batch_size, rows), decoder, **generation), len(rows)
+            batches = caption_batches(source.batches(args.batch_size, rows), decoder, ids, **generation)
+            total = len(rows)
         else:
             files = my_inputs(args.paths, w, errors)
-            batches = caption_images(files, decoder, embedder, args.batch_size, errors, args.workers, **generation)
+            batches = caption_images(files, decoder, embedder, args.batch_size, errors, args.workers, ids,
+                                     **generation)
             total = len(files)
         with tqdm(total=total, unit="img", desc="caption", disable=None if w.is_main else True, file=sys.stderr) as bar, \
-                inference_precision(args.dtype, embedder.device if embedder else "cpu"):
+                inference_precision(args.dtype, device):
             for records in batches:
                 writer.write(records)
                 done += len(records)
@@ -182,6 +186,15 @@ def cmd_caption(args) -> int:
         log(f"captioned {done} item(s)" + (f"; {failed} failed" if failed else "")
              + (f"; wrote {args.out}" if args.out else ""))
     return exit_code(done, failed)
+
+
+def _id_index(refs):
+    """With --refs, the records' ids are that captions file's (data/ids.py); else the names as they are."""
+    if not refs:
+        return None
+    from unembed.data.ids import IdIndex
+
+    return IdIndex.from_file(refs)
 
 
 def _embeddings(path, w):
@@ -214,6 +227,9 @@ def register(sub) -> None:
     add_dtype_option(p)
     p.add_argument("--out", help="output file (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "coco"], default="jsonl")
+    p.add_argument("--refs", help="a COCO captions file (e.g. DATA/SPLIT/captions.json): records get the image ids its "
+                   "images[].file_name give the files (raw COCO names such as COCO_val2014_000000391895.jpg "
+                   "included); without it an image's id is its file stem, spelled exactly")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("embed", help="embed images once into a .safetensors file for reuse")

@@ -30,6 +30,16 @@ class ErrorCounter:
         err(f"skipped {error}")
 
 
+def check_device(args) -> None:
+    """A command's --device, checked before any work (embedders.resolve_device): a device this
+    machine lacks is one line and exit 2, never an internal error from deep inside torch."""
+    device = getattr(args, "device", None)
+    if device and device != "auto":
+        from unembed.embedders import resolve_device
+
+        resolve_device(device)
+
+
 def exit_code(done: int, failed: int) -> int:
     if done == 0:
         return EXIT_FAILED
@@ -78,20 +88,27 @@ def _field_metadata(config_class, name: str) -> dict:
     return {}
 
 
-def add_config_options(parser, config_class, names) -> None:
+def option_flag(config_class, name: str) -> str:
+    """The command-line spelling of a config field: --name-with-dashes, or the flag its metadata names."""
+    return "--" + _field_metadata(config_class, name).get("flag", name).replace("_", "-")
+
+
+def add_config_options(parser, config_class, names, hidden: bool = False) -> None:
     """--option-name for each config field in `names`: typed by the field, help and choices from its
     metadata (which may also name the flag); a dict field takes JSON (inline or a file), a bool field
-    is a switch (--name), and one that defaults to on also has --no-name."""
+    is a switch (--name), and one that defaults to on also has --no-name. `hidden` ones are parsed
+    but not listed in --help (another kind's options, parsed only to be refused by name)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     for name in names:
         f, meta = fields[name], _field_metadata(config_class, name)
-        flag, kind = "--" + meta.get("flag", name).replace("_", "-"), _type_name(f)
+        flag, kind = option_flag(config_class, name), _type_name(f)
+        help = argparse.SUPPRESS if hidden else meta.get("help")
         if kind == "bool":
             action = argparse.BooleanOptionalAction if f.default is True else "store_true"
-            parser.add_argument(flag, dest=name, action=action, default=None, help=meta.get("help"))
+            parser.add_argument(flag, dest=name, action=action, default=None, help=help)
         else:
             convert = {"int": int, "float": float}.get(kind, str)  # JSON is parsed by config_options
-            parser.add_argument(flag, dest=name, type=convert, choices=meta.get("choices"), help=meta.get("help"))
+            parser.add_argument(flag, dest=name, type=convert, choices=meta.get("choices"), help=help)
 
 
 def _type_name(f) -> str:
@@ -128,7 +145,31 @@ def train_config(args, defaults: dict):
 
     return TrainConfig(**{**defaults, **given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
                                                        "mixed_precision", "warmup_steps", "checkpoint_every",
-                                                       "validate_every"))})
+                                                       "validate_every", "workers"))})
+
+
+def add_out_option(p, help: str | None = None) -> None:
+    """--out of a command that writes a model directory, and --overwrite (see check_out)."""
+    p.add_argument("--out", required=True, help=help)
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in OUT (else OUT must be "
+                   "new or empty)")
+
+
+def check_out(args, what: str = "decoder") -> None:
+    """OUT is new, empty, or the `what` ("decoder" | "embedder") it replaces with --overwrite
+    (io.check_out_dir), checked before any work; --resume continues the run already in OUT."""
+    import os
+
+    from unembed.io import check_out_dir
+
+    # under a launcher only the first process checks: the others could see its first writes to OUT
+    if getattr(args, "resume", False) or int(os.environ.get("RANK", "0")) > 0:
+        return
+    if what == "embedder":
+        from unembed.embedders import EMBEDDER_FORMAT as model_format
+    else:
+        from unembed.decoders.base import DECODER_FORMAT as model_format
+    check_out_dir(args.out, model_format, args.overwrite)
 
 
 def add_workers_option(p) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unembed.cli.common import EXIT_OK, add_dtype_option, add_workers_option, err, exit_code, json_arg, log
+from unembed.cli.common import (EXIT_OK, EXIT_PARTIAL, add_dtype_option, add_workers_option, err, exit_code, json_arg,
+                                log)
 
 
 def cmd_eval(args) -> int:
+    from unembed.data.ids import IdIndex
     from unembed.eval.metrics import coco_caption_metrics, format_table, load_references, load_results
     from unembed.io import write_json
 
-    predictions = load_results(args.results)
     references = load_references(args.refs)
+    # raw file names (COCO_val2014_000000391895, scenes' 000012) find their ids through the refs' images[]
+    predictions = IdIndex.from_file(args.refs).rename(load_results(args.results), args.results)
+    partial = _report_coverage(predictions, references, args.allow_partial)
     scores = coco_caption_metrics(predictions, references, spice=not args.no_spice, meteor=not args.no_meteor)
     if args.embedder:
         from unembed.embedders import load_embedder
@@ -33,7 +37,28 @@ def cmd_eval(args) -> int:
         log(f"{metric} unavailable: {reason}")
     if args.out:
         write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
-    return EXIT_OK
+    return EXIT_PARTIAL if partial else EXIT_OK
+
+
+def _report_coverage(predictions: dict, references: dict, allow_partial: bool) -> bool:
+    """One line of how the predictions met the references; whether the scores cover less than both,
+    which is a failure unless --allow-partial (the scores would silently describe a subset)."""
+    from unembed.data.ids import coverage
+
+    matched, unreferenced, unpredicted = coverage(predictions, references)
+    line = (f"{matched} of {len(predictions)} predictions matched references; {len(unreferenced)} predictions have "
+            f"no references{f' (e.g. image {unreferenced[0]!r})' if unreferenced else ''}; {len(unpredicted)} of "
+            f"{len(references)} reference images have no prediction"
+            f"{f' (e.g. image {unpredicted[0]!r})' if unpredicted else ''}")
+    if not matched:
+        from unembed.errors import UnembedError
+
+        raise UnembedError(f"{line}: nothing to score")
+    if not (unreferenced or unpredicted) or allow_partial:
+        log(line)
+        return False
+    err(f"{line}; scored the {matched} matched (--allow-partial accepts this)")
+    return True
 
 
 def cmd_demo(args) -> int:
@@ -108,6 +133,8 @@ def register(sub) -> None:
     p.add_argument("--no-spice", action="store_true")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--allow-partial", action="store_true", help="predictions without references, or reference "
+                   "images without a prediction, are not a failure (exit 0; the counts are still printed)")
     p.add_argument("--device", default="auto")
     add_workers_option(p)
     p.set_defaults(func=cmd_eval)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import time
 
-from unembed.cli.common import (EXIT_OK, add_config_options, add_train_flags, arch_arg, config_options, given, json_arg,
-                                log, train_config)
+from unembed.cli.common import (EXIT_OK, add_config_options, add_out_option, add_train_flags, add_workers_option,
+                                arch_arg, check_out, config_options, given, json_arg, log, option_flag, train_config)
 
 ITERATIVE_OPTIONS = ("tokenizer", "k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale",
                      "save_full_lm")
@@ -21,6 +21,7 @@ def cmd_train_clip(args) -> int:
     from unembed.embedders import scenes_config
     from unembed.training.clip import CLIP_DEFAULTS, train_clip
 
+    check_out(args, "embedder")
     arch = arch_arg(args.arch, scenes_config)
     report = train_clip(args.data, args.out, train_config(args, CLIP_DEFAULTS), arch=arch, resume=args.resume)
     print(json.dumps(report, indent=2))
@@ -33,12 +34,25 @@ def cmd_train_prefix(args) -> int:
     from unembed.training.prefix import train_prefix
 
     cls = decoder_class(args.what)
+    _refuse_other_kinds_options(args)
+    check_out(args)
     options = config_options(args, cls.config_class, cls.cli_options)
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
                           caption_files=getattr(args, "captions", None) or (), resume=args.resume, **options)
     print(json.dumps(report, indent=2))
     return EXIT_OK
+
+
+def _refuse_other_kinds_options(args) -> None:
+    """An option another kind takes would do nothing here (ClipCap never calls the bridge that
+    --noise-variance sets) or worse (--projection-size saves a memory without its captions): refused."""
+    from unembed.errors import BadInputError
+
+    for name, (flag, kinds) in args.other_kinds_options.items():
+        if getattr(args, name, None) is not None:
+            verb = "takes" if len(kinds) == 1 else "take"
+            raise BadInputError(flag, f"does nothing for {args.what}: only {', '.join(kinds)} {verb} it")
 
 
 def cmd_train_lm(args) -> int:
@@ -60,6 +74,7 @@ def cmd_train_coca(args) -> int:
 
     if args.arch and args.init:
         raise BadInputError("--arch", "sets a new architecture; --init fine-tunes an existing one, so give one of them")
+    check_out(args)
     arch = arch_arg(args.arch, scenes_coca_config)
     defaults = COCA_FINETUNE_DEFAULTS if args.init else COCA_DEFAULTS
     report = train_coca(args.data, args.out, train_config(args, defaults), arch=arch, init=args.init,
@@ -74,6 +89,7 @@ def cmd_build_retrieval(args) -> int:
     from unembed.decoders.retrieval import RetrievalDecoder
     from unembed.embedders import load_embedder
 
+    check_out(args)
     _note_renamed(args)
     embedder = load_embedder(args.embedder, args.device)
     captions = [c for path in args.captions for c in load_captions(path)]
@@ -89,6 +105,7 @@ def cmd_build_iterative(args) -> int:
     from unembed.decoders.iterative import IterativeDecoder
     from unembed.embedders import load_embedder
 
+    check_out(args)
     _note_renamed(args)
     options = given(args, ITERATIVE_OPTIONS)
     decoder = IterativeDecoder.build(load_embedder(args.embedder, args.device), lm=args.lm, **options)
@@ -102,6 +119,7 @@ def cmd_build_coca(args) -> int:
     from unembed.decoders.coca import CoCaDecoder
     from unembed.embedders import load_embedder
 
+    check_out(args)
     decoder = CoCaDecoder.for_embedder(load_embedder(args.embedder, args.device))
     decoder.save(args.out)
     log(f"coca decoder over {args.embedder} saved to {args.out} (it decodes with that model's own towers)")
@@ -119,7 +137,7 @@ def _note_renamed(args) -> None:
 def _add_retrieval(p) -> None:
     p.add_argument("--captions", required=True, nargs="+", help="text, JSON, JSONL or COCO annotation files")
     p.add_argument("--embedder", required=True)
-    p.add_argument("--out", required=True)
+    add_out_option(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_build_retrieval)
 
@@ -127,7 +145,7 @@ def _add_retrieval(p) -> None:
 def _add_iterative(p) -> None:
     p.add_argument("--embedder", required=True)
     p.add_argument("--lm", required=True, help="a directory from `unembed train lm` or an HF causal LM id")
-    p.add_argument("--out", required=True)
+    add_out_option(p)
     p.add_argument("--tokenizer", help="default: the LM's own")
     p.add_argument("--k", type=int, help="candidates re-ranked per token (default 45)")
     p.add_argument("--alpha", type=float, help="degeneration penalty weight (default 0.1)")
@@ -148,19 +166,27 @@ def _add_prefix_kinds(train) -> None:
     from unembed.decoders import decoder_class, list_decoders
     from unembed.decoders.prefix import PrefixDecoder
 
-    for kind in list_decoders():
-        cls = decoder_class(kind)
-        if not issubclass(cls, PrefixDecoder):
-            continue
-        t = train.add_parser(kind, help=cls.summary)
+    kinds = [decoder_class(kind) for kind in list_decoders() if issubclass(decoder_class(kind), PrefixDecoder)]
+    takers: dict[str, list] = {}  # option -> the kinds that take it
+    for cls in kinds:
+        for name in cls.cli_options:
+            takers.setdefault(name, []).append(cls)
+    for cls in kinds:
+        t = train.add_parser(cls.kind, help=cls.summary)
         t.add_argument("--embedder", required=True)
-        t.add_argument("--out", required=True)
+        add_out_option(t)
         t.add_argument("--data", help="a COCO-style directory with train/ (captions.json, images) and val/")
         if cls.text_only:
             t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
         add_train_flags(t)
         add_config_options(t, cls.config_class, cls.cli_options)
-        t.set_defaults(func=cmd_train_prefix)
+        # every other kind's options too, unlisted, so that one given here is refused by name
+        others = {name: owners for name, owners in takers.items() if cls not in owners}
+        for name, owners in others.items():
+            add_config_options(t, owners[0].config_class, [name], hidden=True)
+        t.set_defaults(func=cmd_train_prefix, other_kinds_options={
+            name: (option_flag(owners[0].config_class, name), [o.kind for o in owners])
+            for name, owners in others.items()})
 
 
 def register(sub, decoders: bool = True) -> None:
@@ -170,23 +196,25 @@ def register(sub, decoders: bool = True) -> None:
     train = p.add_subparsers(dest="what", required=True)
     t = train.add_parser("clip", help="train a small joint embedder from scratch (contrastive loss)")
     t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
-    t.add_argument("--out", required=True)
+    add_out_option(t, "the embedder directory to write")
     t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, "
                    "vision_width, text_width, text_layers, context_length")
     add_train_flags(t)
+    add_workers_option(t)  # training images are read and augmented in N worker processes
     t.set_defaults(func=cmd_train_clip)
     if decoders:
         _add_prefix_kinds(train)
 
     t = train.add_parser("coca", help="CoCa: contrastive + captioning from scratch, or caption fine-tuning (--init)")
     t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")
-    t.add_argument("--out", required=True, help="written as a CoCa decoder, with the model in OUT/embedder/")
+    add_out_option(t, "written as a CoCa decoder, with the model in OUT/embedder/")
     t.add_argument("--init", help="fine-tune this open_clip CoCa (spec or directory) with the caption loss only")
     t.add_argument("--contrastive-weight", type=float, help="default 1 from scratch, 0 with --init")
     t.add_argument("--caption-weight", type=float, help="default 2 from scratch, 1 with --init")
     t.add_argument("--arch", help="JSON (or a JSON file) of architecture options: image_size, embed_dim, patch_size, "
                    "vision_width, vision_layers, text_layers, decoder_layers, image_tokens, context_length")
     add_train_flags(t)
+    add_workers_option(t)
     t.set_defaults(func=cmd_train_coca)
     t = train.add_parser("lm", help="train a small causal LM on caption text (the iterative decoder's LM)")
     t.add_argument("--out", required=True)
@@ -211,6 +239,6 @@ def register(sub, decoders: bool = True) -> None:
     p = build.add_parser("coca", help="a decoder over a pretrained open_clip CoCa, e.g. "
                          "coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k")
     p.add_argument("--embedder", required=True, help="the CoCa: an open_clip spec, hf-hub:ORG/NAME or a directory")
-    p.add_argument("--out", required=True)
+    add_out_option(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_build_coca)

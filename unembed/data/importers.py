@@ -245,8 +245,9 @@ def write_split(split_dir: Path, items: list[Item], info: dict) -> dict:
 
 
 def _file_name(item: Item, used: set) -> str:
-    """The image id as the file name (so `unembed caption DIR/images` gives records whose image_id
-    matches captions.json), with the original's extension."""
+    """The image id as the file name, with the original's extension: `unembed caption DIR/images`
+    names each record by that stem, which `eval` (or `caption --refs`) maps to the id through
+    captions.json's file_name (data/ids.py)."""
     suffix = item.path.suffix.lower() if item.path is not None else ".png"
     name = re.sub(r"[^\w.\-]", "_", f"{item.image_id}{suffix}")
     if name in used:

@@ -19,7 +19,7 @@ import torch
 
 from unembed import __version__
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
-from unembed.io import load_module, read_json, save_module, write_json, write_text
+from unembed.io import load_module, read_json, save_module, staged_dir, write_json, write_text
 
 DECODER_FORMAT = "unembed-decoder"
 FORMAT_VERSION = 3  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied;
@@ -97,18 +97,22 @@ class Decoder(torch.nn.Module):
 
     # --- saving -------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, metrics: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, metrics: dict | None = None, *, replace: bool = False) -> None:
         """Write the decoder directory, with a model card (README.md) the hub reads as it is;
-        `metrics` (or an existing metrics.json) go into the card."""
+        `metrics` (or an existing metrics.json) go into the card. It is written whole beside `path`
+        and renamed into place (io.staged_dir), so a crash never leaves new weights under an old
+        config.json: `path` is the old decoder or the new one. What else `path` holds (a training run's
+        checkpoints and log) is kept, unless `replace`."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.save_weights(path)
-        self.save_extra(path)
-        write_text(path / "README.md", model_card(self, metrics if metrics is not None else _saved_metrics(path)))
-        # config.json last: a directory with a config is a complete decoder.
-        write_json(path / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
-                                          "format_version": FORMAT_VERSION, "unembed_version": __version__,
-                                          "config": self.config.to_dict()})
+        metrics = metrics if metrics is not None else _saved_metrics(path)
+        with staged_dir(path, keep_others=not replace) as staging:
+            self.save_weights(staging)
+            self.save_extra(staging)
+            write_text(staging / "README.md", model_card(self, metrics))
+            # config.json last: a directory with a config is a complete decoder.
+            write_json(staging / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
+                                                 "format_version": FORMAT_VERSION, "unembed_version": __version__,
+                                                 "config": self.config.to_dict()})
 
     def save_weights(self, path: Path) -> None:
         """model.safetensors: the decoder's tensors (methods that reference a base model save less)."""

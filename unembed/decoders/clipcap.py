@@ -7,7 +7,7 @@ or the transformer mapper (k = mapper_length = 10..40, 8 layers) with GPT-2 froz
 from dataclasses import dataclass
 
 from unembed.decoders.base import register_decoder
-from unembed.decoders.prefix import PrefixConfig, PrefixDecoder
+from unembed.decoders.prefix import MODEL_OPTIONS, PrefixConfig, PrefixDecoder
 
 
 @dataclass
@@ -23,3 +23,4 @@ class ClipCapDecoder(PrefixDecoder):
     summary = "ClipCap: prefix mapper trained on (image, caption) pairs"
     config_class = ClipCapConfig
     train_defaults = dict(epochs=10, batch_size=40, lr=2e-5, warmup_steps=5000, weight_decay=0.0)  # the paper's
+    cli_options = MODEL_OPTIONS  # trained on image embeddings themselves: no bridge to set

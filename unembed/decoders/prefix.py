@@ -73,6 +73,12 @@ class PrefixConfig(DecoderConfig):
     start_token: bool = False       # captions begin with the tokenizer's start token (DeCap's checkpoints)
 
 
+MODEL_OPTIONS = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full_lm", "mapper", "prefix_length",
+                 "mapper_length", "mapper_layers", "label_smoothing")
+BRIDGE_OPTIONS = ("noise_variance", "noise_kind", "noise_reference_dim", "mean_shift", "projection_size",
+                  "projection_tau")
+
+
 # --- mappers ------------------------------------------------------------------------------------
 
 class TransformerMapper(nn.Module):
@@ -120,10 +126,10 @@ class PrefixDecoder(LMWeights, Decoder):
     options below, and compared with its `compare_recipe`."""
 
     config_class = PrefixConfig
-    cli_options = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full_lm", "mapper", "prefix_length", "mapper_length",
-                   "mapper_layers", "noise_variance", "noise_kind", "noise_reference_dim", "mean_shift",
-                   "projection_size", "projection_tau",
-                   "label_smoothing")
+    # The options `unembed train KIND` takes, and refuses on a kind that leaves them out: a text-only
+    # kind bridges its training text to images; a paired kind (ClipCap) never calls the bridge in
+    # training, so it declares MODEL_OPTIONS only.
+    cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -62,22 +61,23 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
 
 def import_published(kind: str, file, out, embedder: str | None = None, lm: str | None = None,
                      prefix_length: int | None = None, mapper: str | None = None, heads: int | None = None,
-                     memory_captions: list[str] | None = None, log=lambda message: None) -> dict:
-    """Write `file` (a published `kind` checkpoint) as a decoder directory `out`; returns its config."""
+                     memory_captions: list[str] | None = None, log=lambda message: None,
+                     overwrite: bool = False) -> dict:
+    """Write `file` (a published `kind` checkpoint) as a decoder directory `out`, which must be new,
+    empty, or (with `overwrite`) a decoder it replaces; returns its config."""
+    from unembed.decoders.base import DECODER_FORMAT
+    from unembed.io import check_out_dir
+
     if kind not in KINDS:
         raise BadInputError(kind, f"is not a published format this imports ({', '.join(KINDS)})")
+    check_out_dir(out, DECODER_FORMAT, overwrite)  # before the work: a refused --out costs nothing
     state = read_checkpoint(file)
     if kind == "decap":
         decoder = _decap(state, file, embedder or DEFAULT_EMBEDDER, heads, memory_captions, log)
     else:
         decoder = _clipcap(kind, state, file, embedder or DEFAULT_EMBEDDER, lm or "gpt2", prefix_length, mapper,
                            heads, log)
-    out = Path(out)
-    staging = out.with_name(out.name + ".importing")
-    shutil.rmtree(staging, ignore_errors=True)
-    decoder.save(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    decoder.save(out, replace=True)  # written beside `out`, renamed into place
     return decoder.config.to_dict()
 
 

@@ -4,9 +4,12 @@ The offline stand-in for CLIP: trained on the scenes world (`unembed data scenes
 regime (logit scale starts at 1/0.07 and may reach 100), so that image and text embeddings keep a
 modality gap as real CLIP's do and the text-only decoders face the problem they exist for.
 
-Data: a split directory with captions.json (COCO format) and its images. Images are decoded once
-into a uint8 tensor [N, 3, H, W] and captions tokenised once into [N, C, context] ints; a batch
-pairs each image with one of its captions chosen at random.
+Data: a split directory with captions.json (COCO format) and its images, of any size and format.
+Captions are tokenised once into [N, C, context] ints; images are read per step, in DataLoader
+workers ahead of the model (memory does not grow with the split), through open_clip's training
+transform (random resized crop to the embedder's size, its mean and std). A batch pairs each image
+with one of its captions chosen at random. Each image's crop is drawn from (seed, step, position in
+the batch), so a resumed run, or one with more workers or processes, sees the same pixels.
 """
 from __future__ import annotations
 
@@ -18,29 +21,60 @@ import torch
 from unembed.data.splits import has_split, load_split
 from unembed.embedders import Embedder, scenes_config
 from unembed.io import write_json
-from unembed.training.loop import Task, TrainConfig
+from unembed.training.loop import Task, TrainConfig, step_generator, step_indices, step_seed
 
 MAX_LOGIT_SCALE = math.log(100)
 CLIP_DEFAULTS = dict(epochs=6, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=100)
 
 
-def image_tensor(paths: list[Path]) -> torch.Tensor:
-    """Decode images into one uint8 [N, 3, H, W] tensor (all must share a size, as scenes do)."""
-    import numpy as np
-    from PIL import Image
+class TrainImages(torch.utils.data.Dataset):
+    """A split's images, read when a batch asks for them, each through the training transform under
+    its own seed. Items are keyed (seed, step, position, index), as `StepBatches` yields them."""
 
-    arrays = []
-    for p in paths:
-        with Image.open(p) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[int, torch.Tensor]:
+        from unembed.data.images import load_image
+
+        seed, step, position, index = key
+        image = load_image(self.paths[index])
+        with torch.random.fork_rng(devices=[]):  # the crop's draws, never the process's own stream
+            torch.manual_seed(step_seed(seed, step, position))
+            return index, self.transform(image)
 
 
-def normalise_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> the float input open_clip's eval transform makes of same-size images."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+class StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: each step's examples as the loop draws them (`step_indices`)."""
+
+    def __init__(self, steps: range, n: int, batch_size: int, seed: int):
+        self.steps, self.n, self.batch_size, self.seed = steps, n, batch_size, seed
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        for step in self.steps:
+            indices = step_indices(step, self.n, self.batch_size, self.seed).tolist()
+            yield [(self.seed, step, position, index) for position, index in enumerate(indices)]
+
+
+def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([index for index, _ in items]), torch.stack([pixels for _, pixels in items])
+
+
+def train_transform(preprocess: dict):
+    """open_clip's training transform for an embedder's preprocess config (size, mean, std)."""
+    from unembed.compat import import_open_clip
+
+    import_open_clip()
+    from open_clip.transform import image_transform
+
+    return image_transform(preprocess["image_size"], is_train=True, mean=tuple(preprocess["mean"]),
+                           std=tuple(preprocess["std"]))
 
 
 def tokenize_captions(tokenizer, captions: list[list[str]]) -> torch.Tensor:
@@ -62,8 +96,13 @@ def retrieval_metrics(image_vecs: torch.Tensor, text_vecs: torch.Tensor, text_ow
         out[f"i2t_R@{k}"] = (text_owner[top_texts] == torch.arange(len(image_vecs))[:, None]).any(1).float().mean().item()
         top_images = sims.T.topk(k, dim=1).indices                    # [T, k]
         out[f"t2i_R@{k}"] = (top_images == text_owner[:, None]).any(1).float().mean().item()
+    from unembed.eval.gap import _derangement
+
     matched = (image_vecs[text_owner] * text_vecs).sum(-1)
-    shuffled = (image_vecs[text_owner.roll(1)] * text_vecs).sum(-1)
+    # Random pairs are a caption and another image: a derangement over images (as `unembed gap`
+    # pairs them), never a neighbouring caption, which is mostly of the same image.
+    other_image = _derangement(len(image_vecs), torch.Generator().manual_seed(0))
+    shuffled = (image_vecs[other_image[text_owner]] * text_vecs).sum(-1)
     out["gap_matched_cos"] = matched.mean().item()
     out["gap_random_cos"] = shuffled.mean().item()
     out["gap_mean_distance"] = (image_vecs.mean(0) - text_vecs.mean(0)).norm().item()
@@ -118,22 +157,30 @@ class ClipTask(Task):
     def __init__(self, embedder: Embedder, train_dir, eval_dir=None):
         self.embedder = embedder
         self.model = embedder.model
-        paths, captions, _ = load_split(train_dir)
-        self.images = image_tensor(paths)
+        self.paths, captions, _ = load_split(train_dir)
         self.tokens = tokenize_captions(embedder.tokenizer, captions)
         self.preprocess = embedder.config["preprocess"]
         self.eval_dir = eval_dir
 
     def num_examples(self) -> int:
-        return len(self.images)
+        return len(self.paths)
 
     def batch(self, indices, generator):
+        """The batch's captions; `batches` adds its pixels."""
         choice = torch.randint(self.tokens.shape[1], (len(indices),), generator=generator)
-        return {"pixels": self.images[indices], "tokens": self.tokens[indices, choice].long()}
+        return {"tokens": self.tokens[indices, choice].long()}
+
+    def batches(self, steps, batch_size, seed, workers=0):
+        from torch.utils.data import DataLoader
+
+        sampler = StepBatches(steps, len(self.paths), batch_size, seed)
+        loader = DataLoader(TrainImages(self.paths, train_transform(self.preprocess)), batch_sampler=sampler,
+                            num_workers=workers, collate_fn=_collate)
+        for step, (indices, pixels) in zip(steps, loader):
+            yield indices, {**self.batch(indices, step_generator(seed, step)), "pixels": pixels}
 
     def loss(self, model, batch):
-        pixels = normalise_pixels(batch["pixels"], self.preprocess["mean"], self.preprocess["std"])
-        out = model(pixels, batch["tokens"])
+        out = model(batch["pixels"], batch["tokens"])
         loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
         return loss, {"logit_scale": round(out["logit_scale"].item(), 2)}
 

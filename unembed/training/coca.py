@@ -4,8 +4,9 @@ any open_clip CoCa checkpoint on captions alone (open_clip's recipe for its msco
 One forward pass, open_clip's CoCaLoss (computed here so that it stays exact across processes):
     contrastive_weight * InfoNCE(image latent [B, D], text latent [B, D])
   + caption_weight * CE(logits [B, L-1, V], caption tokens [B, 1:L]), pad positions ignored.
-Batches come from ClipTask (uint8 images [N, 3, H, W] decoded once, captions tokenised once); images
-are resized on the fly when the model's input size differs (a pretrained 224-px CoCa on 64-px scenes).
+Batches come from ClipTask (images read per step through open_clip's training transform at the
+model's input size, also when the images are smaller: a pretrained 224-px CoCa on 64-px scenes;
+captions tokenised once).
 
 Output: OUT/embedder/ (the CoCa model, `Embedder.save`: a joint embedder the other decoders can use)
 and OUT/ itself a CoCa decoder directory whose config names the embedder as "embedder" (found
@@ -25,7 +26,7 @@ from unembed.embedders import OPENAI_MEAN, OPENAI_STD, Embedder
 from unembed.errors import BadInputError
 from unembed.data.splits import has_split
 from unembed.io import write_json
-from unembed.training.clip import ClipTask, contrastive_loss, evaluate_embedder, normalise_pixels
+from unembed.training.clip import ClipTask, contrastive_loss, evaluate_embedder
 from unembed.training.loop import TrainConfig, fit
 
 # From scratch (CLIP-like regime); fine-tuning a pretrained CoCa wants a far smaller lr (open_clip's
@@ -97,7 +98,7 @@ class CoCaTask(ClipTask):
         return 1.0  # `loss` already returns this process's part of the whole batch's loss
 
     def loss(self, model, batch):
-        pixels = self._pixels(batch["pixels"])
+        pixels = batch["pixels"]
         tokens = batch["tokens"]
         image_latent, image_tokens = model._encode_image(pixels)
         text_latent, text_tokens = model._encode_text(tokens)  # full context: CLS where embed_texts puts it
@@ -118,13 +119,6 @@ class CoCaTask(ClipTask):
         return part, {"contrastive_loss": round(contrastive.item(), 5),
                       "caption_loss": round((caption * batch["rows"] / len(tokens)).item(), 5),
                       "logit_scale": round(scale.item(), 2)}
-
-    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = normalise_pixels(images, self.preprocess["mean"], self.preprocess["std"])
-        size = self.preprocess["image_size"]
-        if pixels.shape[-1] != size:  # a linear resize commutes with the per-channel normalisation
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        return pixels
 
     def validate(self, model):
         metrics = super().validate(model)

@@ -1,6 +1,12 @@
 """The one training loop. Each method contributes a `Task` (its batches, its loss, how it saves);
 the loop owns everything else: device placement and mixed precision (accelerate), the learning-rate
-schedule, gradient clipping, a NaN guard, progress, streamed logs, atomic checkpoints and resume.
+schedule, weight decay (open_clip's parameter groups), gradient clipping, a NaN guard, progress,
+streamed logs, atomic checkpoints and resume. The model is saved before the final validation, so a
+validation that cannot run (no Java, out of memory) costs a warning, never the model.
+
+Every step goes through accelerate's optimizer: under fp16 its grad scaler unscales, skips a step
+whose gradients overflowed and lowers the scale; that is the scaler's job, not a bad step. A
+non-finite loss stops every process at the same step (a flag all-reduced each step).
 
 Determinism: the examples of step s are a pure function of (seed, s) — a seeded permutation per
 epoch, and a per-step generator for any sampling the task does — and so is every other random draw
@@ -60,11 +66,13 @@ class TrainConfig:
     validate_every: int = 0      # steps; 0 = only at the end
     keep_checkpoints: int = 1
     max_bad_steps: int = 5       # steps in a row with non-finite gradients before the run stops
+    workers: int = 0             # processes reading a task's files ahead of the model (image tasks)
 
 
 # What may change when a run resumes: where and how often it writes, not what it computes (steps,
 # batch, lr, warm-up and seed shape the schedule and the data order).
-RESUMABLE_CHANGES = frozenset({"device", "checkpoint_every", "validate_every", "keep_checkpoints", "max_bad_steps"})
+RESUMABLE_CHANGES = frozenset({"device", "checkpoint_every", "validate_every", "keep_checkpoints", "max_bad_steps",
+                               "workers"})
 
 
 class Task:
@@ -80,6 +88,14 @@ class Task:
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> dict:
         """The batch of these example indices (on CPU); `generator` seeds any sampling."""
         raise NotImplementedError
+
+    def batches(self, steps: range, batch_size: int, seed: int, workers: int = 0):
+        """(indices, batch) for each step in order. A task that reads files overrides this to read
+        ahead in `workers` processes; what a step gets must stay a function of (seed, step)."""
+        n = self.num_examples()
+        for step in steps:
+            indices = step_indices(step, n, batch_size, seed)
+            yield indices, self.batch(indices, step_generator(seed, step))
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """The mean loss over the batch's loss units, and values to log."""
@@ -99,7 +115,12 @@ class Task:
         return {}
 
     def save(self, model: torch.nn.Module, out_dir: Path, metrics: dict) -> None:
+        """Save the trained model (and `metrics`, the training's own, to OUT/metrics.json)."""
         raise NotImplementedError
+
+    def save_metrics(self, model: torch.nn.Module, out_dir: Path, metrics: dict) -> None:
+        """Record the final metrics (validation included) beside the model `save` wrote."""
+        write_json(Path(out_dir) / "metrics.json", metrics)
 
 
 @dataclass
@@ -143,11 +164,32 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank + 1
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a step's sampling (which caption, how much noise): the same on every process."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def step_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[i * batch_size:(i + 1) * batch_size]
+
+
+def decays(name: str, parameter: torch.Tensor) -> bool:
+    """open_clip's rule for weight decay: none on biases, norms and gains, 1-d embeddings (CLIP's
+    class embedding) or the logit scale; matrices and convolutions only."""
+    exempt = (parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+    return not exempt
+
+
+def parameter_groups(model: torch.nn.Module, trainable, weight_decay: float) -> list[dict]:
+    """The optimiser's groups for these trainable parameters of `model`: decayed and not decayed."""
+    wanted = {id(p) for p in trainable}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -213,7 +255,10 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | Non
         raise TrainingError(f"checkpoint {directory} does not fit this model: {e.reason}") from None
     opt_tensors, _ = load_tensors(directory / "optimizer.safetensors")
     opt_tensors.pop("torch_rng", None)  # checkpoints before per-step seeding carried it
-    _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+    try:
+        _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+    except ValueError as e:  # e.g. a checkpoint from before weight decay was split into two groups
+        raise TrainingError(f"checkpoint {directory} does not fit this optimiser ({e}); start without --resume") from None
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
@@ -233,19 +278,63 @@ def _synchronise_batch_norm(model: torch.nn.Module, accelerator) -> None:
               "over its own rows, so the weights differ slightly from a one-process run", file=sys.stderr, flush=True)
 
 
-def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True) -> TrainResult:
+def _make_accelerator(task: Task, config: TrainConfig, grad_scaler):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from unembed.embedders import resolve_device
+
+    resolve_device(config.device)  # a device that is not there: one error naming it, not a run elsewhere
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=task.unused_parameters)
+    # accelerate keeps one precision per process; each run sets its own (several run in one process:
+    # compare, tests). The process group (its PartialState) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=use_cpu(config.device), mixed_precision=config.mixed_precision,
+                              kwargs_handlers=[ddp])
+    if grad_scaler is not None:  # the fp16 path accelerate takes on a GPU, on any device (tests drive it on CPU)
+        accelerator.scaler, accelerator.native_amp = grad_scaler, True
+    elif config.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.is_main_process:
+        # accelerate has no fp16 on the CPU and silently trains in fp32: say so (bf16 runs on CPUs).
+        print(f"note: --mixed-precision fp16 needs a GPU; this run is on the {accelerator.device.type} and trains in "
+              "fp32 (bf16 runs on CPUs too)", file=sys.stderr, flush=True)
+    return accelerator
+
+
+def _stop_if_non_finite(loss: torch.Tensor, step: int, accelerator, ckpt_root: Path) -> None:
+    """Every process stops at the same step when any process's loss is non-finite: one flag, summed
+    over processes, so none is left waiting in the next collective."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item():
+        value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
+        raise TrainingError(f"loss became {value} at step {step}; stopped. The last good checkpoint "
+                            f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
+
+
+def _validate(task: Task, model) -> dict:
+    """The task's validation, or why it could not run: a missing tool (Java) or memory never costs the
+    trained model, which is saved before."""
+    try:
+        return task.validate(model)
+    except (UnembedError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"warning: validation not run: {reason}", file=sys.stderr, flush=True)
+        return {"validation": f"not run: {reason}"}
+
+
+def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
+        grad_scaler=None) -> TrainResult:
+    """Train `task` under `config` into out_dir. `grad_scaler` replaces accelerate's fp16 grad scaler
+    (which it makes on GPUs only), e.g. `torch.amp.GradScaler("cpu")` to run the fp16 path on a CPU."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
     torch.manual_seed(config.seed)
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=task.unused_parameters)
-    accelerator = Accelerator(cpu=use_cpu(config.device), mixed_precision=config.mixed_precision,
-                              kwargs_handlers=[ddp])
+    accelerator = _make_accelerator(task, config, grad_scaler)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     n = task.num_examples()
@@ -253,11 +342,11 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
         raise TrainingError("no training examples")
     batch_size = min(config.batch_size, n)
     total = config.max_steps or config.epochs * max(1, n // batch_size)
-    optimizer = torch.optim.AdamW(task.trainable_parameters(task.model), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(task.model, task.trainable_parameters(task.model),
+                                                   config.weight_decay), lr=config.lr)
     if world > 1:
         _synchronise_batch_norm(task.model, accelerator)
-    scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    scaler = accelerator.scaler  # fp16 only
     start = load_checkpoint(ckpt_root, task.model, optimizer, config, scaler) if resume else 0
     if not resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)
@@ -267,12 +356,11 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
 
     bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
-    t0, loss_value, seen, metrics, bad_in_a_row, skipped = time.time(), float("nan"), 0, {}, 0, 0
+    t0, loss_value, seen, bad_in_a_row, skipped, overflows = time.time(), float("nan"), 0, 0, 0, 0
+    steps = range(start, total)
     with open(log_path, "a", encoding="utf-8") as log:
-        for step in range(start, total):
+        for step, (indices, batch) in zip(steps, task.batches(steps, batch_size, config.seed, config.workers)):
             torch.manual_seed(step_seed(config.seed, step, rank))  # dropout; CUDA's generators too
-            indices = step_indices(step, n, batch_size, config.seed)
-            batch = task.batch(indices, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
             mine = process_rows(batch, len(indices), rank, world)
             share = world * task.loss_units(mine) / task.loss_units(batch)
             batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in mine.items()}
@@ -282,15 +370,23 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
             with accelerator.autocast():
                 loss, logs = model(batch)
                 loss = loss * share
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
-                                    f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
+            _stop_if_non_finite(loss, step, accelerator, ckpt_root)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            # The norm over all gradients (clipping them when asked): one non-finite gradient makes it
-            # non-finite, and such a step is skipped, never applied nor saved as the last good one.
+            # The norm over all gradients (clipping them when asked; unscaled first under fp16): one
+            # non-finite gradient makes it non-finite.
             norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            if not torch.isfinite(torch.as_tensor(norm)):
+            finite = bool(torch.isfinite(torch.as_tensor(norm)))
+            if finite or scaler is not None:
+                optimizer.step()  # a grad scaler skips an overflowed step itself and lowers its scale
+            # An overflow is the scaler's job while its scale is above 1; below, the gradients are
+            # non-finite unscaled too, which is a bad step.
+            if scaler is not None and accelerator.optimizer_step_was_skipped and scaler.get_scale() >= 1:
+                overflows += 1
+                log.write(json.dumps({"step": step + 1, "skipped": "fp16 overflow",
+                                      "grad_scale": scaler.get_scale()}) + "\n")
+                continue
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
                 log.write(json.dumps({"step": step + 1, "skipped": "non-finite gradients"}) + "\n")
@@ -299,7 +395,6 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                                         f"stopped. The last good checkpoint is in {ckpt_root}")
                 continue
             bad_in_a_row = 0
-            optimizer.step()
             task.after_step(task.model)
             loss_value = accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item()
             seen += len(indices)
@@ -307,7 +402,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
             record = {"step": done, "loss": round(loss_value, 5), "lr": group["lr"], **logs}
             if (config.validate_every and done % config.validate_every == 0 and done < total
                     and accelerator.is_main_process):
-                record.update(task.validate(task.model))
+                record.update(_validate(task, task.model))
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
             bar.update(1)
@@ -316,9 +411,12 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                 save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints, scaler)
     bar.close()
     seconds = time.time() - t0
+    metrics = {}
     if accelerator.is_main_process:
-        metrics = task.validate(task.model)
-        task.save(task.model, out_dir, {**metrics, "train_steps": total, "train_seconds": round(seconds, 1),
-                                        "final_loss": loss_value, "skipped_steps": skipped})
+        summary = {"train_steps": total, "train_seconds": round(seconds, 1), "final_loss": loss_value,
+                   "skipped_steps": skipped, "fp16_overflow_steps": overflows}
+        task.save(task.model, out_dir, summary)  # first: the model never waits on its validation
+        metrics = _validate(task, task.model)
+        task.save_metrics(task.model, out_dir, {**metrics, **summary})
     accelerator.wait_for_everyone()
     return TrainResult(total, seconds, loss_value, metrics)

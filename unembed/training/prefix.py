@@ -3,7 +3,7 @@ which vectors feed the prefix and how they are bridged.
 
 - clipcap: image embeddings paired with their captions (each image once per caption);
 - capdec / decap: the caption's own text embedding (text-only), passed through the decoder's bridge
-  (noise for capdec; mean shift when asked), images used at most for the modality mean.
+  (noise for capdec; mean shift when asked), images embedded only when mean shift needs their mean.
 All embeddings are computed once before training (and cached), never per epoch.
 """
 from __future__ import annotations
@@ -70,6 +70,13 @@ class PrefixTask(Task):
         model.save(out_dir, metrics)
         write_json(Path(out_dir) / "metrics.json", metrics)
 
+    def save_metrics(self, model, out_dir, metrics):
+        from unembed.decoders.base import model_card
+        from unembed.io import write_text
+
+        write_json(Path(out_dir) / "metrics.json", metrics)
+        write_text(Path(out_dir) / "README.md", model_card(model, metrics))  # the card shows them too
+
 
 def _split_images(embedder, data_dir: Path | None, split: str):
     """The split's cached image embeddings, or None when there is no such split or it has no images."""
@@ -99,7 +106,9 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
-    images = _split_images(embedder, data_dir, "train")
+    # Text-only methods never see the training images; only mean shift needs their mean.
+    needs_images = not cls.text_only or decoder_options.get("mean_shift", cls.config_class.mean_shift)
+    images = _split_images(embedder, data_dir, "train") if needs_images else None
     if cls.text_only:
         captions, _ = caption_corpus(caption_files, data_dir)
         if not captions:
