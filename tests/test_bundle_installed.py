@@ -5,16 +5,14 @@ the repository's copy does; `unembed serve` with no --decoder answers for every 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.test_serve import free_port
+from tests.test_serve import serve_process
 from unembed.bundle import BUNDLE_DIR, BUNDLE_ENV, manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,20 +67,7 @@ def test_every_bundled_decoder_captions_the_examples_from_a_copy_of_the_package(
 
 def test_serve_with_no_decoder_answers_for_every_bundled_decoder(installed, repo_captions):
     site, work, env = installed
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "unembed.cli", "serve", "--port", str(port), "--device", "cpu"],
-                              cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "serve did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with serve_process(["--device", "cpu"], work, env) as url:
         listed = httpx.get(f"{url}/decoders", timeout=10).json()
         assert sorted(d["name"] for d in listed) == sorted(DECODERS)
         assert str(site) not in json.dumps(listed) and str(REPO) not in json.dumps(listed)  # no machine paths
@@ -92,6 +77,3 @@ def test_serve_with_no_decoder_answers_for_every_bundled_decoder(installed, repo
                                files={"file": (image.name, image.read_bytes(), "image/png")})
             assert reply.status_code == 200, (name, reply.text)
             assert reply.json()[0]["caption"] == repo_captions[name]["scene-0.png"], name
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=60)

@@ -14,10 +14,8 @@ Each test also runs the reference with the normalisation flipped and requires di
 so a pipeline that normalised (or not) where the method does not would fail it.
 """
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.hub_cache import CLIP
-from tests.test_published import (EOT, SOT, K, _gpt2_state, _mlp_project, _transformer_project,  # noqa: F401
+from tests.test_published import (EOT, SOT, _gpt2_state, _mlp_project, _transformer_project,  # noqa: F401
                                   base_gpt2, hub, official_greedy, official_mlp, official_transformer)
-from tests.test_serve import free_port
+from tests.test_serve import serve_process
 
 CLIP_DIM = 64  # the hub cache's CLIP
 VARIANTS = ("clipcap-mlp", "clipcap-transformer", "capdec", "decap")
@@ -200,23 +198,10 @@ def test_unembed_caption_from_image_files_equals_each_methods_official_inference
 def test_serve_captions_the_same_files_as_the_official_inference(hub, imported, image_files, references):
     import os
 
-    work, port = imported[0], free_port()
+    work = imported[0]
     env = dict(os.environ, HF_HOME=str(hub), HF_HUB_OFFLINE="1")
-    argv = [sys.executable, "-m", "unembed.cli", "serve", "--port", str(port), "--device", "cpu"]
-    for variant in VARIANTS:
-        argv += ["--decoder", variant]
-    server = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "serve did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    options = ["--device", "cpu"] + [a for variant in VARIANTS for a in ("--decoder", variant)]
+    with serve_process(options, work, env) as url:
         for variant in VARIANTS:
             files = [("file", (p.name, p.read_bytes(), "image/png")) for p in image_files[:4]]
             params = {"decoder": variant, **({} if variant == "decap" else {"max_length": CLIPCAP_LENGTH})}
@@ -226,9 +211,6 @@ def test_serve_captions_the_same_files_as_the_official_inference(hub, imported, 
             reply = httpx.post(f"{url}/caption", params=params, timeout=120,
                                files={"file": (image_files[5].name, image_files[5].read_bytes(), "image/png")})
             assert reply.json()[0]["caption"] == references[variant][5], variant
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=60)
 
 
 def test_an_embeddings_file_says_whether_its_vectors_are_raw(tmp_path, embedder, scenes_dir):

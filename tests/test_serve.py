@@ -1,6 +1,7 @@
 """`unembed serve`: a real uvicorn server on loopback, driven over HTTP (httpx), with the bundle's
 models. Captions must equal `unembed caption`'s for the same images, under concurrency and dynamic
 batching; bad input gets a 4xx with one JSON error; the server stays healthy under load."""
+import contextlib
 import io
 import json
 import socket
@@ -23,6 +24,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(options: list[str], cwd, env):
+    """`unembed serve OPTIONS` as a user starts it (a process of its own, on a free loopback port):
+    yields its URL once /health answers; stopped with SIGTERM after."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "unembed.cli", "serve", "--port", str(port), *options], cwd=cwd,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "serve did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
 
 
 class Server:
