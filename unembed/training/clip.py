@@ -110,10 +110,13 @@ def retrieval_metrics(image_vecs: torch.Tensor, text_vecs: torch.Tensor, text_ow
 
 
 def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
-    from unembed.data.images import load_image
+    from unembed.pipeline import iter_pixel_batches
 
     paths, captions, _ = load_split(split_dir)
-    image_vecs = embedder.embed_images([load_image(p) for p in paths])
+    # Batch by batch: a COCO split held as decoded images would take gigabytes (5,000 of 640x480).
+    # No on_error: every image of a scored split must load.
+    image_vecs = torch.cat([embedder.embed_pixels(pixels, [str(p) for p in files]).unit() for files, pixels in
+                            iter_pixel_batches(paths, 64, embedder.preprocess, device=embedder.device)])
     texts = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     return retrieval_metrics(image_vecs, embedder.embed_texts(texts), owner)
