@@ -106,6 +106,12 @@ def run_stage(argv: list[str], cwd: Path) -> dict:
             "peak_rss_mb": round(peak / 2 ** 20, 1), "stdout_tail": out[-1500:], "stderr_tail": err[-1500:]}
 
 
+def write_result(result: dict, out, work: Path, given_work: str) -> None:
+    """The JSON with this machine's folders spelled as the command gave them (relative to the repo)."""
+    text = json.dumps(result, indent=2).replace(str(work), given_work).replace(str(REPO) + "/", "")
+    Path(out).write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=120_000, help="training images (COCO's Karpathy train+restval: 113k)")
@@ -157,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         result["stages"][name] = run_stage(stage, work)
         row = result["stages"][name]
         print(f"  exit {row['exit']}, {row['seconds']} s, peak {row['peak_rss_mb']} MB", flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(result, args.out, work, args.work)
         if row["exit"] != 0:
             print(row["stderr_tail"], file=sys.stderr)
             return 1
     result["scores"] = json.loads((work / "scores.json").read_text())
     result["captions"] = sum(1 for _ in (work / "test-captions.jsonl").open())
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out, work, args.work)
     return 0
 
 
