@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         ("train capdec", ["train", "capdec", "--data", "data", "--embedder", embedder, "--out", "capdec",
                           "--lm", "scratch", "--tokenizer", "corpus:2000", "--lm-config",
                           '{"n_layer": 2, "n_embd": 128}', "--max-steps", str(args.steps), "--batch-size", "64",
-                          "--device", "cpu"]),
+                          # CapDec's paper schedule warms up for 5,000 steps: in a few hundred it learns nothing
+                          "--warmup-steps", str(max(1, args.steps // 10)), "--lr", "1e-3", "--device", "cpu"]),
         ("data import (clip subset)", ["data", "import", "--format", "karpathy", "--annotations", str(small),
                                        "--out", "data-clip"]),
         ("train clip", ["train", "clip", "--data", "data-clip", "--out", "clip", "--epochs", "1",
