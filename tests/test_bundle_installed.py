@@ -77,3 +77,19 @@ def test_serve_with_no_decoder_answers_for_every_bundled_decoder(installed, repo
                                files={"file": (image.name, image.read_bytes(), "image/png")})
             assert reply.status_code == 200, (name, reply.text)
             assert reply.json()[0]["caption"] == repo_captions[name]["scene-0.png"], name
+
+
+def test_packing_refuses_a_config_that_names_a_folder_of_this_machine(tmp_path):
+    import importlib.util
+
+    from unembed.errors import UnembedError
+
+    spec = importlib.util.spec_from_file_location("pack_bundle", REPO / "scripts" / "pack_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.refuse_machine_paths({"config": {"lm": "local:gpt2", "embedder_spec": "../embedder"}}, tmp_path)
+    with pytest.raises(UnembedError, match=r"config.lm names the absolute path '/work/run/iterative-lm'"):
+        module.refuse_machine_paths({"config": {"lm": "/work/run/iterative-lm"}}, tmp_path / "config.json")
+    # Every shipped config passes the same check.
+    for config in sorted(BUNDLE_DIR.glob("*/config.json")):
+        module.refuse_machine_paths(json.loads(config.read_text()), config)
