@@ -135,7 +135,6 @@ class Embedded:
                    md.get("normalized", "true") == "true")  # files from before the flag held unit vectors
 
 
-
 class Embedder:
     """An open_clip model with its preprocessing and tokenizer, used only for inference here."""
 

@@ -45,6 +45,12 @@ def etag_timeout() -> float:
         return 10.0
 
 
+def shown_name(name: str) -> str:
+    """A model name as a model card or a server may show it: a folder (of this machine, or absolute)
+    by its last part, since its path means nothing elsewhere; any other name as it is."""
+    return Path(name).name if name and (os.path.isabs(name) or is_local(name)) else name
+
+
 def is_local(name: str) -> bool:
     return Path(name).is_dir()
 

@@ -31,6 +31,7 @@ import torch
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from unembed.errors import BadInputError, UnembedError
+from unembed.hub import shown_name
 
 API_KEY_ENV = "UNEMBED_API_KEY"
 PAGE = Path(__file__).parent / "serve_page.html"
@@ -100,12 +101,9 @@ class Models:
 
     def describe(self) -> list[dict]:
         # Names and kinds only: a directory is shown by its name, never by where it lies on this machine.
-        return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": _shown(e.spec), "embed_dim": d.config.embed_dim,
-                 "default": n == self.default} for n, (d, e) in self.decoders.items()]
+        return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": shown_name(e.spec),
+                 "embed_dim": d.config.embed_dim, "default": n == self.default} for n, (d, e) in self.decoders.items()]
 
-
-def _shown(spec: str) -> str:
-    return Path(spec).name if spec and Path(spec).is_dir() else spec
 
 
 # --- dynamic batching -----------------------------------------------------------------------------

@@ -229,6 +229,8 @@ def model_card(decoder: "Decoder", metrics: dict) -> str:
     metrics), so `huggingface-cli upload ORG/NAME DIR` publishes the directory as it is."""
     import json
 
+    from unembed.hub import shown_name
+
     config = decoder.config.to_dict()
     bases = [m for m in (config.get("lm"), config.get("embedder_spec")) if m and m != "scratch" and _hub_id(m)]
     scores = {k: v for k, v in metrics.items() if k in CARD_METRICS and isinstance(v, (int, float))}
@@ -239,7 +241,7 @@ def model_card(decoder: "Decoder", metrics: dict) -> str:
     if scores:
         lines.append("metrics: " + json.dumps(sorted(k.split("_")[-1].lower() for k in scores)))
     lines += ["---", "", f"# unembed {decoder.kind} decoder", "",
-              f"{decoder.summary or decoder.kind}. Decodes embeddings of `{_shown_spec(config.get('embedder_spec'))}` "
+              f"{decoder.summary or decoder.kind}. Decodes embeddings of `{shown_name(config.get('embedder_spec') or '') or '?'}` "
               f"(id `{config.get('embedder_id') or '?'}`, {config.get('embed_dim')}-d) into captions.", "",
               "```bash", "pip install unembed", "unembed caption IMAGES --decoder hf-hub:ORG/NAME   # or this directory",
               "```", ""]
@@ -253,13 +255,6 @@ def model_card(decoder: "Decoder", metrics: dict) -> str:
     if scores:
         lines += ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {v:.4g} |" for k, v in scores.items()] + [""]
     return "\n".join(lines)
-
-
-def _shown_spec(spec: str | None) -> str:
-    """An embedder spec as a card may show it: a folder of the building machine is named by its last part."""
-    if not spec:
-        return "?"
-    return Path(spec).name if (os.path.isabs(spec) or Path(spec).is_dir()) else spec
 
 
 def _hub_id(name: str) -> str:
