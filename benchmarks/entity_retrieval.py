@@ -73,7 +73,8 @@ def scored(decoder, embedded, references: dict, embedder, in_image: dict | None)
 
 def main() -> None:
     from entity_scenes import pairs_in_images
-    from unembed.data.splits import embed_split, load_split, split_captions
+    from unembed.data.splits import load_split, split_captions
+    from unembed.pipeline import embed_split
     from unembed.decoders import load_decoder
     from unembed.embedders import load_embedder
     from unembed.entities import detection_scores

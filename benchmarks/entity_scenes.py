@@ -66,7 +66,8 @@ def pairs_in_images(split_dir: Path) -> dict[str, set]:
 
 
 def detection(model_dir: Path, split_dir: Path, embedder) -> dict:
-    from unembed.data.splits import embed_split, load_split
+    from unembed.data.splits import load_split
+    from unembed.pipeline import embed_split
     from unembed.decoders import load_decoder
     from unembed.entities import detection_scores
 

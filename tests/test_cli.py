@@ -94,12 +94,13 @@ def test_data_scenes_command(tmp_path):
 def test_captioning_streams_one_batch_at_a_time(tmp_path, scenes_dir, retrieval_dir, embedder, monkeypatch):
     """Memory is bounded by the batch, not the folder: when the first batch's captions come out,
     only that batch's images have been read (benchmarks/caption_memory.py measures 10,000 images)."""
+    import unembed.data.images as images
     import unembed.pipeline as pipeline
     from unembed.decoders import load_decoder
 
     loaded = []
-    real_load = pipeline.load_image
-    monkeypatch.setattr(pipeline, "load_image", lambda path: loaded.append(path) or real_load(path))
+    real_load = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda path: loaded.append(path) or real_load(path))
     decoder = load_decoder(retrieval_dir, embedder=embedder)
     batches = pipeline.caption_images([str(scenes_dir / "test" / "images")], decoder, embedder, batch_size=4)
     first = next(batches)
@@ -209,7 +210,7 @@ def test_dtype_runs_the_decoders_in_reduced_precision(tmp_path):
 def test_the_embedding_pass_leaves_the_global_random_stream_alone(scenes_dir, embedder):
     import torch
 
-    from unembed.pipeline import iter_pixel_batches
+    from unembed.data.images import iter_pixel_batches
 
     files = sorted((scenes_dir / "test" / "images").glob("*.png"))[:3]
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def test_the_split_cache_goes_stale_when_the_split_is_rewritten(embedder, tmp_pa
 
     from unembed.data.images import load_image
     from unembed.data.scenes import write_scenes
-    from unembed.data.splits import embed_split
+    from unembed.pipeline import embed_split
 
     write_scenes(tmp_path, n=8, n_eval=4, image_size=32, seed=0)
     first = embed_split(embedder, tmp_path / "test")

@@ -219,7 +219,7 @@ def test_an_embeddings_file_says_whether_its_vectors_are_raw(tmp_path, embedder,
 
     from unembed.data.vectors import open_embeddings
     from unembed.embedders import Embedded
-    from unembed.pipeline import iter_pixel_batches
+    from unembed.data.images import iter_pixel_batches
 
     paths = sorted((scenes_dir / "test" / "images").glob("*.png"))[:4]
     (files, pixels), = iter_pixel_batches(paths, 8, embedder.preprocess)

@@ -48,7 +48,7 @@ def test_loss_falls_and_validation_runs(trained, kind):
 
 @pytest.mark.parametrize("kind", PREFIX_KINDS)
 def test_save_load_round_trip_gives_identical_captions(trained, kind, embedder, scenes_dir, tmp_path):
-    from unembed.data.splits import embed_split
+    from unembed.pipeline import embed_split
 
     directory, _ = trained[kind]
     embedded = embed_split(embedder, scenes_dir / "test")
@@ -65,7 +65,7 @@ def test_save_load_round_trip_gives_identical_captions(trained, kind, embedder, 
 def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_dir):
     """The LM library's cached generation must match re-running the whole sequence for each token
     (DeCap's one-vector prefix once tripped transformers into re-feeding the prefix every step)."""
-    from unembed.data.splits import embed_split
+    from unembed.pipeline import embed_split
 
     decoder = load_decoder(trained[kind][0]).eval()
     embedded = embed_split(embedder, scenes_dir / "test").select(range(3))
@@ -87,7 +87,7 @@ def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_d
 
 
 def test_decoding_options(trained, embedder, scenes_dir):
-    from unembed.data.splits import embed_split
+    from unembed.pipeline import embed_split
 
     decoder = load_decoder(trained["clipcap"][0])
     embedded = embed_split(embedder, scenes_dir / "test").select(range(4))

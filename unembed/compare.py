@@ -156,7 +156,8 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
     from unembed.data.ids import IdIndex
-    from unembed.data.splits import embed_split, split_file
+    from unembed.data.splits import split_file
+    from unembed.pipeline import embed_split
     from unembed.decoders import load_decoder
     from unembed.embedders import Embedded, same_embedder
     from unembed.io import atomic_path
@@ -288,7 +289,8 @@ def _train(entry: Entry, data: Path, embedder_spec: str, options: dict, device: 
 
 def _shared_pass(embedder_spec: str, split_dir: Path, device: str, log, workers: int = 0) -> dict:
     """The one embedding pass of the split (cached beside it), and the embedder for CLIPScore."""
-    from unembed.data.splits import embed_split, split_cache
+    from unembed.data.splits import split_cache
+    from unembed.pipeline import embed_split
     from unembed.embedders import load_embedder
 
     embedder = load_embedder(embedder_spec, device)

@@ -34,6 +34,8 @@ from unembed.compat import import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.hub import open_clip_hub_dir, open_clip_spelling, open_clip_weights
 from unembed.io import load_tensors, read_json, save_tensors, write_json
+# Embedded lives with the embedding files it reads and writes (data/vectors.py); embedders make them.
+from unembed.data.vectors import Embedded  # noqa: F401  (re-exported: unembed.embedders.Embedded)
 
 EMBEDDER_FORMAT = "unembed-embedder"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,83 +58,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise BadInputError(f"device {device!r}", f"this machine has {count or 'no'} {found.type.upper()} device"
                             f"{'' if count == 1 else 's'} (use --device cpu, or auto)")
     return found
-
-
-@dataclass
-class Embedded:
-    """One embedding pass: `vectors` [N, D] as the embedder made them (`normalized` says whether they
-    are L2-normalised), `ids` (N strings), optional `image_tokens` [N, T, W] (CoCa decodes from them),
-    and the embedder that produced them. Saved as safetensors with the tensors "vectors" and "tokens"
-    and the metadata "normalized" ("true" | "false"; files written before it held unit vectors)."""
-
-    vectors: torch.Tensor
-    ids: list[str]
-    embedder_id: str
-    embedder_spec: str
-    modality: str = "image"
-    image_tokens: torch.Tensor | None = None
-    meta: dict = field(default_factory=dict)
-    normalized: bool = False
-
-    def __post_init__(self):
-        if self.vectors.ndim != 2 or len(self.ids) != self.vectors.shape[0]:
-            raise BadInputError("embeddings", f"need vectors [N, D] and N ids, got {tuple(self.vectors.shape)} and {len(self.ids)} ids")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def dim(self) -> int:
-        return self.vectors.shape[1]
-
-    def unit(self) -> torch.Tensor:
-        """The vectors L2-normalised (cosine-based methods and the normalising decoders read these)."""
-        return self.vectors.float() if self.normalized else torch.nn.functional.normalize(self.vectors.float(), dim=-1)
-
-    @classmethod
-    def concat(cls, parts: Sequence["Embedded"]) -> "Embedded":
-        """One Embedded from batches of the same embedding pass, in order."""
-        first = parts[0]
-        tokens = None if first.image_tokens is None else torch.cat([p.image_tokens for p in parts])
-        if len({p.normalized for p in parts}) > 1:
-            raise MismatchError("cannot join raw and normalised embeddings into one pass")
-        return cls(torch.cat([p.vectors for p in parts]), [i for p in parts for i in p.ids], first.embedder_id,
-                   first.embedder_spec, first.modality, tokens, dict(first.meta), first.normalized)
-
-    def select(self, index: Sequence[int] | slice) -> "Embedded":
-        idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
-        t = None if self.image_tokens is None else self.image_tokens[idx]
-        return Embedded(self.vectors[idx], [self.ids[i] for i in idx], self.embedder_id,
-                        self.embedder_spec, self.modality, t, dict(self.meta), self.normalized)
-
-    def save(self, path: str | os.PathLike) -> None:
-        tensors = {"vectors": self.vectors}
-        if self.image_tokens is not None:
-            tensors["tokens"] = self.image_tokens
-        metadata = {"format": "unembed-embeddings", "embedder_id": self.embedder_id,
-                    "embedder_spec": self.embedder_spec, "modality": self.modality,
-                    "ids": json.dumps(self.ids), "meta": json.dumps(self.meta),
-                    "normalized": "true" if self.normalized else "false"}
-        save_tensors(path, tensors, metadata)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Embedded":
-        tensors, md = load_tensors(path)
-        if md.get("format") != "unembed-embeddings" or "vectors" not in tensors:
-            # A bare safetensors file of vectors from a user's vector store: number the rows.
-            if len(tensors) != 1:
-                raise BadInputError(path, "expected an unembed embeddings file or a safetensors file holding one [N, D] tensor")
-            (vectors,) = tensors.values()
-            if vectors.ndim != 2:
-                raise BadInputError(path, f"expected a [N, D] tensor, got shape {tuple(vectors.shape)}")
-            from unembed.data.vectors import rows_are_unit
-
-            vectors = vectors.float()
-            return cls(vectors, [str(i) for i in range(len(vectors))], md.get("embedder_id", ""),
-                       md.get("embedder_spec", ""), "unknown", normalized=rows_are_unit(vectors))
-        return cls(tensors["vectors"].float(), json.loads(md["ids"]), md["embedder_id"], md["embedder_spec"],
-                   md.get("modality", "image"), tensors.get("tokens"), json.loads(md.get("meta", "{}")),
-                   md.get("normalized", "true") == "true")  # files from before the flag held unit vectors
 
 
 class Embedder:

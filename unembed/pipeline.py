@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from unembed.data.ids import file_id
-from unembed.data.images import display_path, expand_inputs, load_image
+from unembed.data.images import display_path, expand_inputs, iter_pixel_batches
 from unembed.errors import BadInputError
 
 
@@ -38,58 +39,6 @@ def inference_precision(dtype: str, device):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
-class ImageFiles:
-    """A torch map-style dataset of image files: item i is (i, pixels) after the embedder's
-    preprocessing, or (i, (file, reason)) for a file that cannot be used. The error travels as plain
-    strings, which pickle across worker processes where an exception might not."""
-
-    def __init__(self, files: Sequence[str], preprocess):
-        self.files, self.preprocess = list(files), preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.preprocess(load_image(self.files[i]))
-        except BadInputError as e:
-            return i, (e.item, e.reason)
-
-
-def _as_list(items):
-    return items
-
-
-def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
-                       on_error: Callable[[BadInputError], None] | None = None, workers: int = 0,
-                       device=None) -> Iterator[tuple[list[str], "torch.Tensor"]]:
-    """(files, pixels [B, 3, H, W]) batch by batch, in input order, bad files reported to `on_error`
-    and left out (no `on_error`: the first bad file raises, for inputs that must all load).
-    With `workers` > 0, decoding and preprocessing run in that many processes (a DataLoader), ahead of
-    the model; on CUDA the pixels come pinned and are copied without blocking."""
-    import torch
-
-    cuda = device is not None and torch.device(device).type == "cuda"
-    # Its own generator: a DataLoader otherwise draws its workers' seed from the global RNG, and an
-    # embedding pass must not change what a training run draws after it (cached or not).
-    loader = torch.utils.data.DataLoader(ImageFiles(files, preprocess), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_as_list, generator=torch.Generator())
-    for items in loader:
-        good = []
-        for i, result in items:
-            if isinstance(result, tuple):
-                if on_error is None:
-                    raise BadInputError(*result)
-                on_error(BadInputError(*result))
-            else:
-                good.append((i, result))
-        if good:
-            pixels = torch.stack([px for _, px in good])
-            if cuda:
-                pixels = pixels.pin_memory().to(device, non_blocking=True)
-            yield [files[i] for i, _ in good], pixels
 
 
 def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
@@ -149,3 +98,31 @@ def caption(images: Sequence[str], decoder, embedder=None, batch_size: int = 32,
 
     return [r["caption"] for batch in caption_images(images, decoder, embedder, batch_size, fail, **generation)
             for r in batch]
+
+
+def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128, workers: int = 0):
+    """The split's image embeddings (ids = image ids as strings), from the cache when it was made
+    from this very split (its fingerprint, kept in the cache, matches), else computed afresh, the
+    images decoded in `workers` processes (data.images.iter_pixel_batches)."""
+    from unembed.data.splits import load_split, split_cache, split_fingerprint
+    from unembed.data.vectors import Embedded
+
+    split_dir = Path(split_dir)
+    cache = split_cache(split_dir, embedder.id, with_tokens)
+    paths, _, ids = load_split(split_dir)
+    fingerprint = split_fingerprint(split_dir)
+    if cache.is_file():
+        cached = Embedded.load(cache)
+        # A cache from before embeddings were kept raw holds unit vectors: made again, not trusted.
+        if (cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]
+                and not cached.normalized):
+            return cached
+    id_of = {str(p): str(i) for p, i in zip(paths, ids)}
+    # no on_error: a split is scored whole, so an image it names must load
+    parts = [embedder.embed_pixels(pixels, [id_of[str(p)] for p in files], with_tokens)
+             for files, pixels in iter_pixel_batches(paths, batch_size, embedder.preprocess, workers=workers,
+                                                     device=embedder.device)]
+    embedded = Embedded.concat(parts)
+    embedded.meta["split_fingerprint"] = fingerprint
+    embedded.save(cache)
+    return embedded

@@ -24,7 +24,8 @@ def my_inputs(paths, world, errors) -> list[str]:
 def cmd_embed(args) -> int:
     from unembed.distributed import world
     from unembed.embedders import Embedded, load_embedder
-    from unembed.pipeline import inference_precision, iter_pixel_batches
+    from unembed.data.images import iter_pixel_batches
+    from unembed.pipeline import inference_precision
 
     w = world(args.device)
     embedder = load_embedder(args.embedder, w.device)

@@ -16,7 +16,7 @@ import io
 import os
 import re
 import tarfile
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -246,3 +246,55 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return image.convert("RGB")
+
+
+class ImageFiles:
+    """A torch map-style dataset of image files: item i is (i, pixels) after the embedder's
+    preprocessing, or (i, (file, reason)) for a file that cannot be used. The error travels as plain
+    strings, which pickle across worker processes where an exception might not."""
+
+    def __init__(self, files: Sequence[str], preprocess):
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.files[i]))
+        except BadInputError as e:
+            return i, (e.item, e.reason)
+
+
+def _as_list(items):
+    return items
+
+
+def iter_pixel_batches(files: Sequence[str], batch_size: int, preprocess,
+                       on_error: Callable[[BadInputError], None] | None = None, workers: int = 0,
+                       device=None) -> Iterator[tuple[list[str], "torch.Tensor"]]:
+    """(files, pixels [B, 3, H, W]) batch by batch, in input order, bad files reported to `on_error`
+    and left out (no `on_error`: the first bad file raises, for inputs that must all load).
+    With `workers` > 0, decoding and preprocessing run in that many processes (a DataLoader), ahead of
+    the model; on CUDA the pixels come pinned and are copied without blocking."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    # Its own generator: a DataLoader otherwise draws its workers' seed from the global RNG, and an
+    # embedding pass must not change what a training run draws after it (cached or not).
+    loader = torch.utils.data.DataLoader(ImageFiles(files, preprocess), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_as_list, generator=torch.Generator())
+    for items in loader:
+        good = []
+        for i, result in items:
+            if isinstance(result, tuple):
+                if on_error is None:
+                    raise BadInputError(*result)
+                on_error(BadInputError(*result))
+            else:
+                good.append((i, result))
+        if good:
+            pixels = torch.stack([px for _, px in good])
+            if cuda:
+                pixels = pixels.pin_memory().to(device, non_blocking=True)
+            yield [files[i] for i, _ in good], pixels

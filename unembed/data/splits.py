@@ -82,31 +82,3 @@ def split_fingerprint(split_dir) -> str:
         except OSError:
             digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
-
-
-def embed_split(embedder, split_dir, with_tokens: bool = False, batch_size: int = 128, workers: int = 0):
-    """The split's image embeddings (ids = image ids as strings), from the cache when it was made
-    from this very split (its fingerprint, kept in the cache, matches), else computed afresh, the
-    images decoded in `workers` processes (pipeline.iter_pixel_batches)."""
-    from unembed.embedders import Embedded
-    from unembed.pipeline import iter_pixel_batches
-
-    split_dir = Path(split_dir)
-    cache = split_cache(split_dir, embedder.id, with_tokens)
-    paths, _, ids = load_split(split_dir)
-    fingerprint = split_fingerprint(split_dir)
-    if cache.is_file():
-        cached = Embedded.load(cache)
-        # A cache from before embeddings were kept raw holds unit vectors: made again, not trusted.
-        if (cached.meta.get("split_fingerprint") == fingerprint and cached.ids == [str(i) for i in ids]
-                and not cached.normalized):
-            return cached
-    id_of = {str(p): str(i) for p, i in zip(paths, ids)}
-    # no on_error: a split is scored whole, so an image it names must load
-    parts = [embedder.embed_pixels(pixels, [id_of[str(p)] for p in files], with_tokens)
-             for files, pixels in iter_pixel_batches(paths, batch_size, embedder.preprocess, workers=workers,
-                                                     device=embedder.device)]
-    embedded = Embedded.concat(parts)
-    embedded.meta["split_fingerprint"] = fingerprint
-    embedded.save(cache)
-    return embedded

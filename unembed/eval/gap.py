@@ -168,7 +168,8 @@ def gap_report(embedder, data_dir: str | Path, split: str = "test", out_dir: str
     """The gap of a caption split: each image (embeddings cached by embed_split) paired with its
     first caption, DeCap's memory taken from the train split's captions as the decoder's would be
     (the split's own texts when there is no train split). With `out_dir`, writes gap.json and gap.png."""
-    from unembed.data.splits import embed_split, has_split, load_split, split_captions
+    from unembed.data.splits import has_split, load_split, split_captions
+    from unembed.pipeline import embed_split
 
     data_dir = Path(data_dir)
     embedded = embed_split(embedder, data_dir / split)

@@ -34,7 +34,7 @@ def clip_scores_for_refs(embedder, refs, predictions: dict, references: dict, wo
     """CLIPScore / RefCLIPScore of `predictions` {image_id: caption}; the images are found through the
     refs file's images[].file_name (relative to the refs file)."""
     from unembed.io import read_json
-    from unembed.pipeline import iter_pixel_batches
+    from unembed.data.images import iter_pixel_batches
 
     coco = read_json(refs)
     files = {im["id"]: Path(refs).parent / im["file_name"] for im in coco.get("images", []) if "file_name" in im}

@@ -110,7 +110,7 @@ def retrieval_metrics(image_vecs: torch.Tensor, text_vecs: torch.Tensor, text_ow
 
 
 def evaluate_embedder(embedder: Embedder, split_dir) -> dict:
-    from unembed.pipeline import iter_pixel_batches
+    from unembed.data.images import iter_pixel_batches
 
     paths, captions, _ = load_split(split_dir)
     # Batch by batch: a COCO split held as decoded images would take gigabytes (5,000 of 640x480).

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from unembed.data.splits import embed_split, has_split, load_split
+from unembed.data.splits import has_split, load_split
+from unembed.pipeline import embed_split
 from unembed.errors import BadInputError
 from unembed.io import write_json
 from unembed.tokenizers import pad_right
