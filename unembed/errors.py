@@ -25,3 +25,11 @@ class MismatchError(UnembedError):
 
 class UnsafeFileError(UnembedError):
     """A file would need unpickling (or another unsafe format) to load; unembed refuses it."""
+
+
+class RequestError(Exception):
+    """A request that cannot be served as sent: an HTTP status and one line naming the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
