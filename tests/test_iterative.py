@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from unembed.decoders import load_decoder
 from unembed.decoders.iterative import IterativeDecoder
 from unembed.embedders import Embedded
-from unembed.errors import MismatchError, ModelLoadError
+from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.training.loop import TrainConfig
 from unembed.training.lm import train_lm
 
@@ -137,7 +137,7 @@ def test_save_load_round_trip_and_embedder_checks(decoder, embedder, targets, tm
     untrained = Embedder.from_config(TINY_ARCH)
     with pytest.raises(MismatchError, match="tiny-clip"):
         load_decoder(tmp_path / "it", embedder=untrained)
-    with pytest.raises(MismatchError, match="no option do_sample"):
+    with pytest.raises(BadInputError, match="option do_sample: the iterative decoder does not take it"):
         decoder.decode(targets, do_sample=True)
     with pytest.raises(MismatchError, match="num_beams"):
         decoder.decode(targets, num_beams=6)

@@ -79,19 +79,23 @@ def caption_batches(batches, decoder, ids=None, **generation) -> Iterator[list[d
         yield records
 
 
-def caption(images: Sequence[str], decoder, embedder=None, batch_size: int = 32, device: str = "auto",
+def caption(images: Sequence[str], decoder=None, embedder=None, batch_size: int = 32, device: str = "auto",
             **generation) -> list[str]:
-    """Library one-liner: captions for image files (a decoder object or a decoder directory).
+    """Library one-liner: captions for image files, by a decoder object or a decoder name (a directory,
+    hf-hub:ORG/NAME, a bundled decoder's name such as "clipcap"; None: the bundle's default).
     Raises on the first bad image, unlike the CLI which reports and goes on."""
-    from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
+    from unembed.decoders import decoder_path, load_decoder, read_decoder_config, resolve_embedder_spec
     from unembed.embedders import load_embedder
 
-    if isinstance(decoder, (str, os.PathLike)):
+    if decoder is None or isinstance(decoder, (str, os.PathLike)):
+        decoder = decoder_path(decoder)
         if embedder is None:
             embedder = load_embedder(resolve_embedder_spec(read_decoder_config(decoder)["config"], decoder), device)
         decoder = load_decoder(decoder, device=str(embedder.device), embedder=embedder)
     elif embedder is None:
         embedder = load_embedder(decoder.config.embedder_spec, device)
+
+    decoder.check_generation(generation)  # a bad option is refused before any image is read
 
     def fail(e):
         raise e

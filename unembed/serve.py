@@ -2,9 +2,17 @@
 
 The app (FastAPI on uvicorn) loads the embedder and each decoder once. Every image or vector of
 every request becomes one item in a queue per (decoder, decoding options). One worker thread takes
-the oldest queue's items, up to `max_batch` of them, once `max_batch` are waiting or the first has
-waited `max_wait_ms`, and embeds and decodes them together: the batch speed-ups of the library
-become throughput for many small clients. Each item's caption goes back to its own request.
+the oldest queue's items, up to `max_batch` of them, and embeds and decodes them together: an idle
+server starts on a request at once, and the requests that arrive while a batch is decoded gather
+into the next one, so the batch speed-ups of the library become throughput for many small clients
+without a lone client waiting for a batch that cannot fill. Each item's caption goes back to its own
+request (unembed/batching.py).
+
+The queue is bounded (`max_queue` items): a request that does not fit is refused whole with 503 and
+a Retry-After header. A request whose client hangs up (or whose handler is cancelled) has its
+queued items dropped; nothing a request does stops the batching thread, and should it stop all the
+same, /health answers 503 saying so. With `access_log`, one line per request names the decoder and
+the sizes of the batches its items were decoded in.
 
 Bad input never reaches a batch: uploads are read with a size limit and a time limit, decoded with
 the image loader's pixel limit (in a thread pool, off the event loop), and options and vector
@@ -20,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +44,7 @@ from unembed.errors import BadInputError, RequestError, UnembedError
 from unembed.hub import shown_name
 
 API_KEY_ENV = "UNEMBED_API_KEY"
+ACCESS_LOG = logging.getLogger("unembed.access")
 PAGE = Path(__file__).parent / "serve_page.html"
 OPTION_LIMITS = {"num_beams": (1, 16), "max_length": (1, 128), "seed": (0, 2 ** 31 - 1)}
 
@@ -44,7 +54,11 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 32           # items decoded together at most
-    max_wait_ms: float = 10.0     # how long the first item of a batch waits for others
+    max_wait_ms: float = 0.0      # how long the first item of a batch waits for others (0: never, an idle
+                                  # server starts at once; batches form behind the one being decoded)
+    max_queue: int | None = None  # items waiting at most; past it, 503 + Retry-After. None: 4 x max_batch
+                                  # (an accepted item waits behind at most 4 full batches), at least max_items
+    access_log: bool = False      # one log line per request (logger "unembed.access"); `unembed serve` sets it
     max_upload_mb: float = 20.0   # one request's body
     max_items: int = 16           # images or vectors per request
     max_pixels: int = 40_000_000  # per image, checked from its header before decoding
@@ -62,8 +76,7 @@ class Models:
 
     def __init__(self, decoders: list[str], device: str = "auto"):
         from unembed.bundle import bundled_decoder, manifest
-        from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
-        from unembed.decoders.base import decoder_path
+        from unembed.decoders import decoder_path, load_decoder, read_decoder_config, resolve_embedder_spec
         from unembed.embedders import load_embedder
 
         if not decoders:  # the bundle: every decoder, the bundle's default first
@@ -72,12 +85,7 @@ class Models:
             decoders = [str(bundled_decoder(n)) for n in names]
         self.decoders, self.embedders = {}, {}
         for given in decoders:
-            if given.startswith("hf-hub:"):
-                path = decoder_path(given)
-            elif Path(given).exists() or "/" in given:  # a directory (a missing one is named by the loader)
-                path = Path(given)
-            else:
-                path = bundled_decoder(given)
+            path = decoder_path(given)
             spec = resolve_embedder_spec(read_decoder_config(path)["config"], path)
             if spec not in self.embedders:
                 self.embedders[spec] = load_embedder(spec, device)
@@ -218,18 +226,78 @@ async def uploaded_images(request, body: bytes, max_items: int) -> list[tuple[st
     return files
 
 
+async def hung_up(request) -> None:
+    """Returns once the client has closed its connection; called after the body has been read, when
+    the only message left to receive is the disconnect. Never returns if the server cannot tell."""
+    try:
+        message = await request.receive()
+    except Exception:  # noqa: BLE001 - no way to watch this connection: assume the client stays
+        message = {}
+    if message.get("type") != "http.disconnect":
+        await asyncio.Event().wait()
+
+
+class AccessLog:
+    """ASGI middleware: one line per request on the "unembed.access" logger: client, request line,
+    status, milliseconds and, for captioning, the decoder, the request's items and the sizes of the
+    batches they were decoded in ("batch=-": none decoded, e.g. refused or the client hung up)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, status, t0 = scope.setdefault("state", {}), 0, time.perf_counter()
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:  # the handler was cancelled: nobody gets an answer
+            status = status or 499
+            raise
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            ACCESS_LOG.info(access_line(scope, status, time.perf_counter() - t0, state.get("batching")))
+
+
+def access_line(scope, status: int, seconds: float, batching: dict | None) -> str:
+    client = scope.get("client")
+    query = scope.get("query_string", b"").decode("latin-1")
+    line = (f'{client[0]}:{client[1]} ' if client else "- ") + \
+        f'"{scope["method"]} {scope["path"]}{"?" + query if query else ""} HTTP/{scope.get("http_version", "1.1")}" ' \
+        f'{status} {1000 * seconds:.1f} ms'
+    if batching:
+        sizes = list(dict.fromkeys(item.batch_size for item in batching["items"] if item.batch_size))
+        line += f' decoder={batching["decoder"]} items={len(batching["items"])} ' \
+                f'batch={",".join(map(str, sizes)) or "-"}'
+    return line
+
+
 # --- the app --------------------------------------------------------------------------------------
 
 def create_app(config: ServeConfig, models: Models | None = None, decoders: list[str] | None = None):
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     from unembed.data.images import load_image_bytes
     from unembed.pipeline import image_id
 
+    max_queue = config.max_queue or max(4 * config.max_batch, config.max_items)
+    if max_queue < config.max_items:
+        raise UnembedError(f"--max-queue {max_queue} is below --max-images {config.max_items}: a request that "
+                           "large could never be queued")
     models = models or Models(decoders or [], config.device)
-    batcher = Batcher(models, config.max_batch, config.max_wait_ms)
+    batcher = Batcher(models, config.max_batch, config.max_wait_ms, max_queue)
     pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="unembed-images")
     key = config.api_key or os.environ.get(API_KEY_ENV, "")
     limit = int(config.max_upload_mb * 2 ** 20)
@@ -243,12 +311,17 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
     app.state.models, app.state.batcher, app.state.config = models, batcher, config
 
     @app.exception_handler(RequestError)
-    async def request_error(request, e: RequestError):
-        return JSONResponse({"error": e.message}, status_code=e.status)
+    async def request_error(request, e: RequestError):  # QueueFull carries its Retry-After header
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=getattr(e, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):  # unknown paths, wrong methods: the same one-line shape
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {e.detail}"}, status_code=e.status_code)
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {e.detail}"}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))  # e.g. a 405's Allow
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request, e: ClientDisconnect):  # mid-body: nobody to answer, and no fault of ours to log
+        return JSONResponse({"error": "the client closed the connection before its body arrived"}, status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):  # a bug: one JSON line; uvicorn logs the traceback
@@ -261,16 +334,33 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
             return JSONResponse({"error": "missing or wrong API key (send Authorization: Bearer KEY)"}, status_code=401)
         return await call_next(request)
 
-    async def answer(futures: list[Future]) -> list[dict]:
-        results = []
-        for future in futures:
-            try:
-                results.append(await asyncio.wrap_future(future))
-            except UnembedError as e:
-                raise RequestError(400, str(e)) from None
-            except Exception as e:  # noqa: BLE001 - a decoding error fails this request only
-                raise RequestError(500, f"decoding failed: {type(e).__name__}: {e}") from None
-        return results
+    if config.access_log:
+        app.add_middleware(AccessLog)  # outermost: it sees every status, the 401s included
+
+    async def answer(request: Request, key: tuple, items: list[Item]) -> list[dict]:
+        """The captions of a request's items, once all are decoded. When the client hangs up first,
+        or the handler is cancelled, the request's items not yet taken are dropped from the queue."""
+        request.state.batching = {"decoder": key[0], "items": items}  # for the access log
+        futures = batcher.submit(key, items)  # 503 when full: none of this request's items is queued
+        captions = asyncio.gather(*map(asyncio.wrap_future, futures))
+        gone = asyncio.ensure_future(hung_up(request))
+        try:
+            await asyncio.wait((captions, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not captions.done():
+                raise RequestError(499, "the client closed the connection before its answer")
+            return captions.result()
+        except RequestError:
+            raise
+        except UnembedError as e:
+            raise RequestError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a decoding error fails this request only
+            raise RequestError(500, f"decoding failed: {type(e).__name__}: {e}") from None
+        finally:
+            gone.cancel()
+            for future in futures:  # nothing once decoding or done; else the item is skipped, never decoded
+                future.cancel()
+            captions.cancel()
+            captions.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
 
     @app.post("/caption", summary="Caption images (multipart files, or one image as the body)")
     async def caption(request: Request) -> list[dict]:
@@ -287,7 +377,7 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
             if isinstance(image, BaseException):
                 raise RequestError(400, f"cannot decode an upload ({type(image).__name__})")
         items = [Item(image, {"file": file, "image_id": image_id(file)}) for (file, _), image in zip(files, images)]
-        return await answer(batcher.submit((name, "images", tuple(sorted(options.items()))), items))
+        return await answer(request, (name, "images", tuple(sorted(options.items()))), items)
 
     @app.post("/caption/embeddings", summary="Caption vectors (JSON {\"vectors\": [[...]]} or safetensors bytes)")
     async def caption_embeddings(request: Request) -> list[dict]:
@@ -299,15 +389,18 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
         vectors, ids = parse_vectors(body, request.headers.get("content-type", ""), decoder.config.embed_dim,
                                      config.max_items)
         items = [Item(v, {"image_id": i}) for v, i in zip(vectors, ids)]
-        return await answer(batcher.submit((name, "vectors", tuple(sorted(options.items()))), items))
+        return await answer(request, (name, "vectors", tuple(sorted(options.items()))), items)
 
     @app.get("/decoders", summary="The loaded decoders: names, kinds, embedder ids")
     async def list_decoders() -> list[dict]:
         return models.describe()
 
-    @app.get("/health", summary="Liveness and batching counters")
+    @app.get("/health", summary="Liveness and batching counters (503 once the batching thread has stopped)")
     async def health() -> dict:
-        return {"status": "ok", "decoders": list(models.decoders), **batcher.stats}
+        if (problem := batcher.health()) is not None:
+            raise RequestError(503, problem)
+        return {"status": "ok", "decoders": list(models.decoders), **batcher.stats, "queued": batcher.queued,
+                "max_queue": batcher.max_queue}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -321,5 +414,11 @@ def serve(config: ServeConfig, decoders: list[str] | None = None, log=print) -> 
 
     app = create_app(config, decoders=decoders)
     names = ", ".join(app.state.models.decoders)
-    log(f"serving {names} on http://{config.host}:{config.port} (page at /, API docs at /docs); Ctrl-C stops")
+    handler = logging.StreamHandler()  # stderr: the access lines and the batcher's errors
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("unembed")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    log(f"serving {names} on http://{config.host}:{config.port} (page at /, API docs at /docs); at most "
+        f"{app.state.batcher.max_queue} items queued; Ctrl-C stops")
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=30)

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from unembed.cli.common import (EXIT_FAILED, ErrorCounter, add_dtype_option, add_workers_option, err, exit_code, given,
-                                log)
+from unembed.cli.common import (EXIT_FAILED, ErrorCounter, add_dtype_option, add_generation_options, add_workers_option,
+                                err, exit_code, generation_args, log)
 
 
 def my_inputs(paths, world, errors) -> list[str]:
@@ -94,26 +94,22 @@ class _ResultWriter:
 
 def _decoder_dir(decoder: str | None) -> str:
     """A decoder directory; no --decoder, or the name of a bundled decoder, means the shipped bundle."""
-    from unembed.bundle import bundled_decoder
+    from unembed.decoders import find_decoder
 
-    if decoder and decoder.startswith("hf-hub:"):
-        from unembed.decoders import decoder_path
-
-        return str(decoder_path(decoder))
-    if decoder and (Path(decoder).exists() or "/" in decoder):
-        return decoder
-    path = bundled_decoder(decoder)
-    log(f"using the bundled {path.name} decoder; it knows only the scenes world (give --decoder DIR for yours)")
+    path, bundled = find_decoder(decoder)
+    if bundled:
+        log(f"using the bundled {path.name} decoder; it knows only the scenes world (give --decoder DIR for yours)")
     return str(path)
 
 
 def _load_decoder_and_embedder(args):
     """(decoder, embedder or None for --embeddings, the device both run on)."""
-    from unembed.decoders import load_decoder, read_decoder_config, resolve_embedder_spec
+    from unembed.decoders import decoder_class, load_decoder, read_decoder_config, resolve_embedder_spec
     from unembed.embedders import load_embedder, resolve_device
 
     args.decoder = _decoder_dir(args.decoder)
     saved = read_decoder_config(args.decoder)
+    decoder_class(saved["kind"]).check_generation(generation_args(args))  # before any model loads
     spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
     device = str(resolve_device(args.device))  # --embeddings are decoded where --device says too
     embedder = load_embedder(spec, device) if not args.embeddings else None
@@ -155,9 +151,7 @@ def cmd_caption(args) -> int:
     source = _embeddings(args.embeddings, w) if args.embeddings else None
     decoder, embedder, device = _load_decoder_and_embedder(args)
     ids = _id_index(args.refs)
-    generation = given(args, ("max_length", "num_beams", "top_p", "seed"))
-    if args.sample:
-        generation["do_sample"] = True
+    generation = generation_args(args)
     errors = ErrorCounter()
     writer = (_ResultWriter(w.part_path(args.out), "jsonl", errors) if w.size > 1
               else _ResultWriter(args.out, args.format, errors))
@@ -218,11 +212,7 @@ def register(sub) -> None:
                    "a safetensors file of one [N, D] tensor, a .npy file, or a clip-retrieval folder "
                    "(img_emb/*.npy + metadata/*.parquet)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, help="longest caption in tokens (generative decoders)")
-    p.add_argument("--num-beams", type=int, help="beam search width (1 = greedy; default: the decoder's)")
-    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--seed", type=int, help="seed for sampling")
+    add_generation_options(p)
     p.add_argument("--device", default="auto")
     add_workers_option(p)
     add_dtype_option(p)

@@ -181,3 +181,26 @@ def add_workers_option(p) -> None:
 def add_dtype_option(p) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="compute precision of the embedder and decoder (bf16 runs on CPU too; default fp32)")
+
+
+# The caption flags of the decoding options most decoders share (unembed/generation.py holds their
+# types, bounds and help); --sample is do_sample. What a decoder does not take is refused by its check.
+CAPTION_FLAGS = ("max_length", "num_beams", "do_sample", "top_p", "temperature", "seed")
+
+
+def add_generation_options(p) -> None:
+    from unembed.generation import GENERATION_OPTIONS
+
+    group = p.add_argument_group("decoding options (each decoder takes its own; others are refused)")
+    for name in CAPTION_FLAGS:
+        option = GENERATION_OPTIONS[name]
+        if option.type is bool:
+            group.add_argument("--sample", dest=name, action="store_true", default=None, help=option.help)
+        else:
+            group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=option.type,
+                               help=f"{option.help}; {option.bounds()}")
+
+
+def generation_args(args) -> dict:
+    """The decoding options given on the command line (unchecked: the decoder's check_generation checks)."""
+    return given(args, CAPTION_FLAGS)

@@ -9,6 +9,7 @@ import importlib
 from pathlib import Path
 
 from unembed.decoders.base import (DECODER_FORMAT, Decoder, DecoderConfig, build_saved_decoder, decoder_path,
+                                   find_decoder,
                                    read_decoder_config, register_decoder, registered, resolve_embedder_spec)
 from unembed.errors import ModelLoadError
 
@@ -73,5 +74,5 @@ def check_embedder(config: dict, embedder, where) -> None:
                             f"embedder {embedder.spec!r} makes {embedder.dim}-d")
 
 
-__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_path", "decoder_class", "list_decoders",
+__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_path", "find_decoder", "decoder_class", "list_decoders",
            "check_embedder", "load_decoder", "read_decoder_config", "register_decoder", "resolve_embedder_spec"]

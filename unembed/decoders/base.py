@@ -51,6 +51,7 @@ class Decoder(torch.nn.Module):
     cli_options: ClassVar[tuple[str, ...]] = ()  # config fields that `unembed train KIND` takes as options
     train_defaults: ClassVar[dict] = {}          # TrainConfig defaults of `unembed train KIND` (the paper's)
     compare_recipe: ClassVar[dict] = {}          # `unembed compare`'s scenes-sized training options
+    generation_options: ClassVar[tuple[str, ...]] = ()  # what decode(...) takes (unembed/generation.py)
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -70,7 +71,17 @@ class Decoder(torch.nn.Module):
         return self._embedder
 
     def decode(self, embedded, **generation) -> list[str]:
+        """N captions for an `Embedded` of N rows; `generation`: options among `generation_options`,
+        checked by `check_generation` (every decode calls it first)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_generation(cls, generation: dict) -> dict:
+        """The decoding options without None values, each checked against what this kind takes and its
+        bounds (unembed/generation.py): BadInputError naming the option, the decoder and what it takes."""
+        from unembed.generation import check_generation
+
+        return check_generation(cls.kind, cls.generation_options, generation)
 
     @classmethod
     def example(cls, embedder, captions: list[str], workdir: Path) -> "Decoder":
@@ -149,14 +160,33 @@ def registered() -> dict[str, type[Decoder]]:
     return _REGISTRY
 
 
-def decoder_path(name: str | os.PathLike) -> Path:
-    """A decoder directory; "hf-hub:ORG/NAME" is a hub repo holding one, downloaded once (or read
-    from the local cache offline)."""
+def find_decoder(name: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """(the decoder directory a name means, whether it is one of the shipped bundle's): the one place
+    that reads a decoder name, for the CLI, the library and the server. A directory (one that exists,
+    or any name with a slash); "hf-hub:ORG/NAME", a hub repo holding one, downloaded once (or read
+    from the local cache offline); the name of a bundled decoder; None: the bundle's default."""
+    from unembed.bundle import bundled_decoder
+
+    if name is None:
+        return bundled_decoder(None), True
     if str(name).startswith("hf-hub:"):
         from unembed.hub import resolve
 
-        return resolve(str(name), "decoder")
-    return Path(name)
+        return resolve(str(name), "decoder"), False
+    if Path(name).exists() or "/" in str(name) or os.sep in str(name):
+        return Path(name), False  # a missing directory is named by the loader
+    from unembed.bundle import manifest
+
+    known = manifest()["decoders"]
+    if str(name) not in known:
+        raise ModelLoadError(f"decoder {str(name)!r}: no such directory, and no bundled decoder of that name "
+                             f"(the bundle has {', '.join(known)}; a hub decoder is hf-hub:ORG/NAME)")
+    return bundled_decoder(str(name)), True
+
+
+def decoder_path(name: str | os.PathLike | None = None) -> Path:
+    """The decoder directory a name means (see find_decoder)."""
+    return find_decoder(name)[0]
 
 
 def read_decoder_config(path: str | os.PathLike) -> dict:

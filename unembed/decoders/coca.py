@@ -269,6 +269,8 @@ class CoCaDecoder(Decoder):
     config_class = CoCaConfig
     needs_tokens = True
     needs_embedder = True
+    generation_options = ("num_beams", "max_length", "min_length", "do_sample", "top_p", "temperature", "seed",
+                          "repetition_penalty", "length_penalty")
     compare_recipe = {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30}
 
     @classmethod
@@ -300,7 +302,7 @@ class CoCaDecoder(Decoder):
 
     def decode(self, embedded, **generation) -> list[str]:
         """Captions for an `Embedded` with image tokens (see `generate` for the options)."""
-        return [self.text(ids) for ids in self.generate(embedded, **generation)]
+        return [self.text(ids) for ids in self.generate(embedded, **self.check_generation(generation))]
 
     @torch.no_grad()
     def generate(self, embedded, num_beams: int | None = None, max_length: int | None = None,

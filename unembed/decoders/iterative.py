@@ -45,7 +45,6 @@ from unembed.io import read_json
 
 LM_METADATA = "unembed_lm.json"  # beside a trained LM's HF files: the tokenizer that goes with it
 DEFAULT_LOGIT_SCALE = 100.0      # CLIP's trained temperature, for embedders that have none
-SEARCH_OPTIONS = ("k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
 
 
 @dataclass
@@ -209,6 +208,7 @@ def lm_and_tokenizer(config: IterativeConfig, tokenizer=None, directory: Path | 
 @register_decoder
 class IterativeDecoder(LMWeights, Decoder):
     kind = "iterative"
+    generation_options = ("k", "alpha", "beta", "num_beams", "max_length", "prompt", "stop", "logit_scale")
     config_class = IterativeConfig
     summary = "MAGIC: an LM proposes next tokens, the embedder re-ranks them (training-free)"
     text_only = True  # training-free; its LM, if trained here, learns from captions alone
@@ -251,18 +251,14 @@ class IterativeDecoder(LMWeights, Decoder):
 
     @torch.no_grad()
     def decode(self, embedded, **options) -> list[str]:
-        """Captions for [N, D] embeddings, images' or not. Options (SEARCH_OPTIONS) override the
-        config for this call."""
-        self.check_embedded(embedded)
+        """Captions for [N, D] embeddings, images' or not. Options (`generation_options`: the search's
+        settings; it re-ranks deterministically, so no sampling) override the config for this call."""
         settings = self.settings(options)
+        self.check_embedded(embedded)
         return [self.caption_text(ids, settings.stop) for ids in self.search(embedded.unit(), settings)]
 
     def settings(self, options: dict) -> IterativeConfig:
-        unknown = sorted(set(options) - set(SEARCH_OPTIONS))
-        if unknown:
-            raise MismatchError(f"the iterative decoder has no option {', '.join(unknown)}; it re-ranks "
-                                f"deterministically (its options: {', '.join(SEARCH_OPTIONS)})")
-        settings = dataclasses.replace(self.config, **{k: v for k, v in options.items() if v is not None})
+        settings = dataclasses.replace(self.config, **self.check_generation(options))
         positions = getattr(self.lm.config, "n_positions", None) or self.lm.config.max_position_embeddings
         start = 1 + len(self.tokenizer.encode(settings.prompt)) if settings.prompt else 1
         if not 1 <= settings.num_beams <= settings.k <= self.lm.config.vocab_size:

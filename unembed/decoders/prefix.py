@@ -130,6 +130,7 @@ class PrefixDecoder(LMWeights, Decoder):
     # kind bridges its training text to images; a paired kind (ClipCap) never calls the bridge in
     # training, so it declares MODEL_OPTIONS only.
     cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS
+    generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed")
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
@@ -234,14 +235,16 @@ class PrefixDecoder(LMWeights, Decoder):
     # inference
 
     @torch.no_grad()
-    def decode(self, embedded, num_beams: int | None = None, max_length: int | None = None, do_sample: bool = False,
-               top_p: float | None = None, temperature: float = 1.0, seed: int | None = None) -> list[str]:
-        """Captions for [N, D] embeddings: greedy (num_beams=1), beam search, or nucleus sampling."""
+    def decode(self, embedded, **generation) -> list[str]:
+        """Captions for [N, D] embeddings: greedy (num_beams=1), beam search, or nucleus sampling
+        (do_sample, top_p, temperature, seed); max_length in tokens."""
+        given = self.check_generation(generation)
+        num_beams, max_length, seed = given.get("num_beams"), given.get("max_length"), given.get("seed")
         self.check_embedded(embedded)
         self.eval()
         # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
-        given = embedded.unit() if self.config.normalize else embedded.vectors.float()
-        vectors = self.bridge.for_inference(given, "text" if embedded.modality == "text" else "image")
+        raw = embedded.unit() if self.config.normalize else embedded.vectors.float()
+        vectors = self.bridge.for_inference(raw, "text" if embedded.modality == "text" else "image")
         inputs, attention = self.lm_inputs(self.prefix(vectors), self.text_prompts(embedded, vectors))
         if seed is not None:
             torch.manual_seed(seed)
@@ -249,8 +252,9 @@ class PrefixDecoder(LMWeights, Decoder):
         room = self.positions - inputs.shape[1] - (inputs.shape[1] == 1)  # a one-vector prefix gets a pad slot
         options = dict(max_new_tokens=min(max_length or self.config.max_length, room), pad_token_id=eos,
                        eos_token_id=eos if stop is None else [eos, stop])
-        if do_sample:
-            options.update(do_sample=True, top_p=top_p or 0.9, temperature=temperature, num_beams=1)
+        if given.get("do_sample"):
+            options.update(do_sample=True, top_p=given.get("top_p", 0.9), temperature=given.get("temperature", 1.0),
+                           num_beams=1)
         else:
             options.update(do_sample=False, num_beams=num_beams or self.config.num_beams)
         if inputs.shape[1] == 1:

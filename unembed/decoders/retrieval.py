@@ -43,6 +43,7 @@ class RetrievalDecoder(Decoder):
         return decoder
 
     def decode(self, embedded, **generation) -> list[str]:
+        self.check_generation(generation)  # it takes none: the nearest caption is the caption
         self.check_embedded(embedded)
         _, index = self.memory.nearest(embedded.unit())  # cosine
         return [self.memory.texts[i] for i in index.tolist()]

@@ -1,0 +1,77 @@
+"""One decoding-options contract (unembed/generation.py): every decoder kind refuses an option it does
+not take, and a value out of bounds, in the same one line from the library, the CLI and HTTP."""
+from pathlib import Path
+
+import pytest
+
+from unembed.decoders import decoder_class, list_decoders
+from unembed.errors import BadInputError
+from unembed.generation import GENERATION_OPTIONS, check_generation
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "scene-0.png")
+
+
+def foreign_option(kind: str) -> str:
+    """An option this kind does not take (every kind lacks one)."""
+    return next(name for name in GENERATION_OPTIONS if name not in decoder_class(kind).generation_options)
+
+
+def refused(kind: str) -> list[tuple[dict, str]]:
+    """(options, the one line that refuses them) for this kind: a foreign option, and a bound broken."""
+    takes = decoder_class(kind).generation_options
+    name = foreign_option(kind)
+    offered = f"it takes {', '.join(takes)}" if takes else "it takes no decoding options"
+    cases = [({name: 1}, f"option {name}: the {kind} decoder does not take it ({offered})")]
+    if "num_beams" in takes:
+        cases.append(({"num_beams": 99}, f"option num_beams: the {kind} decoder takes an integer in [1, 16], got 99"))
+    return cases
+
+
+def test_every_kind_declares_only_known_options():
+    for kind in list_decoders():
+        takes = decoder_class(kind).generation_options
+        assert set(takes) <= set(GENERATION_OPTIONS), kind
+    assert decoder_class("retrieval").generation_options == ()
+    assert "do_sample" not in decoder_class("iterative").generation_options  # it re-ranks deterministically
+
+
+@pytest.mark.parametrize("kind", list_decoders())
+def test_the_library_refuses_in_one_line(kind):
+    import unembed
+
+    for options, line in refused(kind):
+        with pytest.raises(BadInputError) as e:
+            unembed.caption([EXAMPLE], decoder=kind, **options)
+        assert str(e.value) == line
+
+
+@pytest.mark.parametrize("kind", list_decoders())
+def test_the_cli_refuses_in_one_line_before_loading(kind, capsys):
+    from unembed.cli import main
+
+    for options, line in refused(kind):
+        (name, value), = options.items()
+        flag = "--sample" if name == "do_sample" else f"--{name.replace('_', '-')}"
+        argv = ["caption", EXAMPLE, "--decoder", kind] + ([flag] if name == "do_sample" else [flag, str(value)])
+        if name in ("max_length", "num_beams", "top_p", "temperature", "seed", "do_sample"):
+            assert main(argv) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == f"unembed: {line}"
+        else:  # the CLI has no flag for it: argparse refuses the unknown flag with exit 2 too
+            with pytest.raises(SystemExit) as stop:
+                main(argv)
+            assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_bounds_and_types_are_checked():
+    takes = ("num_beams", "top_p", "do_sample", "prompt")
+    assert check_generation("x", takes, {"num_beams": 3.0, "top_p": None}) == {"num_beams": 3}
+    for options, says in (({"num_beams": 0}, "an integer in [1, 16], got 0"),
+                          ({"num_beams": 2.5}, "an integer in [1, 16], got 2.5"),
+                          ({"num_beams": True}, "an integer in [1, 16], got True"),
+                          ({"do_sample": True, "top_p": 0}, "a number in (0, 1], got 0"),
+                          ({"do_sample": True, "top_p": float("nan")}, "a number in (0, 1], got nan"),
+                          ({"do_sample": "yes"}, "true or false, got 'yes'"),
+                          ({"prompt": "x" * 201}, "a text of at most 200 characters"),
+                          ({"top_p": 0.5}, "uses it only with do_sample")):
+        with pytest.raises(BadInputError, match=says.replace("(", r"\(").replace("[", r"\[")):
+            check_generation("x", takes, options)
