@@ -54,6 +54,8 @@ def synthetic_result(out_dir) -> dict:
             {"name": "clipcap", "kind": "clipcap", "path": "models/clipcap",
              "metrics": {"BLEU-4": 0.349, "METEOR": 0.313, "ROUGE-L": 0.578, "CIDEr": 1.865, "SPICE": None,
                          "CLIPScore": 1.93, "RefCLIPScore": 1.2},
+             "diversity": {"unique_share": 0.904, "vocabulary": 37, "mean_words": 6.25, "novel_share": 0.12,
+                           "top_caption": "a red square", "top_share": 0.04},
              "captions_per_second": 812.0, "train_minutes": 10.3, "peak_memory_mb": 640.2, "error": None},
             {"name": "retrieval", "kind": "retrieval", "path": "models/retrieval",
              "metrics": {"BLEU-4": 0.21, "METEOR": 0.25, "ROUGE-L": 0.49, "CIDEr": 0.98, "SPICE": None,
@@ -94,11 +96,14 @@ def assert_not_blank(png, min_colours: int = 8, min_std: float = 10.0):
 def test_markdown_table_has_x100_metrics_speed_and_failed_rows(written):
     result, _ = written
     header, rule, *rows = report.markdown_table(result).splitlines()
-    assert cells(header) == ["System", *report.TABLE_COLUMNS, "captions/s", "training min", "peak MB"]
+    assert cells(header) == ["System", *report.TABLE_COLUMNS, "unique %", "vocab", "words", "novel %", "captions/s",
+                             "training min", "peak MB"]
     assert len(rows) == 3 and [cells(r)[0] for r in rows] == ["clipcap", "retrieval", "coca"]
     assert all(len(cells(line)) == len(cells(header)) for line in [rule, *rows])
     clipcap, retrieval, coca = map(cells, rows)
-    assert clipcap[1:] == ["34.9", "31.3", "57.8", "186.5", "n/a", "193.0", "120.0", "812.0", "10.3", "640"]
+    assert clipcap[1:] == ["34.9", "31.3", "57.8", "186.5", "n/a", "193.0", "120.0", "90", "37", "6.2", "12",
+                           "812.0", "10.3", "640"]
+    assert cells(rows[1])[8:12] == ["n/a"] * 4  # a result without diversity scores (saved before they existed)
     assert retrieval[-3:] == ["9500.0", "—", "120"]  # an existing decoder: no training time
     assert coca[1] == r"failed: CUDA out of memory \| tried to allocate 2 GiB" and set(coca[2:]) == {""}
 
@@ -107,7 +112,7 @@ def test_markdown_table_keeps_its_shape_when_every_decoder_failed(written):
     result, _ = written
     failed = {**result, "decoders": [result["decoders"][2]]}
     header, rule, row = report.markdown_table(failed).splitlines()
-    assert len(cells(header)) == len(cells(rule)) == len(cells(row)) == 1 + len(report.TABLE_COLUMNS) + 3
+    assert len(cells(header)) == len(cells(rule)) == len(cells(row)) == 1 + len(report.TABLE_COLUMNS) + 7
 
 
 def test_write_report_writes_table_plot_and_page(written):

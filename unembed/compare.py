@@ -199,8 +199,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             batch_size: int = 64, device: str = "auto", spice: bool = True, gap: bool = True, meteor: bool = True,
             workers: int = 0, dtype: str = "fp32", log=lambda message: None) -> dict:
     """Run the comparison and write its files into out_dir; returns the result (compare.json)."""
-    from unembed.data.splits import has_split, load_split
-    from unembed.data.splits import image_domains, split_file
+    from unembed.data.splits import has_split, image_domains, load_split, split_captions, split_file
     from unembed.eval.scoring import domain_scores, score_decoders
     from unembed.embedders import resolve_device
 
@@ -232,8 +231,9 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
+    training = split_captions(data / "train") if has_split(data, "train") else None  # for the novel-caption share
     per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
-                               spice, log, meteor)
+                               spice, log, meteor, training)
     domains = image_domains(split_file(split_dir))
     for name, predicted in captions.items():
         if domains and predicted is not None:  # NoCaps: in-, near- and out-of-domain scores

@@ -25,6 +25,14 @@ def cmd_eval(args) -> int:
         scores.update(clip_scores_for_refs(load_embedder(args.embedder, args.device), args.refs, predictions, references,
                                            args.workers))
     name = args.name or Path(args.results).stem
+    from unembed.eval.diversity import diversity, same_caption_warning
+
+    training = None
+    if args.train_captions:
+        from unembed.data.captions import load_captions
+
+        training = [c for path in args.train_captions for c in load_captions(path)]
+    scores["diversity"] = diversity([predictions[i] for i in sorted(predictions, key=str) if i in references], training)
     from unembed.data.splits import image_domains
     from unembed.eval.scoring import domain_scores
 
@@ -35,9 +43,20 @@ def cmd_eval(args) -> int:
     print(format_table({name: scores, **{f"{name} {d}": s for d, s in by_domain.items()}}))
     for metric, reason in scores.get("unavailable", {}).items():
         log(f"{metric} unavailable: {reason}")
+    log(_diversity_line(scores["diversity"]))
+    if same_caption_warning(name, scores["diversity"]):
+        log(same_caption_warning(name, scores["diversity"]))
     if args.out:
         write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
     return EXIT_PARTIAL if partial else EXIT_OK
+
+
+def _diversity_line(d: dict) -> str:
+    novel = "" if d["novel_share"] is None else f", {d['novel_share']:.0%} not in the training captions"
+    if d["unique_share"] is None:
+        return "diversity: no captions scored"
+    return (f"diversity: {d['unique_share']:.0%} unique captions, {d['vocabulary']} distinct words, "
+            f"{d['mean_words']:.1f} words per caption{novel}")
 
 
 def _report_coverage(predictions: dict, references: dict, allow_partial: bool) -> bool:
@@ -130,6 +149,9 @@ def register(sub) -> None:
     p.add_argument("--refs", required=True, help="COCO caption annotation file")
     p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder")
     p.add_argument("--name", help="row name in the table")
+    p.add_argument("--train-captions", nargs="+", help="the captions the decoder was trained on (a caption corpus: "
+                   "text, JSON Lines, COCO captions.json such as DATA/train/captions.json): adds the share of "
+                   "captions that are not among them (novel captions)")
     p.add_argument("--no-spice", action="store_true")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes 6-10 s to start)")
     p.add_argument("--out", help="write the scores as JSON here")

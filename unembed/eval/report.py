@@ -16,11 +16,13 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
+from unembed.eval.diversity import DIVERSITY_COLUMNS, diversity_cells
 from unembed.eval.metrics import TABLE_COLUMNS, format_table
 from unembed.io import atomic_path, write_text
 
-EXTRA_COLUMNS = ("captions/s", "training min", "peak MB")
+EXTRA_COLUMNS = (*DIVERSITY_COLUMNS, "captions/s", "training min", "peak MB")
 LOWER_IS_BETTER = {"training min", "peak MB"}
+NO_BEST = {"words"}  # a longer caption is not a better one
 TABLE_FILE, PLOT_FILE, HTML_FILE = "compare.md", "quality_vs_speed.png", "report.html"
 
 
@@ -47,7 +49,7 @@ def markdown_table(result: dict) -> str:
 
 def _extra_cells(decoder: dict) -> list[str]:
     speed, minutes, memory = decoder["captions_per_second"], decoder["train_minutes"], decoder["peak_memory_mb"]
-    return ["n/a" if speed is None else f"{speed:.1f}",
+    return [*diversity_cells(decoder.get("diversity")), "n/a" if speed is None else f"{speed:.1f}",
             "—" if minutes is None else f"{minutes:.1f}",  # an existing decoder was given, none trained
             "n/a" if memory is None else f"{memory:.0f}"]
 
@@ -176,7 +178,8 @@ def _summary_html(result: dict) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     return (f'<section><h2>Summary</h2><table class="summary"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table><p class="note">Metrics x100. '
-            f"Best of each column in bold.</p></section>")
+            f"unique %: captions no other image got; vocab: distinct words used; words: mean caption "
+            f"length; novel %: captions not in the training set. Best of each column in bold.</p></section>")
 
 
 def _md_cells(line: str) -> list[str]:
@@ -189,7 +192,7 @@ def _best_cells(columns: list[str], rows: list[list[str]]) -> set[tuple[int, str
     best = set()
     for j, column in enumerate(columns[1:], start=1):
         cells = [r[j] for r in rows if re.fullmatch(r"-?\d+(\.\d+)?", r[j])]  # not n/a or —
-        if len(set(cells)) > 1:  # one format per column, so equal values are equal strings
+        if len(set(cells)) > 1 and column not in NO_BEST:  # one format per column, so equal values are equal strings
             best.add((j, (min if column in LOWER_IS_BETTER else max)(cells, key=float)))
     return best
 

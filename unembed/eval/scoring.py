@@ -11,9 +11,12 @@ from unembed.eval.metrics import clip_scores, coco_caption_metrics
 
 
 def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log,
-                   meteor: bool = True) -> dict:
-    """COCO metrics and CLIPScore (the compare's embedder, on the shared image vectors) into each
-    decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
+                   meteor: bool = True, training: list[str] | None = None) -> dict:
+    """COCO metrics, CLIPScore (the compare's embedder, on the shared image vectors) and diversity
+    (against the `training` captions, when known) into each decoder's row; returns each decoder's
+    captions and per-image CIDEr, by image id."""
+    from unembed.eval.diversity import diversity, same_caption_warning
+
     per_image = {}
     for name, predicted in captions.items():
         if predicted is None:
@@ -27,6 +30,10 @@ def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references:
         rows[name]["unavailable"] = metrics.pop("unavailable")
         metrics.pop("skipped")
         rows[name]["metrics"] = metrics
+        rows[name]["diversity"] = diversity(ordered, training)
+        warning = same_caption_warning(name, rows[name]["diversity"])
+        if warning:
+            log(warning)
     return per_image
 
 
