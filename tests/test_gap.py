@@ -125,3 +125,22 @@ def test_gap_command_prints_the_table_and_writes_json_and_plot(scenes_dir, embed
     out = capsys.readouterr().out
     assert all(name in out for name in ("none", "noise", "mean_shift", "projection"))
     assert (tmp_path / "gap" / "gap.json").is_file() and (tmp_path / "gap" / "gap.png").is_file()
+
+
+def test_the_gap_plane_shows_the_gap():
+    """The plot's first axis runs along the difference of the means, so the two clouds separate on it by
+    the centroid distance even when the gap is much smaller than the spread (a PCA of the union would
+    put both means near the origin of its plane)."""
+    from unembed.eval.gap import gap_plane
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.zeros(16)
+    spread[0] = 5.0  # a large spread along axis 0
+    images = torch.randn(400, 16, generator=g) * 0.1 + torch.randn(400, 1, generator=g) * spread
+    shift = torch.zeros(16)
+    shift[3] = 0.5  # a small gap along axis 3
+    texts = images + shift
+    centre, axes = gap_plane(images, texts)
+    image_mean, text_mean = ((v.mean(0) - centre) @ axes for v in (images, texts))
+    assert torch.allclose(text_mean - image_mean, torch.tensor([0.5, 0.0]), atol=1e-4)
+    assert abs(float(axes[:, 1] @ axes[:, 0])) < 1e-5 and abs(float(axes[0, 1])) > 0.99  # then the spread
