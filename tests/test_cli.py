@@ -145,7 +145,7 @@ def test_damaged_decoder_directories_fail_with_one_line_and_exit_2(retrieval_dir
     (cases["string-config"] / "config.json").write_text(json.dumps(dict(config, config="memory_size=3")))
     (cases["negative-size"] / "config.json").write_text(
         json.dumps(dict(config, config=dict(config["config"], memory_size=-4))))
-    image = tmp_path  # any input: the decoder fails first
+    image = Path(__file__).resolve().parents[1] / "examples" / "scene-0.png"  # a good image: the decoder fails
     for name, path in cases.items():
         assert main(["caption", str(image), "--decoder", str(path), "--device", "cpu"]) == EXIT_FAILED, name
         lines = capsys.readouterr().err.strip().splitlines()

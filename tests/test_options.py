@@ -148,6 +148,7 @@ def test_clipcap_refuses_bridge_options(flag, value, embedder_dir, tmp_path, no_
 
 
 def test_capdec_takes_noise_variance(embedder_dir, tmp_path, no_training, capsys):
+    (tmp_path / "caps.txt").write_text("a red square\n")
     assert main(["train", "capdec", "--noise-variance", "0.1", "--embedder", str(embedder_dir), "--out",
-                 str(tmp_path / "out"), "--device", "cpu"]) == EXIT_OK
+                 str(tmp_path / "out"), "--device", "cpu", "--captions", str(tmp_path / "caps.txt")]) == EXIT_OK
     assert [options["noise_variance"] for options in no_training] == [0.1]

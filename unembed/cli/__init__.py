@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unembed.cli import caption, data, evaluate, published, serve, train
+from unembed.cli import caption, data, evaluate, models, published, serve, train
 from unembed.cli.common import (EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, check_device,
                                 err)
 
-COMMAND_GROUPS = (caption, evaluate, train, published, data, serve)
+COMMAND_GROUPS = (caption, evaluate, train, published, models, data, serve)
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 
@@ -44,11 +44,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unembed.errors import UnembedError
+    from unembed.errors import UnembedError, did_you_mean
 
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if command is not None and command not in commands:
+        err(f"unknown command {command!r}{did_you_mean(command, commands)} (unembed --help lists them)")
+        return EXIT_FAILED
+    args = parser.parse_args(argv)
+    args.debug = debug
     try:
         check_device(args)
         return args.func(args)

@@ -21,6 +21,21 @@ def my_inputs(paths, world, errors) -> list[str]:
     return world.block(files)
 
 
+def _any_input(paths) -> bool:
+    """Whether the arguments name at least one image; when none does, each bad one is reported (by the
+    first process only) and the run ends before torch or a model loads."""
+    import os
+
+    from unembed.data.images import expand_inputs
+
+    files, bad = expand_inputs(paths)
+    if not files and os.environ.get("RANK", "0") == "0":
+        for e in bad:
+            err(f"skipped {e}")
+        err("no image to caption")
+    return bool(files)
+
+
 def cmd_embed(args) -> int:
     from unembed.distributed import world
     from unembed.embedders import Embedded, load_embedder
@@ -135,14 +150,16 @@ def _merge_caption_parts(out: str, fmt: str):
 
 
 def cmd_caption(args) -> int:
+    if not args.paths and not args.embeddings:
+        err("give image files/folders/globs, or --embeddings FILE.safetensors")
+        return EXIT_FAILED
+    if not args.embeddings and not _any_input(args.paths):
+        return EXIT_FAILED  # reported before torch or any model loads
     from tqdm.auto import tqdm
 
     from unembed.distributed import world
     from unembed.pipeline import caption_batches, caption_images, inference_precision
 
-    if not args.paths and not args.embeddings:
-        err("give image files/folders/globs, or --embeddings FILE.safetensors")
-        return EXIT_FAILED
     w = world(args.device)
     if w.size > 1 and not args.out:
         err("with several processes, give --out FILE (their outputs are merged into it)")

@@ -31,11 +31,12 @@ def cmd_train_clip(args) -> int:
 def cmd_train_prefix(args) -> int:
     from unembed.decoders import decoder_class
     from unembed.embedders import load_embedder
-    from unembed.training.prefix import train_prefix
+    from unembed.training.prefix import check_sources, train_prefix
 
     cls = decoder_class(args.what)
     _refuse_other_kinds_options(args)
     check_out(args)
+    check_sources(args.what, args.data, getattr(args, "captions", None) or ())  # before the embedder loads
     options = config_options(args, cls.config_class, cls.cli_options)
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,

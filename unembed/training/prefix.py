@@ -98,12 +98,31 @@ def _validation_set(embedder, data_dir: Path | None):
     return embedded, {str(i): refs for i, refs in zip(ids, captions)}
 
 
+def check_sources(kind: str, data_dir=None, caption_files=()) -> None:
+    """What a `kind` decoder trains on is there, checked before any model loads: a text-only method needs
+    caption files that exist or DATA/train/captions.json; a paired one needs DATA/train. BadInputError."""
+    from unembed.decoders import decoder_class
+
+    for path in caption_files:
+        if not Path(path).exists():
+            raise BadInputError(path, "no such caption file")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise BadInputError(data_dir, "no such data directory")
+    has_train = data_dir is not None and has_split(Path(data_dir), "train")
+    if decoder_class(kind).text_only:
+        if not caption_files and not has_train:
+            raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
+    elif not has_train:
+        raise BadInputError(kind, "trains on (image, caption) pairs: --data DIR with train/captions.json and images")
+
+
 def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
                  resume: bool = False, progress: bool = True, **decoder_options) -> dict:
     """Train a clipcap / capdec / decap decoder and save it to out_dir."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
 
+    check_sources(kind, data_dir, caption_files)
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
