@@ -6,6 +6,7 @@ An `Embedder` is built from a spec string, resolved in one place (`Embedder.from
                                   is "ViT-B-32-quickgelu:openai", the spelling it records,
 - "ViT-B-32"                      the architecture with random weights (speed benchmarks),
 - "hf-hub:org/repo"               an open_clip model on the Hugging Face hub,
+- "bundle"                        the shipped bundle's scenes embedder,
 - "path/to/dir"                   a directory saved by `Embedder.save` (config.json + model.safetensors),
                                   e.g. the scenes embedder trained by `unembed train clip`.
 
@@ -38,6 +39,7 @@ from unembed.io import load_tensors, read_json, save_tensors, write_json
 from unembed.data.vectors import Embedded  # noqa: F401  (re-exported: unembed.embedders.Embedded)
 
 EMBEDDER_FORMAT = "unembed-embedder"
+BUNDLED = "bundle"  # the spec that names the shipped bundle's embedder
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -138,6 +140,10 @@ class Embedder:
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto") -> "Embedder":
         path = Path(spec)
+        if spec == BUNDLED and not path.exists():  # the shipped scenes embedder, by name
+            from unembed.bundle import bundle_dir
+
+            path = bundle_dir() / "embedder"
         if path.is_dir():
             return cls.load(path, device)
         if spec.startswith("hf-hub:"):
@@ -181,6 +187,15 @@ class Embedder:
             logging.disable(logging.NOTSET)
         tokenizer = open_clip.get_tokenizer(tokenizer_name)
         return cls(model, preprocess, tokenizer, spec, spec if needs_hub else f"{name}:random", device)
+
+    @classmethod
+    def from_pretrained(cls, spec: str, device: str = "auto") -> "Embedder":
+        """The Hugging Face spelling of `load_embedder` / `from_spec`."""
+        return cls.from_spec(spec, device)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The Hugging Face spelling of `save`."""
+        self.save(path)
 
     @classmethod
     def from_config(cls, config: dict, spec: str = "", device: str = "cpu") -> "Embedder":

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from unembed.cli import caption, data, evaluate, models, published, serve, train
+from unembed.cli.help import finish_help
 from unembed.cli.common import (EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, check_device,
                                 err)
 
@@ -40,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             group.register(sub, decoders=command in (None, "train"))
         else:
             group.register(sub)
-    return parser
+    return finish_help(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

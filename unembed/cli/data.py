@@ -45,7 +45,9 @@ def register(sub) -> None:
     d.set_defaults(func=cmd_data_scenes)
     d = data.add_parser("import", help="a dataset in its own layout (Karpathy, COCO, NoCaps, datasets, CSV) "
                         "written as the layout every command reads (images linked, not copied)")
-    d.add_argument("--format", required=True, choices=["karpathy", "coco", "nocaps", "hf", "csv"])
+    d.add_argument("--format", required=True, choices=["karpathy", "coco", "nocaps", "hf", "csv"],
+                   help="the annotations' format: Karpathy's dataset_coco.json, COCO captions, NoCaps, a Hugging Face "
+                   "datasets directory, or a CSV of image,caption")
     d.add_argument("--annotations", required=True, help="the annotation file (a save_to_disk directory for hf)")
     d.add_argument("--images", help="the image folder (default: beside the annotations; Karpathy COCO: the folder "
                    "holding train2014/ and val2014/)")

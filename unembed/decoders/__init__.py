@@ -42,10 +42,13 @@ def create_decoder(name: str, **config) -> Decoder:
     return cls(cls.config_class(**config))
 
 
-def load_decoder(path, device: str = "cpu", embedder=None) -> Decoder:
+def load_decoder(path, device: str = "auto", embedder=None) -> Decoder:
     """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder.
     A decoder that decodes with its embedder's towers gets it attached (loaded from its config if not given)."""
+    from unembed.embedders import resolve_device
+
     path = decoder_path(path)
+    device = str(resolve_device(device))  # one default everywhere: auto (CUDA when there is one)
     saved = read_decoder_config(path)
     cls = decoder_class(saved.get("kind", ""))
     if embedder is not None:
