@@ -94,7 +94,7 @@ LEVELS = [
     ("data", {"unembed.data"}),
     ("embedders", {"unembed.embedders", "unembed.text_tower"}),
     ("text models", {"unembed.tokenizers", "unembed.lm", "unembed.memory", "unembed.entities"}),
-    ("decoders", {"unembed.decoders"}),
+    ("decoders", {"unembed.decoders", "unembed.zoo"}),
     ("pipeline", {"unembed.pipeline"}),
     ("eval", {"unembed.eval"}),
     ("training", {"unembed.training"}),  # above eval: validation scores with eval's metrics

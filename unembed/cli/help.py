@@ -62,7 +62,7 @@ EXAMPLES = {
     "data import": ["unembed data import --format karpathy --annotations dataset_coco.json --images coco-images "
                     "--out coco"],
     "serve": ["unembed serve", "unembed serve --decoder clipcap --decoder models/capdec --port 8080"],
-    "models": ["unembed models", "unembed models --json"],
+    "models": ["unembed models", "unembed models --json", "unembed models --fetch clipcap-coco"],
 }
 
 

@@ -108,6 +108,21 @@ class Decoder(torch.nn.Module):
 
     # --- saving -------------------------------------------------------------------------------
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str = "auto", embedder=None) -> "Decoder":
+        """The Hugging Face spelling of `load_decoder`: a directory, hf-hub:ORG/NAME, a zoo or bundle name.
+        Called on a method's class (ClipCapDecoder.from_pretrained), it refuses a decoder of another kind."""
+        from unembed.decoders import load_decoder
+
+        decoder = load_decoder(name_or_path, device=device, embedder=embedder)
+        if cls is not Decoder and not isinstance(decoder, cls):
+            raise MismatchError(f"{name_or_path} is a {decoder.kind} decoder, not a {cls.kind} one")
+        return decoder
+
+    def save_pretrained(self, path: str | os.PathLike, metrics: dict | None = None) -> None:
+        """The Hugging Face spelling of `save` (a directory of config.json and model.safetensors)."""
+        self.save(path, metrics)
+
     def save(self, path: str | os.PathLike, metrics: dict | None = None, *, replace: bool = False) -> None:
         """Write the decoder directory, with a model card (README.md) the hub reads as it is;
         `metrics` (or an existing metrics.json) go into the card. It is written whole beside `path`
@@ -175,6 +190,11 @@ def find_decoder(name: str | os.PathLike | None = None) -> tuple[Path, bool]:
         return resolve(str(name), "decoder"), False
     if Path(name).exists() or "/" in str(name) or os.sep in str(name):
         return Path(name), False  # a missing directory is named by the loader
+    from unembed.zoo import zoo_decoder
+
+    pretrained = zoo_decoder(str(name))  # a zoo name: converted once, then cached; an unknown name: refused
+    if pretrained is not None:
+        return pretrained, False
     from unembed.bundle import manifest
 
     known = manifest()["decoders"]
