@@ -148,3 +148,43 @@ print(json.dumps(out))
         assert "\n" not in message and f"'{name}'" in message, message
         assert "not in the local Hugging Face cache" in message and CLOSED in message, message
         assert seconds < 10, seconds  # huggingface_hub's fallback, not a minute of retries
+
+
+def test_a_hub_lm_is_fetched_without_the_weights_of_other_frameworks(monkeypatch, tmp_path):
+    """gpt2's repo holds ~5 GB of TF, Flax, ONNX, tflite and Rust weights beside what transformers reads:
+    resolve asks huggingface_hub for the configs, the tokenizer and the safetensors only (an import, which
+    has the LM's weights in its checkpoint, for configs and tokenizer alone)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from unembed.hub import TEXT_FILES, resolve
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(kw.get("allow_patterns")) or str(tmp_path))
+    gpt2_files = ["64-8bits.tflite", "flax_model.msgpack", "model.safetensors", "pytorch_model.bin", "rust_model.ot",
+                  "tf_model.h5", "onnx/decoder_model.onnx", "config.json", "generation_config.json", "merges.txt",
+                  "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+
+    def fetched(patterns):
+        return sorted(f for f in gpt2_files if any(fnmatch.fnmatch(f, p) for p in patterns))
+
+    resolve("gpt2", "LM")
+    resolve("gpt2", "tokenizer")
+    resolve("gpt2", "LM", allow_patterns=TEXT_FILES)
+    texts = ["config.json", "generation_config.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+             "vocab.json"]
+    assert [fetched(p) for p in asked] == [sorted(texts + ["model.safetensors"]), texts, texts]
+
+
+def test_open_clips_own_hub_repo_of_a_tag_is_the_same_embedder_as_the_tag():
+    """The zoo records ClipCap's CLIP as the hub repo open_clip downloads ViT-B-32:openai from; embeddings
+    made with either spelling fit its decoders (and CoCa's likewise)."""
+    from unembed.embedders import same_embedder
+
+    assert same_embedder("hf-hub:timm/vit_base_patch32_clip_224.openai", "ViT-B-32:openai")
+    assert same_embedder("hf-hub:laion/mscoco_finetuned_CoCa-ViT-B-32-laion2B-s13B-b90k",
+                         "coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k")
+    assert not same_embedder("hf-hub:timm/vit_base_patch32_clip_224.openai", "ViT-B-32:laion2b_s34b_b79k")
+    assert not same_embedder("hf-hub:someone/clip", "ViT-B-32:openai")

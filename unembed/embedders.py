@@ -19,6 +19,7 @@ them raw; CapDec, DeCap, ViECap and the iterative search normalise).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -340,7 +341,12 @@ def canonical_embedder_id(embedder_id: str) -> str:
     (OpenAI's weights need QuickGELU), so decoders and embeddings recorded under the old spelling still
     match. Ids of trained embedders (a name and a hash) and anything unknown stay as they are."""
     name, _, tag = embedder_id.partition(":")
-    if not tag or name == "hf-hub" or tag == "random" or Path(embedder_id).is_dir():
+    if name == "hf-hub":  # open_clip's own hub repo of a registered name:tag is that name:tag
+        registered = _registered_hub_repos().get(tag.rstrip("/"))
+        if registered is None:
+            return embedder_id
+        name, tag = registered
+    if not tag or tag == "random" or Path(embedder_id).is_dir():
         return embedder_id
     from unembed.hub import open_clip_spelling
 
@@ -348,6 +354,20 @@ def canonical_embedder_id(embedder_id: str) -> str:
         return f"{open_clip_spelling(name, tag)}:{tag}"
     except ModelLoadError:
         return embedder_id
+
+
+@functools.lru_cache(maxsize=1)
+def _registered_hub_repos() -> dict[str, tuple[str, str]]:
+    """{hub repo: (architecture, tag)} of open_clip's pretrained registry (where it downloads each tag)."""
+    open_clip = import_open_clip()
+    from open_clip.pretrained import get_pretrained_cfg
+
+    repos = {}
+    for name, tag in open_clip.list_pretrained():
+        repo = (get_pretrained_cfg(name, tag) or {}).get("hf_hub", "").rstrip("/")
+        if repo:
+            repos.setdefault(repo, (name, tag))
+    return repos
 
 
 def same_embedder(a: str, b: str) -> bool:

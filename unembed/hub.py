@@ -59,12 +59,19 @@ def repo_id(name: str) -> str:
     return name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
 
 
-def resolve(name: str, what: str, revision: str | None = None) -> Path:
+# What unembed reads of a hub repo: configs and tokenizer files, and for an LM its safetensors weights.
+# Without these filters a model repo comes whole (gpt2: about 5 GB of TF, Flax, ONNX and Rust weights).
+TEXT_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+WANTED_FILES = {"LM": [*TEXT_FILES, "*.safetensors"], "tokenizer": TEXT_FILES}
+
+
+def resolve(name: str, what: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """The local directory of `name` (a directory, or a hub repo snapshot: downloaded once, or
-    found in the cache offline). `what` names the thing in errors ("LM", "tokenizer", "decoder")."""
+    found in the cache offline). `what` names the thing in errors ("LM", "tokenizer", "decoder") and
+    says which files are fetched (WANTED_FILES; `allow_patterns` instead, when given)."""
     if is_local(name):
         return Path(name)
-    return snapshot(repo_id(name), what, name, revision)
+    return snapshot(repo_id(name), what, name, revision, allow_patterns or WANTED_FILES.get(what))
 
 
 def snapshot(repo: str, what: str, name: str | None = None, revision: str | None = None,

@@ -121,14 +121,15 @@ def _lm_part(state: dict, prefix: str) -> dict:
 
 def _clipcap(kind, state, file, embedder, lm, prefix_length, mapper, heads, log):
     from unembed.decoders import decoder_class
-    from unembed.hub import resolve, snapshot_revision
+    from unembed.hub import TEXT_FILES, resolve, snapshot_revision
     from unembed.tokenizers import HFTokenizer
 
     project = {k[len("clip_project."):]: v for k, v in state.items() if k.startswith("clip_project.")}
     lm_state = _lm_part(state, "gpt.")
     if not project:
         raise BadInputError(file, "has no clip_project.* tensors: not a ClipCap/CapDec checkpoint")
-    lm_path = resolve(lm, "LM")  # its config and tokenizer say what the checkpoint does not
+    # its config and tokenizer say what the checkpoint does not (its weights are in the checkpoint)
+    lm_path = resolve(lm, "LM", allow_patterns=TEXT_FILES)
     base = _json(lm_path / "config.json")
     found = "transformer" if "prefix_const" in project else "mlp"
     if mapper and mapper != found:
