@@ -90,7 +90,8 @@ def _embedder_identity(spec: str) -> tuple[str, str]:
     if Path(spec).is_dir():
         config = read_json(Path(spec) / "config.json")
         return str(spec), config.get("id", "")
-    spec = canonical_embedder_id(spec)  # "ViT-B-32:openai" is built as "ViT-B-32-quickgelu:openai"
+    if not spec.startswith("hf-hub:"):  # a hub repo is built from its own config, as named
+        spec = canonical_embedder_id(spec)  # "ViT-B-32:openai" is built as "ViT-B-32-quickgelu:openai"
     return spec, spec
 
 
