@@ -1,8 +1,10 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU, nothing installed):
-#   make demo   create .venv and run the offline quickstart (scenes -> embedder -> retrieval -> caption -> eval)
+#   make demo   create .venv and run the main job with the shipped bundle (new images captioned by every
+#               bundled decoder, then `unembed compare` on a small split with its HTML report): minutes
 #   make test   create .venv (and install Debian's chromium for the HTML report's browser test) and run the tests
-# and one more trains the shipped model bundle (unembed/bundle) from nothing:
-#   make bundle
+# and more:
+#   make quickstart  the offline quickstart from nothing (scenes -> embedder -> retrieval -> caption -> eval)
+#   make bundle      trains the shipped model bundle (unembed/bundle) from nothing
 # torch and torchvision go on ONE pip line with exact versions: that takes the CPU build of torch
 # on this machine's disk; a bare `torch`, or torchvision on a later line, pulls a multi-GB CUDA build.
 # constraints-cpu.txt pins every other package to versions tested together here: without it pip's
@@ -13,7 +15,7 @@ TORCH_PIN ?= torch==2.13.0 torchvision==0.28.0
 BIN := $(VENV)/bin
 DEMO ?= demo-run
 
-.PHONY: setup demo test browser bundle clean
+.PHONY: setup demo quickstart test browser bundle clean mutation
 
 $(BIN)/.installed: pyproject.toml Makefile constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,10 @@ $(BIN)/.installed: pyproject.toml Makefile constraints-cpu.txt
 setup: $(BIN)/.installed
 
 demo: setup
-	PATH=$(abspath $(BIN)):$$PATH bash scripts/quickstart.sh $(DEMO)
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh $(DEMO)
+
+quickstart: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/quickstart.sh quickstart-run
 
 # The report test drives a real headless chromium; without root (no apt) it is skipped, unless
 # UNEMBED_REQUIRE_BROWSER=1 (set by CI) makes a missing browser a failure.
@@ -40,5 +45,12 @@ test: setup browser
 bundle: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/bundle.sh
 
+# Mutation testing of the modules whose logic breaks most silently, on the fast tests that cover
+# them (minutes; not part of CI): writes benchmarks/results/mutation.json. mutmut works in mutants/.
+MUTATION_WORKERS ?= 2
+mutation: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1
+	$(BIN)/python scripts/mutation.py --max-children $(MUTATION_WORKERS)
+
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) quickstart-run

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's offline quickstart, run by `make demo` in the folder given as $1 (default demo-run).
-# Each command below appears verbatim in README.md; tests/test_readme.py checks that and runs them small.
+# The offline quickstart from nothing, run by `make quickstart` in the folder given as $1 (default
+# quickstart-run). Each command below appears verbatim in docs/GUIDE.md; tests/test_readme.py checks
+# that and runs them small.
 set -euo pipefail
-mkdir -p "${1:-demo-run}"
-cd "${1:-demo-run}"
+mkdir -p "${1:-quickstart-run}"
+cd "${1:-quickstart-run}"
 unembed data scenes --out scenes --n 20000 --seed 0
 unembed train clip --data scenes --out models/scenes-clip
 unembed build retrieval --captions scenes/train/captions.json --embedder models/scenes-clip --out models/retrieval

@@ -223,3 +223,21 @@ def test_each_entry_names_the_repo_open_clip_itself_loads_those_weights_from():
         if model.method == "coca":
             assert model.repo == model.embedder.removeprefix("hf-hub:")
     assert os.path.basename(zoo.ZOO["clipcap-coco"].file) == "coco_weights.pt"
+
+
+def test_the_readmes_zoo_commands_run_as_written(offline, photo):
+    """README's `readme-test: zoo` block, line for line, from the fixture cache (photo.jpg in the cwd)."""
+    import os
+    import shlex
+    import shutil
+
+    from tests.test_readme import block
+
+    shutil.copyfile(photo, Path.cwd() / "photo.jpg")
+    lines = [shlex.split(line) for line in block("zoo").splitlines() if line.strip()]
+    assert [argv[:2] for argv in lines] == [["unembed", "models"], ["unembed", "caption"]]
+    listed = unembed(*lines[0][1:])
+    assert listed.code == 0 and "clipcap-coco" in listed.stdout and "coca-vit-l-14-coco" in listed.stdout
+    captioned = unembed(*lines[1][1:], "--max-length", "8")
+    assert captioned.code == 0, captioned.stderr
+    assert json.loads(captioned.stdout)["decoder"] == "clipcap" and os.path.isdir(offline)

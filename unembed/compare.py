@@ -41,11 +41,17 @@ class Entry:
 
 def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
     """'retrieval,clipcap,mine=path/to/dir,nouns=viecap' -> entries; a bare directory is taken as it
-    is, and NAME=KIND trains another decoder of KIND under NAME (its --config options keyed by NAME)."""
+    is, NAME=KIND trains another decoder of KIND under NAME (its --config options keyed by NAME), and
+    'bundle' is every decoder of the shipped bundle, as they are."""
+    from unembed.bundle import bundled_decoder, manifest
     from unembed.decoders import list_decoders, read_decoder_config
 
     entries = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "bundle" and not Path(item).is_dir():
+            entries += [Entry(n, read_decoder_config(bundled_decoder(n))["kind"], bundled_decoder(n), True)
+                        for n in manifest()["decoders"]]
+            continue
         name, _, path = item.partition("=")
         if not path and Path(name).is_dir():
             name, path = Path(name).name, name
@@ -231,7 +237,9 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
-    training = split_captions(data / "train") if has_split(data, "train") else None  # for the novel-caption share
+    # the novel-caption share, for the decoders trained here on DATA/train (a given decoder's data is unknown)
+    train_captions = split_captions(data / "train") if has_split(data, "train") else None
+    training = {e.name: train_captions for e in entries if not e.given}
     per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
                                spice, log, meteor, training)
     domains = image_domains(split_file(split_dir))

@@ -173,7 +173,8 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="a COCO-style directory with train/ (and val/) and the split")
     p.add_argument("--decoders", default="retrieval,clipcap,capdec,decap,viecap,iterative,coca",
                    help="comma-separated decoder kinds to train, NAME=DIR for existing decoder directories, or "
-                        "NAME=KIND for another decoder of KIND (its --config options keyed by NAME)")
+                        "NAME=KIND for another decoder of KIND (its --config options keyed by NAME), or bundle: every "
+                        "shipped decoder as it is (with --embedder bundle)")
     p.add_argument("--embedder", help="embedder spec (default: train a scenes CLIP on DATA into OUT/models/embedder)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test")

@@ -11,10 +11,10 @@ from unembed.eval.metrics import clip_scores, coco_caption_metrics
 
 
 def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references: dict, ids: list, spice: bool, log,
-                   meteor: bool = True, training: list[str] | None = None) -> dict:
+                   meteor: bool = True, training: dict | None = None) -> dict:
     """COCO metrics, CLIPScore (the compare's embedder, on the shared image vectors) and diversity
-    (against the `training` captions, when known) into each decoder's row; returns each decoder's
-    captions and per-image CIDEr, by image id."""
+    (against each decoder's training captions, `training` {name: captions}, where known) into each
+    decoder's row; returns each decoder's captions and per-image CIDEr, by image id."""
     from unembed.eval.diversity import diversity, same_caption_warning
 
     per_image = {}
@@ -30,7 +30,7 @@ def score_decoders(rows: dict, captions: dict, embedder, image_vecs, references:
         rows[name]["unavailable"] = metrics.pop("unavailable")
         metrics.pop("skipped")
         rows[name]["metrics"] = metrics
-        rows[name]["diversity"] = diversity(ordered, training)
+        rows[name]["diversity"] = diversity(ordered, (training or {}).get(name))
         warning = same_caption_warning(name, rows[name]["diversity"])
         if warning:
             log(warning)
