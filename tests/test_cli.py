@@ -35,7 +35,8 @@ def test_caption_folder_with_bad_inputs_goes_on_and_says_so(mixed_folder, retrie
     assert code == EXIT_PARTIAL
     records = _read_jsonl(out)
     assert sorted(r["file"].rsplit("/", 1)[1] for r in records) == sorted(good)
-    assert all(r["caption"] and r["decoder"] == "retrieval" and r["seconds"] >= 0 for r in records)
+    assert all(r["caption"] and r["decoder"] == "retrieval" and r["batch_seconds"] >= 0 and 1 <= r["batch_size"] <= 2
+               for r in records)
     assert {r["image_id"] for r in records} == {name[:-4] for name in good}  # stems spelled exactly
     err = capsys.readouterr().err
     for name in ("zero.png", "text.jpg", "cut.png", "missing.png"):

@@ -98,7 +98,7 @@ LEVELS = [
     ("pipeline", {"unembed.pipeline"}),
     ("eval", {"unembed.eval"}),
     ("training", {"unembed.training"}),  # above eval: validation scores with eval's metrics
-    ("flows", {"unembed.compare", "unembed.serve", "unembed.batching"}),
+    ("flows", {"unembed.compare", "unembed.serve", "unembed.serve_schema", "unembed.batching"}),
     ("cli", {"unembed.cli"}),
 ]
 # The text models stand beside the embedders, not on them: they need only the base.

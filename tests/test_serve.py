@@ -118,7 +118,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_caption(server, i
         assert response.status_code == 200, response.text
         (record,) = response.json()
         assert record["caption"] == cli_captions[decoder][path.name], (decoder, path.name)
-        assert record["file"] == path.name and set(record) == {"file", "image_id", "caption", "decoder", "seconds"}
+        assert record["file"] == path.name and set(record) == {"file", "image_id", "caption", "decoder", "batch_seconds",
+                                                                   "batch_size"}
     after = httpx.get(f"{server.url}/health").json()
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < len(jobs)
 
@@ -169,10 +170,14 @@ def png(width: int, height: int) -> bytes:
     ("too large a body", dict(content=b"x" * (2 ** 20 + 1), headers={"content-type": "image/png"}), 413, "limit"),
     ("unknown decoder", dict(params={"decoder": "nope"}, files={"file": ("a.png", png(2, 2), "image/png")}), 404,
      "unknown decoder"),
-    ("bad option", dict(params={"num_beams": "many"}, files={"file": ("a.png", png(2, 2), "image/png")}), 400,
-     "num_beams"),
+    ("bad option", dict(params={"num_beams": "many"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
+     "num_beams must be an integer"),
     ("option out of range", dict(params={"max_length": "100000"}, files={"file": ("a.png", png(2, 2), "image/png")}),
-     400, "max_length"),
+     422, "option max_length: the clipcap decoder takes an integer in [1, 128], got 100000"),
+    ("unknown option", dict(params={"foo": "1"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
+     "unknown query parameter 'foo'"),
+    ("a body of another type", dict(content=b"{}", headers={"content-type": "application/json"}), 415,
+     "cannot read a body of type 'application/json'"),
 ])
 def test_bad_requests_get_one_json_error(server, what, request_kwargs, status, says):
     response = httpx.post(f"{server.url}/caption", timeout=60, **request_kwargs)

@@ -251,6 +251,6 @@ class Batcher:
         else:
             embedded = Embedded(torch.stack([item.payload for item in batch]), ids, "", "", "image")
         records = [r for part in caption_batches([(embedded, None)], decoder, **dict(options)) for r in part]
-        per_item = round((time.perf_counter() - t0) / len(batch), 4)
-        return [{**item.record, "caption": record["caption"], "decoder": decoder.kind, "seconds": per_item}
-                for item, record in zip(batch, records)]
+        took = round(time.perf_counter() - t0, 4)
+        return [{**item.record, "caption": record["caption"], "decoder": decoder.kind, "batch_seconds": took,
+                 "batch_size": len(batch)} for item, record in zip(batch, records)]

@@ -44,7 +44,8 @@ def inference_precision(dtype: str, device):
 def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32,
                    on_error: Callable[[BadInputError], None] = lambda e: None, workers: int = 0, ids=None,
                    **generation) -> Iterator[list[dict]]:
-    """Yield, per batch, records {file, image_id, caption, decoder, seconds} for image files, folders
+    """Yield, per batch, records {file, image_id, caption, decoder, batch_seconds, batch_size} (the time
+    and size of the batch the item was embedded and decoded in) for image files, folders
     and globs (`ids`: an IdIndex that names the images, see image_id)."""
     files, errors = expand_inputs(paths)
     for e in errors:
@@ -54,13 +55,13 @@ def caption_images(paths: Sequence[str], decoder, embedder, batch_size: int = 32
         t0 = time.perf_counter()
         embedded = embedder.embed_pixels(pixels, [display_path(p) for p in batch_paths], with_tokens=decoder.needs_tokens)
         captions = decoder.decode(embedded, **generation)
-        per_item = (time.perf_counter() - t0) / len(batch_paths)
+        took = round(time.perf_counter() - t0, 4)  # the batch's: its items were embedded and decoded together
         yield [{"file": display_path(p), "image_id": image_id(p, ids), "caption": c, "decoder": decoder.kind,
-                "seconds": round(per_item, 4)} for p, c in zip(batch_paths, captions)]
+                "batch_seconds": took, "batch_size": len(batch_paths)} for p, c in zip(batch_paths, captions)]
 
 
 def caption_embeddings(embedded, decoder, batch_size: int = 256, ids=None, **generation) -> Iterator[list[dict]]:
-    """Yield, per batch, records {image_id, caption, decoder, seconds} for precomputed embeddings."""
+    """Yield, per batch, records {image_id, caption, decoder, batch_seconds, batch_size} for precomputed embeddings."""
     batches = ((embedded.select(slice(s, s + batch_size)), None) for s in range(0, len(embedded), batch_size))
     return caption_batches(batches, decoder, ids, **generation)
 
@@ -71,9 +72,9 @@ def caption_batches(batches, decoder, ids=None, **generation) -> Iterator[list[d
     for part, metadata in batches:
         t0 = time.perf_counter()
         captions = decoder.decode(part, **generation)
-        per_item = (time.perf_counter() - t0) / len(part)
-        records = [{"image_id": image_id(i, ids), "caption": c, "decoder": decoder.kind, "seconds": round(per_item, 4)}
-                   for i, c in zip(part.ids, captions)]
+        took = round(time.perf_counter() - t0, 4)
+        records = [{"image_id": image_id(i, ids), "caption": c, "decoder": decoder.kind, "batch_seconds": took,
+                    "batch_size": len(part)} for i, c in zip(part.ids, captions)]
         for record, row in zip(records, metadata or ()):
             record["metadata"] = row
         yield records

@@ -39,13 +39,15 @@ import torch
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from unembed.batching import Batcher, Item
-from unembed.errors import BadInputError, RequestError, UnembedError
+from unembed.errors import BadInputError, RequestError, UnembedError, did_you_mean
+from unembed.generation import GENERATION_OPTIONS
+from unembed.serve_schema import IMAGE_TYPES, QUERY_OPTIONS, VECTOR_TYPES, caption_operation, embeddings_operation, \
+    health_responses
 from unembed.hub import shown_name
 
 API_KEY_ENV = "UNEMBED_API_KEY"
 ACCESS_LOG = logging.getLogger("unembed.access")
 PAGE = Path(__file__).parent / "serve_page.html"
-OPTION_LIMITS = {"num_beams": (1, 16), "max_length": (1, 128), "seed": (0, 2 ** 31 - 1)}
 
 
 @dataclass
@@ -108,40 +110,51 @@ class Models:
 
 # --- requests -------------------------------------------------------------------------------------
 
-def decoding_options(query) -> dict:
-    """The decoding options of a request's query string, checked: num_beams, max_length, sample
-    (with top_p and seed)."""
+def decoding_options(query, decoder) -> dict:
+    """The decoding options of a request's query string, typed as the one table says
+    (unembed/generation.py) and checked against what `decoder` takes: a parameter the endpoint does not
+    know, a value of the wrong type, out of bounds or that the decoder does not take is a 422 naming it."""
+    known = {"decoder", "name", *QUERY_OPTIONS}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise RequestError(422, f"unknown query parameter {unknown[0]!r}{did_you_mean(unknown[0], known)} "
+                                f"(this endpoint takes {', '.join(sorted(known))})")
     options = {}
-    for name, (low, high) in OPTION_LIMITS.items():
-        if name in query:
-            try:
-                value = int(query[name])
-            except ValueError:
-                raise RequestError(400, f"{name} must be an integer, got {query[name]!r}") from None
-            if not low <= value <= high:
-                raise RequestError(400, f"{name} must be between {low} and {high}, got {value}")
-            options[name] = value
-    sample = query.get("sample", "false").lower()
-    if sample not in ("true", "false", "1", "0"):
-        raise RequestError(400, f"sample must be true or false, got {query['sample']!r}")
-    if sample in ("true", "1"):
-        options["do_sample"] = True
-        if "top_p" in query:
-            try:
-                top_p = float(query["top_p"])
-            except ValueError:
-                raise RequestError(400, f"top_p must be a number, got {query['top_p']!r}") from None
-            if not 0 < top_p <= 1:
-                raise RequestError(400, f"top_p must be in (0, 1], got {top_p}")
-            options["top_p"] = top_p
-    elif "top_p" in query:
-        raise RequestError(400, "top_p needs sample=true")
-    return options
+    for wire, name in QUERY_OPTIONS.items():
+        if wire in query:
+            options[name] = _typed(wire, query[wire], GENERATION_OPTIONS[name].type)
+    if options.get("do_sample") is False:
+        del options["do_sample"]  # sample=false is the default, said aloud
+    try:
+        return decoder.check_generation(options)
+    except BadInputError as e:
+        raise RequestError(422, str(e)) from None
 
 
-def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> tuple[torch.Tensor, list[str]]:
-    """Vectors [N, D] and their ids from a JSON body ({"vectors": [[...]], "ids": [...]}, or a bare
-    list of lists) or a safetensors body (one [N, D] tensor, or an `unembed embed` file)."""
+def _typed(wire: str, text: str, kind: type):
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
+        raise RequestError(422, f"{wire} must be {what}, got {text!r}") from None
+
+
+def content_type(request, accepted: tuple[str, ...], also: tuple[str, ...] = ()) -> str:
+    """The request body's media type, or 415 naming what this endpoint reads (a body without one is
+    taken as application/octet-stream)."""
+    media = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    if media in accepted or media in also or any(media.startswith(p.rstrip("*")) for p in also if p.endswith("*")):
+        return media
+    raise RequestError(415, f"cannot read a body of type {media!r} here (send {', '.join(accepted)})")
+
+
+def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> tuple[torch.Tensor, list[str], str]:
+    """Vectors [N, D], their ids and the id of the embedder that made them ("" when unsaid) from a JSON
+    body ({"vectors": [[...]], "ids": [...], "embedder_id": "..."}, or a bare list of lists) or a
+    safetensors body (one [N, D] tensor, or an `unembed embed` file, whose metadata names its embedder)."""
+    embedder_id = ""
     if "json" in content_type:
         try:
             parsed = json.loads(body)
@@ -149,6 +162,7 @@ def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> t
             raise RequestError(400, f"the body is not valid JSON ({e})") from None
         rows = parsed.get("vectors") if isinstance(parsed, dict) else parsed
         ids = parsed.get("ids") if isinstance(parsed, dict) else None
+        embedder_id = str(parsed.get("embedder_id") or "") if isinstance(parsed, dict) else ""
         try:
             vectors = torch.tensor(rows, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
@@ -159,6 +173,7 @@ def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> t
 
         try:
             tensors = load_safetensors(body)
+            embedder_id = _safetensors_metadata(body).get("embedder_id", "")
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise RequestError(400, f"the body is neither JSON nor a safetensors file ({e})") from None
         vectors = tensors.get("vectors", next(iter(tensors.values()), None)) if len(tensors) else None
@@ -176,7 +191,13 @@ def parse_vectors(body: bytes, content_type: str, dim: int, max_items: int) -> t
         raise RequestError(400, "vectors hold NaN or infinite values")
     ids = [str(i) for i in ids] if isinstance(ids, list) and len(ids) == len(vectors) else \
         [str(i) for i in range(len(vectors))]
-    return vectors, ids  # as sent: each decoder normalises as its method does
+    return vectors, ids, embedder_id  # as sent: each decoder normalises as its method does
+
+
+def _safetensors_metadata(body: bytes) -> dict:
+    """The __metadata__ of a safetensors file in memory (its JSON header; load() already checked it)."""
+    size = int.from_bytes(body[:8], "little")
+    return json.loads(body[8:8 + size]).get("__metadata__") or {}
 
 
 async def read_body(request, limit: int, timeout: float) -> bytes:
@@ -361,10 +382,15 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
             captions.cancel()
             captions.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
 
-    @app.post("/caption", summary="Caption images (multipart files, or one image as the body)")
+    names = list(models.decoders)
+    widths = {d.config.embed_dim for d, _ in models.decoders.values() if not d.needs_tokens}
+
+    @app.post("/caption", summary="Caption images (multipart files, or one image as the body)",
+              openapi_extra=caption_operation(names, config.max_items))
     async def caption(request: Request) -> list[dict]:
-        name, _, _ = models.get(request.query_params.get("decoder"))
-        options = decoding_options(request.query_params)
+        name, decoder, _ = models.get(request.query_params.get("decoder"))
+        options = decoding_options(request.query_params, decoder)
+        content_type(request, ("multipart/form-data", *IMAGE_TYPES), also=("image/*",))
         body = await read_body(request, limit, config.read_timeout_s)
         files = await uploaded_images(request, body, config.max_items)
         loop = asyncio.get_running_loop()
@@ -378,15 +404,23 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
         items = [Item(image, {"file": file, "image_id": image_id(file)}) for (file, _), image in zip(files, images)]
         return await answer(request, (name, "images", tuple(sorted(options.items()))), items)
 
-    @app.post("/caption/embeddings", summary="Caption vectors (JSON {\"vectors\": [[...]]} or safetensors bytes)")
+    @app.post("/caption/embeddings", summary="Caption vectors (JSON {\"vectors\": [[...]]} or safetensors bytes)",
+              openapi_extra=embeddings_operation([n for n, (d, _) in models.decoders.items() if not d.needs_tokens],
+                                                 config.max_items, next(iter(widths)) if len(widths) == 1
+                                                 else None))
     async def caption_embeddings(request: Request) -> list[dict]:
+        from unembed.embedders import same_embedder
+
         name, decoder, _ = models.get(request.query_params.get("decoder"))
+        options = decoding_options(request.query_params, decoder)
+        media = content_type(request, VECTOR_TYPES)
         if decoder.needs_tokens:
-            raise RequestError(400, f"the {decoder.kind} decoder needs image tokens, which a vector does not carry")
-        options = decoding_options(request.query_params)
+            raise RequestError(422, f"the {decoder.kind} decoder needs image tokens, which a vector does not carry")
         body = await read_body(request, limit, config.read_timeout_s)
-        vectors, ids = parse_vectors(body, request.headers.get("content-type", ""), decoder.config.embed_dim,
-                                     config.max_items)
+        vectors, ids, made_by = parse_vectors(body, media, decoder.config.embed_dim, config.max_items)
+        if made_by and decoder.config.embedder_id and not same_embedder(made_by, decoder.config.embedder_id):
+            raise RequestError(400, f"the vectors were made by embedder {made_by!r}; decoder {name} was built for "
+                                    f"{decoder.config.embedder_id!r}")
         items = [Item(v, {"image_id": i}) for v, i in zip(vectors, ids)]
         return await answer(request, (name, "vectors", tuple(sorted(options.items()))), items)
 
@@ -394,7 +428,8 @@ def create_app(config: ServeConfig, models: Models | None = None, decoders: list
     async def list_decoders() -> list[dict]:
         return models.describe()
 
-    @app.get("/health", summary="Liveness and batching counters (503 once the batching thread has stopped)")
+    @app.get("/health", summary="Liveness and batching counters (503 once the batching thread has stopped)",
+             responses=health_responses())
     async def health() -> dict:
         if (problem := batcher.health()) is not None:
             raise RequestError(503, problem)

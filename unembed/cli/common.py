@@ -183,17 +183,13 @@ def add_dtype_option(p) -> None:
                    help="compute precision of the embedder and decoder (bf16 runs on CPU too; default fp32)")
 
 
-# The caption flags of the decoding options most decoders share (unembed/generation.py holds their
-# types, bounds and help); --sample is do_sample. What a decoder does not take is refused by its check.
-CAPTION_FLAGS = ("max_length", "num_beams", "do_sample", "top_p", "temperature", "seed")
-
-
 def add_generation_options(p) -> None:
+    """A flag per decoding option (unembed/generation.py holds their types, bounds and help); --sample is
+    do_sample. What a decoder does not take is refused by its check, the same line as the library's."""
     from unembed.generation import GENERATION_OPTIONS
 
     group = p.add_argument_group("decoding options (each decoder takes its own; others are refused)")
-    for name in CAPTION_FLAGS:
-        option = GENERATION_OPTIONS[name]
+    for name, option in GENERATION_OPTIONS.items():
         if option.type is bool:
             group.add_argument("--sample", dest=name, action="store_true", default=None, help=option.help)
         else:
@@ -203,4 +199,6 @@ def add_generation_options(p) -> None:
 
 def generation_args(args) -> dict:
     """The decoding options given on the command line (unchecked: the decoder's check_generation checks)."""
-    return given(args, CAPTION_FLAGS)
+    from unembed.generation import GENERATION_OPTIONS
+
+    return given(args, GENERATION_OPTIONS)
