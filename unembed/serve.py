@@ -39,6 +39,7 @@ import torch
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from unembed.batching import Batcher, Item
+from unembed.data import MAX_PIXELS
 from unembed.errors import BadInputError, RequestError, UnembedError, did_you_mean
 from unembed.generation import GENERATION_OPTIONS
 from unembed.serve_schema import IMAGE_TYPES, QUERY_OPTIONS, VECTOR_TYPES, caption_operation, embeddings_operation, \
@@ -62,7 +63,7 @@ class ServeConfig:
     access_log: bool = False      # one log line per request (logger "unembed.access"); `unembed serve` sets it
     max_upload_mb: float = 20.0   # one request's body
     max_items: int = 16           # images or vectors per request
-    max_pixels: int = 40_000_000  # per image, checked from its header before decoding
+    max_pixels: int = MAX_PIXELS  # per image, checked from its header before decoding (the CLI's limit too)
     read_timeout_s: float = 30.0  # a client that has not sent its body by then gets 408
     workers: int = 4              # threads decoding uploaded images
     api_key: str = ""             # when set, every API call needs "Authorization: Bearer KEY"

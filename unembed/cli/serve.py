@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from unembed.cli.common import EXIT_OK, log
+from unembed.data import MAX_PIXELS
 
 
 def cmd_serve(args) -> int:
@@ -33,7 +34,8 @@ def register(sub) -> None:
                    help="one line per request on stderr, with the decoder and the batch sizes (default: on)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max-images", type=int, default=16, help="images (or vectors) per request")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, in pixels")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest image, in pixels (the limit of every "
+                   "command)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client has to send its body")
     p.add_argument("--workers", type=int, default=4, help="threads decoding uploaded images")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set $UNEMBED_API_KEY)")

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unembed.data import MAX_PIXELS
 from unembed.errors import BadInputError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -161,7 +162,7 @@ def _walk_images(folder: str) -> list[str]:
     return sorted(images)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode `path` into a fully loaded RGB image, upright per its EXIF orientation.
 
     Transparency is composited over white; animations give their first frame. Images over
@@ -179,7 +180,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = 64_000_000) -> Image.I
         raise BadInputError(name, _os_reason(err)) from err
 
 
-def load_image_bytes(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`load_image` for bytes already in memory (a shard member, an upload); `name` names it in errors."""
     if not data:
         raise BadInputError(name, "empty file (0 bytes)")
