@@ -220,6 +220,8 @@ def test_decoders_health_and_page(server):
     decoders = httpx.get(f"{server.url}/decoders").json()
     assert [d["name"] for d in decoders] == DECODERS and decoders[0]["default"]
     assert {d["kind"] for d in decoders} == {"clipcap", "retrieval"} and all(d["embedder_id"] for d in decoders)
+    assert all(d["knows"].startswith("the scenes world only") for d in decoders)  # bundled: they say so
+    assert not any("/" in str(value) for d in decoders for value in d.values())  # no folder of this machine
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     page = httpx.get(f"{server.url}/").text
     assert "<script>" in page and "http" not in page.split("<script>")[1].split("fetch(")[0].lower().replace(

@@ -47,6 +47,7 @@ from unembed.serve_schema import IMAGE_TYPES, QUERY_OPTIONS, VECTOR_TYPES, capti
 from unembed.hub import shown_name
 
 API_KEY_ENV = "UNEMBED_API_KEY"
+SCENES_ONLY = "the scenes world only: coloured shapes on plain or textured backgrounds (the shipped bundle)"
 ACCESS_LOG = logging.getLogger("unembed.access")
 PAGE = Path(__file__).parent / "serve_page.html"
 
@@ -77,23 +78,24 @@ class Models:
     """The decoders by name, each with its embedder (loaded once per spec)."""
 
     def __init__(self, decoders: list[str], device: str = "auto"):
-        from unembed.bundle import bundled_decoder, manifest
-        from unembed.decoders import decoder_path, load_decoder, read_decoder_config, resolve_embedder_spec
+        from unembed.bundle import manifest
+        from unembed.decoders import find_decoder, load_decoder, read_decoder_config, resolve_embedder_spec
         from unembed.embedders import load_embedder
 
         if not decoders:  # the bundle: every decoder, the bundle's default first
             info = manifest()
-            names = [info["default"]] + [n for n in info["decoders"] if n != info["default"]]
-            decoders = [str(bundled_decoder(n)) for n in names]
-        self.decoders, self.embedders = {}, {}
+            decoders = [info["default"]] + [n for n in info["decoders"] if n != info["default"]]
+        self.decoders, self.embedders, self.bundled = {}, {}, set()
         for given in decoders:
-            path = decoder_path(given)
+            path, bundled = find_decoder(given)
             spec = resolve_embedder_spec(read_decoder_config(path)["config"], path)
             if spec not in self.embedders:
                 self.embedders[spec] = load_embedder(spec, device)
             embedder = self.embedders[spec]
             name = path.name if path.name not in self.decoders else given
             self.decoders[name] = (load_decoder(path, device=str(embedder.device), embedder=embedder), embedder)
+            if bundled:
+                self.bundled.add(name)
         self.default = next(iter(self.decoders))
 
     def get(self, name: str | None):
@@ -105,7 +107,8 @@ class Models:
     def describe(self) -> list[dict]:
         # Names and kinds only: a directory is shown by its name, never by where it lies on this machine.
         return [{"name": n, "kind": d.kind, "embedder_id": e.id, "embedder": shown_name(e.spec),
-                 "embed_dim": d.config.embed_dim, "default": n == self.default} for n, (d, e) in self.decoders.items()]
+                 "embed_dim": d.config.embed_dim, "default": n == self.default,
+                 "knows": SCENES_ONLY if n in self.bundled else None} for n, (d, e) in self.decoders.items()]
 
 
 
