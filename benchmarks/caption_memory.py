@@ -7,12 +7,19 @@ Each run is a separate `unembed caption ... --decoder D --out F` process, its re
 sampled every 50 ms (psutil). The embedder is the scenes architecture with random weights and the
 decoder the retrieval baseline over the training captions: memory does not depend on weight values.
 
+Every run is checked, item for item: it exits 0 and captions every input; the JSON Lines and COCO
+files of a folder give each image the same caption, and the smaller folder's images get the captions
+the larger folder's run gave them (streaming in batches changes no output). The 1-minute load
+average is recorded at the start and the end, with a note when it is above 1.5 (other jobs on the
+machine slow the runs; they do not change their memory).
+
     python benchmarks/caption_memory.py --out benchmarks/results/caption_memory_cpu.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/caption_memory_cpu.json")
     args = parser.parse_args()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     sizes = [int(s) for s in args.sizes.split(",")]
     vector_sizes = [int(s) for s in args.vector_sizes.split(",")]
 
@@ -70,16 +78,21 @@ def main() -> None:
         embedder.save(tmp / "embedder")
         RetrievalDecoder.build(embedder, split_captions(tmp / "scenes" / "train")).save(tmp / "retrieval")
         images = sorted((tmp / "scenes" / "train" / "images").glob("*.png"))
-        runs = []
+        runs, captions = [], {}
 
         def run(label: str, n: int, source: list[str], fmt: str) -> None:
             out = tmp / f"captions-{label}-{n}.{'json' if fmt == 'coco' else 'jsonl'}"
             mb, anonymous, seconds, code = peak_rss_mb([sys.executable, "-m", "unembed.cli", "caption", *source,
                                              "--decoder", str(tmp / "retrieval"), "--out", str(out), "--format", fmt,
                                              "--batch-size", str(args.batch_size), "--device", "cpu"])
-            captioned = (len(json.loads(out.read_text())) if fmt == "coco" else sum(1 for _ in out.open())) \
-                if out.exists() else 0
-            runs.append({"input": label, "items": n, "format": fmt, "captioned": captioned, "exit_code": code,
+            records = ((json.loads(out.read_text()) if fmt == "coco" else [json.loads(line) for line in out.open()])
+                       if out.exists() else [])
+            assert code == 0, f"unembed caption over {n} {label} ({fmt}) exited with {code}"
+            by_id = {str(r["image_id"]): r["caption"] for r in records}
+            assert len(records) == len(by_id) == n, f"{n} {label} ({fmt}): {len(records)} records, " \
+                                                   f"{len(by_id)} distinct ids"
+            captions[label, n, fmt] = by_id
+            runs.append({"input": label, "items": n, "format": fmt, "captioned": len(records), "exit_code": code,
                          "peak_rss_mb": round(mb, 1), "peak_anonymous_mb": round(anonymous, 1),
                          "seconds": round(seconds, 1)})
             print(runs[-1], flush=True)
@@ -91,6 +104,12 @@ def main() -> None:
                 (folder / p.name).symlink_to(p)
             for fmt in ("jsonl", "coco"):
                 run("images", n, [str(folder)], fmt)
+            assert captions["images", n, "jsonl"] == captions["images", n, "coco"], \
+                f"JSON Lines and COCO captions of the {n}-image folder differ"
+        largest = captions["images", max(sizes), "jsonl"]
+        for n in sizes:
+            differ = [i for i, c in captions["images", n, "jsonl"].items() if largest.get(i) != c]
+            assert not differ, f"{len(differ)} images of the {n}-image folder got other captions at {max(sizes)}"
         from unembed.embedders import Embedded
 
         for n in vector_sizes:
@@ -104,8 +123,15 @@ def main() -> None:
         peaks = [r[key] for r in runs if r["input"] == label and r["format"] == fmt]
         return round(peaks[-1] - peaks[0], 1)
 
+    load_end = [round(x, 2) for x in os.getloadavg()]
     result = {"benchmark": "caption_memory", "machine": platform.processor() or platform.machine(),
               "cpu_count": psutil.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
+              "checked": "every run exits 0 and captions every input (distinct ids); JSON Lines and COCO give every "
+                         "image of a folder the same caption; the smaller folder's images get the larger run's "
+                         "captions", "load_average_start": load_start, "load_average_end": load_end,
+              **({"load_note": f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
+                               f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one"}
+                 if max(load_start[0], load_end[0]) > 1.5 else {}),
               "runs": runs, "peak_growth_mb": {"images jsonl": growth("images", "jsonl"),
                                                "images coco": growth("images", "coco"),
                                                "embeddings": growth("embeddings", "jsonl"),

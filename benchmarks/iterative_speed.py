@@ -16,6 +16,8 @@ Three designs, side by side in one run, each asserted to give the same captions 
   it is minutes per caption).
 Speed-ups are captions/s over the reference's captions/s. The stop string is off so that every caption
 runs to the same length (equal work); EOS still ends one, and the mean length is recorded.
+The 1-minute load average is recorded at the start and the end, with a note when it is above 1.5
+(other jobs on the machine slow every design; the captions/s are then low).
 
     python benchmarks/iterative_speed.py --out benchmarks/results/iterative_speed_cpu.json
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -138,6 +141,7 @@ def main() -> None:
 
 
 def run(args) -> None:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     torch.manual_seed(0)
     embedder = Embedder.from_spec(args.embedder, device=args.device)
     decoder = IterativeDecoder.build(embedder, lm="scratch", tokenizer="clip-bpe", lm_config=json.loads(args.lm_config),
@@ -179,6 +183,13 @@ def run(args) -> None:
         print(json.dumps(run), flush=True)
     results["same_captions"] = True
     results["example_caption"] = decoder.caption_text(magic[0], "")
+    results["checked"] = ("every timed caption, as token ids: unembed's search at each batch and the naive loop's "
+                          "images against MAGIC's design, which decodes every image")
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    results.update(load_average_start=load_start, load_average_end=load_end)
+    if max(load_start[0], load_end[0]) > 1.5:
+        results["load_note"] = (f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
+                                f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one")
     from unembed.io import write_json
 
     write_json(args.out, results)
