@@ -59,10 +59,24 @@ def test_make_demo_and_quickstart_run_exactly_their_blocks(script, name):
 
 @pytest.mark.slow
 def test_the_demo_block_runs_with_the_bundle(tmp_path):
-    run_in_one_process(commands("demo"), tmp_path, small)
+    """The demo's commands as written, small: its compare on two of the bundled decoders (the appended
+    --decoders wins), as all seven cost a fresh process each; test_bundle covers every bundled decoder."""
+    from unembed.bundle import bundle_dir
+    from unembed.compare import parse_decoders
+
+    two = f"retrieval={bundle_dir() / 'retrieval'},clipcap={bundle_dir() / 'clipcap'}"
+
+    def demo_small(argv):
+        return small(argv) + (["--decoders", two] if argv[1] == "compare" else [])
+
+    assert "--decoders bundle" in block("demo")
+    everything = parse_decoders("bundle", tmp_path)  # what the demo's `--decoders bundle` compares
+    assert [(e.name, e.given) for e in everything] == [(n, True) for n in ("retrieval", "clipcap", "capdec", "decap",
+                                                                            "viecap", "iterative", "coca")]
+    run_in_one_process(commands("demo"), tmp_path, demo_small)
     compared = json.loads((tmp_path / "compare-scenes" / "compare.json").read_text())
     assert [(d["name"], d["error"], d["train_minutes"]) for d in compared["decoders"]] == [
-        (name, None, None) for name in ("retrieval", "clipcap", "capdec", "decap", "viecap", "iterative", "coca")]
+        (name, None, None) for name in ("retrieval", "clipcap")]
     assert all(d["diversity"]["novel_share"] is None for d in compared["decoders"])  # their training data is unknown
     assert (tmp_path / "compare-scenes" / "report.html").is_file()
 
