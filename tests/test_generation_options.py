@@ -13,12 +13,12 @@ EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "scene-0.png")
 
 def foreign_option(kind: str) -> str:
     """An option this kind does not take (every kind lacks one)."""
-    return next(name for name in GENERATION_OPTIONS if name not in decoder_class(kind).generation_options)
+    return next(name for name in GENERATION_OPTIONS if name not in decoder_class(kind).takes())
 
 
 def refused(kind: str) -> list[tuple[dict, str]]:
     """(options, the one line that refuses them) for this kind: a foreign option, and a bound broken."""
-    takes = decoder_class(kind).generation_options
+    takes = decoder_class(kind).takes()
     name = foreign_option(kind)
     offered = f"it takes {', '.join(takes)}" if takes else "it takes no decoding options"
     cases = [({name: 1}, f"option {name}: the {kind} decoder does not take it ({offered})")]
@@ -29,9 +29,10 @@ def refused(kind: str) -> list[tuple[dict, str]]:
 
 def test_every_kind_declares_only_known_options():
     for kind in list_decoders():
-        takes = decoder_class(kind).generation_options
+        takes = decoder_class(kind).takes()
         assert set(takes) <= set(GENERATION_OPTIONS), kind
     assert decoder_class("retrieval").generation_options == ()
+    assert decoder_class("retrieval").takes() == ("rerank", "rerank_weight")  # every kind reranks
     assert "do_sample" not in decoder_class("iterative").generation_options  # it re-ranks deterministically
 
 

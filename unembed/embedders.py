@@ -75,6 +75,7 @@ class Embedder:
         self.spec = spec
         self.id = embedder_id
         self.config = config or {}
+        self.texts_embedded = 0  # texts through the text tower so far: the "embedder calls" of inversion
 
     @property
     def dim(self) -> int:
@@ -102,6 +103,7 @@ class Embedder:
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         out = []
+        self.texts_embedded += len(texts)
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
             out.append(text_tower.encode_text(self.model, tokens).float().cpu())  # over real length, not padding

@@ -23,6 +23,7 @@ class GenerationOption:
     high: float | None = None
     low_open: bool = False
     needs_sampling: bool = False  # meaningful only with do_sample
+    needs_rerank: bool = False    # meaningful only with rerank > 1
 
     def bounds(self) -> str:
         if self.type is bool:
@@ -71,7 +72,16 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("prompt", str, "text the LM continues (not part of the caption)", high=200),
     GenerationOption("stop", str, "a caption ends at the token holding this text", high=20),
     GenerationOption("logit_scale", float, "softmax temperature of the embedder score (0 = the embedder's)", 0, 1000),
+    GenerationOption("rerank", int, "write this many candidates with the decoder's own search and keep the one the "
+                     "embedder scores closest to the input (1 = off)", 1, 64),
+    GenerationOption("rerank_weight", float, "with --rerank: the embedder's share of the score, the decoder's own "
+                     "taking the rest (both standardised over each input's candidates; default 0.8)", 0, 1,
+                     needs_rerank=True),
+    GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
 )}
+# Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
+LOOP_OPTIONS = ("rerank", "rerank_weight")
+RERANK_WEIGHT = 0.8  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")
 
 
@@ -89,4 +99,9 @@ def check_generation(kind: str, takes: tuple[str, ...], options: dict) -> dict:
         if loose:
             raise BadInputError(f"option {loose[0]}", f"the {kind} decoder uses it only with do_sample "
                                                       "(--sample; sample=true)")
+    if options.get("rerank", 1) <= 1:
+        loose = [n for n in options if GENERATION_OPTIONS[n].needs_rerank]
+        if loose:
+            raise BadInputError(f"option {loose[0]}", f"the {kind} decoder uses it only with rerank above 1 "
+                                                      "(--rerank N; rerank=N)")
     return options

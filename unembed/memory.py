@@ -31,8 +31,17 @@ class TextMemory(torch.nn.Module):
     @torch.no_grad()
     def nearest(self, queries: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine, index) of each query's nearest memory entry."""
+        values, indices = self.top(queries, 1, chunk)
+        return values[:, 0], indices[:, 0]
+
+    @torch.no_grad()
+    def top(self, queries: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosines, indices) [N, k] of each query's k nearest memory entries, nearest first."""
         queries = torch.nn.functional.normalize(queries.float().to(self.vectors.device), dim=-1)
-        best = [(queries[i:i + chunk] @ self.vectors.T).max(dim=1) for i in range(0, len(queries), chunk)]
+        k = min(k, len(self.vectors))
+        best = [(queries[i:i + chunk] @ self.vectors.T).topk(k, dim=1) for i in range(0, len(queries), chunk)]
+        if not best:
+            return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
     @torch.no_grad()

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unembed.cli.common import (EXIT_OK, EXIT_PARTIAL, add_dtype_option, add_workers_option, err, exit_code, json_arg,
-                                log)
+from unembed.cli.common import (EXIT_OK, EXIT_PARTIAL, add_dtype_option, add_generation_options, add_workers_option,
+                                err, exit_code, json_arg, log)
 
 
 def cmd_eval(args) -> int:
+    if args.invert:
+        return cmd_invert(args)
+    if not (args.results and args.refs):
+        from unembed.errors import BadInputError
+
+        raise BadInputError("eval", "needs --results FILE and --refs FILE (or --invert --data DIR to score inversion)")
     from unembed.data.ids import IdIndex
     from unembed.eval.metrics import coco_caption_metrics, format_table, load_references, load_results
     from unembed.io import write_json
@@ -49,6 +55,38 @@ def cmd_eval(args) -> int:
     if args.out:
         write_json(args.out, {"results": str(args.results), "refs": str(args.refs), "scores": scores})
     return EXIT_PARTIAL if partial else EXIT_OK
+
+
+def cmd_invert(args) -> int:
+    """Decode the text embeddings of a split's held-out captions and score how well they come back."""
+    from unembed.cli.caption import _decoder_dir
+    from unembed.cli.common import generation_args
+    from unembed.decoders import decoder_class, load_decoder, read_decoder_config, resolve_embedder_spec
+    from unembed.embedders import load_embedder
+    from unembed.errors import BadInputError
+    from unembed.eval.inversion import format_inversion, held_out_captions, invert
+    from unembed.io import write_json
+
+    if not args.data:
+        raise BadInputError("eval --invert", "needs --data DIR (its --split's captions are inverted)")
+    split_dir = Path(args.data) / args.split
+    if not (split_dir / "captions.json").is_file():
+        raise BadInputError(str(split_dir), "no captions.json: not a split of a data directory")
+    decoder_dir = _decoder_dir(args.decoder)
+    saved = read_decoder_config(decoder_dir)
+    generation = generation_args(args)
+    decoder_class(saved["kind"]).check_generation(generation)  # before any model loads
+    embedder = load_embedder(args.embedder or resolve_embedder_spec(saved["config"], decoder_dir), args.device)
+    decoder = load_decoder(decoder_dir, device=str(embedder.device), embedder=embedder)
+    captions = held_out_captions(split_dir, args.max_captions)
+    scores = invert(decoder, embedder, captions, args.batch_size, **generation)
+    name = args.name or Path(decoder_dir).name
+    print(format_inversion(name, scores))
+    for miss in scores["misses"][:3]:
+        log(f"miss: {miss['target']!r} -> {miss['decoded']!r}")
+    if args.out:
+        write_json(args.out, {"decoder": str(decoder_dir), "data": str(split_dir), "inversion": scores})
+    return EXIT_OK
 
 
 def _diversity_line(d: dict) -> str:
@@ -144,10 +182,21 @@ def cmd_gap(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="score captions with COCO metrics (and CLIPScore with --embedder)")
-    p.add_argument("--results", required=True, help="COCO results JSON or caption JSON Lines")
-    p.add_argument("--refs", required=True, help="COCO caption annotation file")
-    p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder")
+    p = sub.add_parser("eval", help="score captions with COCO metrics (and CLIPScore with --embedder); with --invert, "
+                       "score how well a decoder inverts text embeddings")
+    p.add_argument("--results", help="COCO results JSON or caption JSON Lines")
+    p.add_argument("--refs", help="COCO caption annotation file")
+    p.add_argument("--embedder", help="also compute CLIPScore / RefCLIPScore with this embedder (--invert: the "
+                   "embedder to invert; default the decoder's)")
+    inversion = p.add_argument_group("inversion (--invert): decode the text embeddings of held-out captions")
+    inversion.add_argument("--invert", action="store_true", help="score exact match, BLEU-4, cosine and embedder "
+                           "calls per caption of --decoder on --data's --split captions")
+    inversion.add_argument("--decoder", help="decoder directory or name (default: the bundle's)")
+    inversion.add_argument("--data", help="a data directory; its --split's first caption per image is inverted")
+    inversion.add_argument("--split", default="test")
+    inversion.add_argument("--max-captions", type=int, default=1000)
+    inversion.add_argument("--batch-size", type=int, default=64)
+    add_generation_options(p)
     p.add_argument("--name", help="row name in the table")
     p.add_argument("--train-captions", nargs="+", help="the captions the decoder was trained on (a caption corpus: "
                    "text, JSON Lines, COCO captions.json such as DATA/train/captions.json): adds the share of "

@@ -43,8 +43,9 @@ def create_decoder(name: str, **config) -> Decoder:
 
 
 def load_decoder(path, device: str = "auto", embedder=None) -> Decoder:
-    """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder.
-    A decoder that decodes with its embedder's towers gets it attached (loaded from its config if not given)."""
+    """Load a saved decoder directory; with `embedder`, refuse it unless it was built for that embedder,
+    and attach it. A decoder that decodes with its embedder's towers gets one attached (loaded from its
+    config if not given); others load theirs only if asked to rerank."""
     from unembed.embedders import resolve_device
 
     path = decoder_path(path)
@@ -54,12 +55,12 @@ def load_decoder(path, device: str = "auto", embedder=None) -> Decoder:
     if embedder is not None:
         check_embedder(saved["config"], embedder, path)
     decoder = build_saved_decoder(cls, saved, Path(path), device)
-    if cls.needs_embedder:
-        if embedder is None:
-            from unembed.embedders import load_embedder
+    if cls.needs_embedder and embedder is None:
+        from unembed.embedders import load_embedder
 
-            embedder = load_embedder(resolve_embedder_spec(saved["config"], path), device)
-            check_embedder(saved["config"], embedder, path)
+        embedder = load_embedder(resolve_embedder_spec(saved["config"], path), device)
+        check_embedder(saved["config"], embedder, path)
+    if embedder is not None:  # every kind reranks with it (rerank N); some also decode with it
         decoder.attach_embedder(embedder)
     return decoder
 

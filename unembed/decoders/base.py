@@ -71,9 +71,48 @@ class Decoder(torch.nn.Module):
         return self._embedder
 
     def decode(self, embedded, **generation) -> list[str]:
-        """N captions for an `Embedded` of N rows; `generation`: options among `generation_options`,
-        checked by `check_generation` (every decode calls it first)."""
+        """N captions for an `Embedded` of N rows; `generation`: options among `generation_options`
+        (and rerank / rerank_weight, which every kind takes), checked by `check_generation` first.
+        With rerank N > 1, each row's N candidates from the kind's own search are re-scored against
+        the input by the embedder (unembed/decoders/rerank.py)."""
+        options = self.check_generation(generation)
+        n, weight = options.pop("rerank", 1), options.pop("rerank_weight", None)
+        self.check_embedded(embedded)
+        if n <= 1:
+            return self.write(embedded, **options)
+        from unembed.decoders.rerank import rerank
+
+        return rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight)
+
+    def write(self, embedded, **options) -> list[str]:
+        """The kind's own decoding: N captions for N rows, `options` already checked."""
         raise NotImplementedError
+
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        """Per row, up to `n` (caption, score) pairs from the kind's own search, its score higher for a
+        caption it prefers (a length-normalised log-probability, for an LM). Reranking reads these."""
+        raise NotImplementedError
+
+    def embedder_for_rerank(self):
+        """The embedder that scores candidates: the attached one, else the one the decoder's config names
+        (loaded once, on the decoder's device, and kept attached)."""
+        if self._embedder is None:
+            from unembed.decoders import check_embedder
+            from unembed.embedders import load_embedder
+
+            where = getattr(self, "source_dir", None)
+            spec = resolve_embedder_spec(self.config.to_dict(), where) if where else self.config.embedder_spec
+            if not spec:
+                raise MismatchError(f"rerank scores with the {self.kind} decoder's embedder, and it names none: "
+                                    "call attach_embedder(embedder) first")
+            embedder = load_embedder(spec, str(self.device_of()))
+            check_embedder(self.config.to_dict(), embedder, where or self.kind)
+            self._embedder = embedder
+        return self._embedder
+
+    def device_of(self) -> torch.device:
+        first = next(iter(self.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     @classmethod
     def check_generation(cls, generation: dict) -> dict:
@@ -81,7 +120,14 @@ class Decoder(torch.nn.Module):
         bounds (unembed/generation.py): BadInputError naming the option, the decoder and what it takes."""
         from unembed.generation import check_generation
 
-        return check_generation(cls.kind, cls.generation_options, generation)
+        return check_generation(cls.kind, cls.takes(), generation)
+
+    @classmethod
+    def takes(cls) -> tuple[str, ...]:
+        """Every decoding option this kind's decode takes: its own, then rerank and rerank_weight."""
+        from unembed.generation import LOOP_OPTIONS
+
+        return cls.generation_options + LOOP_OPTIONS
 
     @classmethod
     def example(cls, embedder, captions: list[str], workdir: Path) -> "Decoder":
@@ -258,6 +304,7 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     except BadInputError as e:
         raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
+    decoder.source_dir = Path(path)  # where a relative embedder spec (a bundle's "../embedder") is read from
     return decoder.to(device).eval()
 
 

@@ -213,7 +213,8 @@ def greedy_or_sample(step: CoCaStep, start: int, end: int, max_length: int, proc
 
 def beam_search(step: CoCaStep, start: int, end: int, max_length: int, processors,
                 length_penalty: float = 1.0) -> torch.Tensor:
-    """The best of `step.beams` beams per image: token ids [images, max_length], end-padded.
+    """The `step.beams` finished hypotheses per image, best first: scores [images, beams] and token ids
+    [images, beams, max_length], end-padded.
 
     As transformers' beam scorer: each step keeps the k best continuations that do not end; an ending
     among the k best candidates becomes a finished hypothesis scored sum(log p) / length ** penalty
@@ -246,7 +247,7 @@ def beam_search(step: CoCaStep, start: int, end: int, max_length: int, processor
             break
     unfinished = torch.where(done[:, None], -torch.inf, alive / (tokens.shape[1] - 1) ** length_penalty)
     best, best_ids = _keep_best(best, best_ids, unfinished, _pad(tokens[:, 1:].view(n, k, -1), max_length, end))
-    return best_ids[:, 0]
+    return best, best_ids
 
 
 def _pad(ids: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -300,17 +301,33 @@ class CoCaDecoder(Decoder):
         coca_model(embedder)
         super().attach_embedder(embedder)
 
-    def decode(self, embedded, **generation) -> list[str]:
+    def write(self, embedded, **options) -> list[str]:
         """Captions for an `Embedded` with image tokens (see `generate` for the options)."""
-        return [self.text(ids) for ids in self.generate(embedded, **self.check_generation(generation))]
+        return [self.text(ids) for ids in self.generate(embedded, **options)]
+
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        """n beams per image (num_beams raised to n), each with its beam score (sum log p / length **
+        length_penalty). Reranking reads beams: a sampled CoCa caption carries no score."""
+        if options.get("do_sample"):
+            raise BadInputError("option rerank", "the coca decoder reranks its beams; drop do_sample (--sample)")
+        options["num_beams"] = max(n, options.get("num_beams") or self.config.num_beams)
+        ids, scores = self.search(embedded, **options)
+        return [[(self.text(i), s) for i, s in zip(row_ids, row_scores) if s > float("-inf")][:n]
+                for row_ids, row_scores in zip(ids, scores)]
+
+    def generate(self, embedded, **options) -> list[list[int]]:
+        """Caption token ids per image (start and end tokens removed): greedy (num_beams=1), beam
+        search, or nucleus sampling (do_sample, top_p, temperature, seed); options default to the config
+        (see `search`)."""
+        return [rows[0] for rows in self.search(embedded, **options)[0]]
 
     @torch.no_grad()
-    def generate(self, embedded, num_beams: int | None = None, max_length: int | None = None,
-                 min_length: int | None = None, do_sample: bool = False, top_p: float | None = None,
-                 temperature: float | None = None, repetition_penalty: float | None = None,
-                 length_penalty: float | None = None, seed: int | None = None) -> list[list[int]]:
-        """Caption token ids per image (start and end tokens removed): greedy (num_beams=1), beam
-        search, or nucleus sampling (do_sample, top_p, temperature, seed); options default to the config."""
+    def search(self, embedded, num_beams: int | None = None, max_length: int | None = None,
+               min_length: int | None = None, do_sample: bool = False, top_p: float | None = None,
+               temperature: float | None = None, repetition_penalty: float | None = None,
+               length_penalty: float | None = None, seed: int | None = None):
+        """(token ids, scores) per image: every finished beam, best first, with its score; one row,
+        scored 0, for greedy decoding and sampling."""
         cfg = self.config
         self.check_embedded(embedded)
         self.embedder.check(embedded)
@@ -324,16 +341,19 @@ class CoCaDecoder(Decoder):
         processors = self._processors(end, cfg.min_length if min_length is None else min_length,
                                       cfg.repetition_penalty if repetition_penalty is None else repetition_penalty)
         if beams > 1:
-            ids = beam_search(step, start, end, max_length, processors,
-                              cfg.length_penalty if length_penalty is None else length_penalty)
-        elif do_sample:
-            generator = None if seed is None else torch.Generator(step.keep.device).manual_seed(seed)
-            warpers = self._warpers(cfg.top_p if top_p is None else top_p,
-                                    cfg.temperature if temperature is None else temperature)
-            ids = greedy_or_sample(step, start, end, max_length, processors, warpers, generator)
+            scores, ids = beam_search(step, start, end, max_length, processors,
+                                      cfg.length_penalty if length_penalty is None else length_penalty)
         else:
-            ids = greedy_or_sample(step, start, end, max_length, processors)
-        return [self._until_end(row.tolist(), end) for row in ids.cpu()]
+            if do_sample:
+                generator = None if seed is None else torch.Generator(step.keep.device).manual_seed(seed)
+                warpers = self._warpers(cfg.top_p if top_p is None else top_p,
+                                        cfg.temperature if temperature is None else temperature)
+                ids = greedy_or_sample(step, start, end, max_length, processors, warpers, generator)
+            else:
+                ids = greedy_or_sample(step, start, end, max_length, processors)
+            scores, ids = torch.zeros(len(ids), 1), ids[:, None]
+        return ([[self._until_end(row.tolist(), end) for row in rows] for rows in ids.cpu()],
+                scores.float().cpu().tolist())
 
     def text(self, ids: list[int]) -> str:
         """open_clip's decode, start tokens dropped (as its README's cleanup does), whitespace trimmed."""

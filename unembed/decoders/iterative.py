@@ -124,6 +124,7 @@ class EmbedderScore(CandidateScorer):
     def embed_texts(self, texts: list[str], group: int = 1) -> torch.Tensor:
         # One call for all texts, kept on the device. Each row's k candidates share their caption so
         # far: with open_clip's CLIP text tower that prefix runs once per row (text_tower).
+        self.embedder.texts_embedded += len(texts)
         tokens = self.embedder.tokenizer(texts).to(self.embedder.device)
         return text_tower.encode_continuations(self.embedder.model, tokens, group).float()
 
@@ -250,15 +251,25 @@ class IterativeDecoder(LMWeights, Decoder):
     # inference
 
     @torch.no_grad()
-    def decode(self, embedded, **options) -> list[str]:
+    def write(self, embedded, **options) -> list[str]:
         """Captions for [N, D] embeddings, images' or not. Options (`generation_options`: the search's
         settings; it re-ranks deterministically, so no sampling) override the config for this call."""
         settings = self.settings(options)
-        self.check_embedded(embedded)
         return [self.caption_text(ids, settings.stop) for ids in self.search(embedded.unit(), settings)]
 
+    @torch.no_grad()
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        """The search's n beams per target (num_beams raised to n, k to at least n), each with its mean
+        step score."""
+        beams = max(n, options.get("num_beams") or self.config.num_beams)
+        settings = self.settings({**options, "num_beams": beams, "k": max(beams, options.get("k") or self.config.k)})
+        found = self.beams(embedded.unit(), settings)
+        scores = (found.score / found.length.clamp(min=1)).tolist()
+        return [sorted(((self.caption_text(found.captions[t * found.b + j], settings.stop), scores[t][j])
+                        for j in range(found.b)), key=lambda c: -c[1]) for t in range(found.n)]
+
     def settings(self, options: dict) -> IterativeConfig:
-        settings = dataclasses.replace(self.config, **self.check_generation(options))
+        settings = dataclasses.replace(self.config, **options)
         positions = getattr(self.lm.config, "n_positions", None) or self.lm.config.max_position_embeddings
         start = 1 + len(self.tokenizer.encode(settings.prompt)) if settings.prompt else 1
         if not 1 <= settings.num_beams <= settings.k <= self.lm.config.vocab_size:
@@ -278,6 +289,11 @@ class IterativeDecoder(LMWeights, Decoder):
     @torch.no_grad()
     def search(self, targets: torch.Tensor, settings: IterativeConfig | None = None) -> list[list[int]]:
         """Token ids of the best caption for each target [N, D] (no start token, no prompt, no EOS)."""
+        return self.beams(targets, settings).best()
+
+    @torch.no_grad()
+    def beams(self, targets: torch.Tensor, settings: IterativeConfig | None = None) -> "Beams":
+        """The search's final beams for each target [N, D]."""
         settings = settings or self.settings({})
         self.eval()
         n, b, k = len(targets), settings.num_beams, settings.k
@@ -306,7 +322,7 @@ class IterativeDecoder(LMWeights, Decoder):
             logits = next_logits(kept)
             if beams.finished.all():
                 break
-        return beams.best()
+        return beams
 
     def candidate_states(self, ids: torch.Tensor, cache):
         """The LM's last hidden state at each candidate token [R*k, 1] (over the cache, which it extends),

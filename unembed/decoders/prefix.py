@@ -235,12 +235,29 @@ class PrefixDecoder(LMWeights, Decoder):
     # inference
 
     @torch.no_grad()
-    def decode(self, embedded, **generation) -> list[str]:
+    def write(self, embedded, **options) -> list[str]:
         """Captions for [N, D] embeddings: greedy (num_beams=1), beam search, or nucleus sampling
         (do_sample, top_p, temperature, seed); max_length in tokens."""
-        given = self.check_generation(generation)
-        num_beams, max_length, seed = given.get("num_beams"), given.get("max_length"), given.get("seed")
-        self.check_embedded(embedded)
+        return [self.text_of(row) for row in self.generate(embedded, options)]
+
+    @torch.no_grad()
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        """n beams (num_beams raised to n) or n samples per row, each with its mean token log-probability
+        (beam search's own score, at length penalty 1)."""
+        out = self.generate(embedded, options, n)
+        if options.get("do_sample"):
+            steps = self.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+            kept = torch.isfinite(steps) & (steps != 0)  # transformers scores finished rows' padding 0
+            scores = (steps.masked_fill(~kept, 0).sum(-1) / kept.sum(-1).clamp(min=1)).tolist()
+        else:
+            scores = out.sequences_scores.tolist()
+        texts = [self.text_of(row) for row in out.sequences]
+        return [list(zip(texts[i:i + n], scores[i:i + n])) for i in range(0, len(texts), n)]
+
+    def generate(self, embedded, options: dict, n: int = 1):
+        """The LM's `generate` over the prefix of each row (options checked): token ids [N * n, L]
+        (n > 1: n beams or samples per row, row-major, with their scores as `generate` returns them)."""
+        seed = options.get("seed")
         self.eval()
         # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
         raw = embedded.unit() if self.config.normalize else embedded.vectors.float()
@@ -250,21 +267,25 @@ class PrefixDecoder(LMWeights, Decoder):
             torch.manual_seed(seed)
         eos, stop = self.tokenizer.eos_id, self.stop_id()
         room = self.positions - inputs.shape[1] - (inputs.shape[1] == 1)  # a one-vector prefix gets a pad slot
-        options = dict(max_new_tokens=min(max_length or self.config.max_length, room), pad_token_id=eos,
-                       eos_token_id=eos if stop is None else [eos, stop])
-        if given.get("do_sample"):
-            options.update(do_sample=True, top_p=given.get("top_p", 0.9), temperature=given.get("temperature", 1.0),
-                           num_beams=1)
+        settings = dict(max_new_tokens=min(options.get("max_length") or self.config.max_length, room),
+                        pad_token_id=eos, eos_token_id=eos if stop is None else [eos, stop])
+        if options.get("do_sample"):
+            settings.update(do_sample=True, top_p=options.get("top_p", 0.9),
+                            temperature=options.get("temperature", 1.0), num_beams=1)
         else:
-            options.update(do_sample=False, num_beams=num_beams or self.config.num_beams)
+            settings.update(do_sample=False, num_beams=max(n, options.get("num_beams") or self.config.num_beams))
+        if n > 1:
+            settings.update(num_return_sequences=n, output_scores=True, return_dict_in_generate=True)
         if inputs.shape[1] == 1:
             # transformers takes "as many cache positions as inputs_embeds" to mean the first step, so a
             # one-vector prefix would be fed again at every step. One masked left-pad slot (HF's own
             # padding scheme: no attention to it, positions from the mask) keeps the computation exact.
             inputs = torch.cat([torch.zeros_like(inputs), inputs], dim=1)
             attention = torch.cat([torch.zeros_like(attention), attention], dim=1)
-        out = self.lm.generate(inputs_embeds=inputs, attention_mask=attention, **options)
-        return [self.tokenizer.decode(self.caption_ids(row.tolist(), eos, stop)) for row in out]
+        return self.lm.generate(inputs_embeds=inputs, attention_mask=attention, **settings)
+
+    def text_of(self, row: torch.Tensor) -> str:
+        return self.tokenizer.decode(self.caption_ids(row.tolist(), self.tokenizer.eos_id, self.stop_id()))
 
     def caption_ids(self, ids: list[int], eos: int, stop: int | None) -> list[int]:
         """A generated row up to its end: before the end token, through the stop token, without a

@@ -42,11 +42,15 @@ class RetrievalDecoder(Decoder):
         decoder.memory.fill(captions, vectors)
         return decoder
 
-    def decode(self, embedded, **generation) -> list[str]:
-        self.check_generation(generation)  # it takes none: the nearest caption is the caption
-        self.check_embedded(embedded)
-        _, index = self.memory.nearest(embedded.unit())  # cosine
+    def write(self, embedded, **options) -> list[str]:
+        _, index = self.memory.nearest(embedded.unit())  # cosine: the nearest caption is the caption
         return [self.memory.texts[i] for i in index.tolist()]
+
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        """The n nearest captions, scored by their cosine with the input (the memory holds the embedder's
+        own caption vectors, so reranking keeps the nearest unless the embedder has changed)."""
+        cosines, index = self.memory.top(embedded.unit(), n)
+        return [[(self.memory.texts[i], c) for i, c in zip(row, cos)] for row, cos in zip(index.tolist(), cosines.tolist())]
 
     def save_extra(self, path: Path) -> None:
         self.memory.save_texts(path / "captions.json")
