@@ -45,6 +45,26 @@ def cmd_train_prefix(args) -> int:
     return EXIT_OK
 
 
+def cmd_train_corrector(args) -> int:
+    from unembed.cli.caption import _decoder_dir
+    from unembed.decoders import read_decoder_config, resolve_embedder_spec
+    from unembed.decoders.corrector import CorrectorDecoder
+    from unembed.embedders import load_embedder
+    from unembed.training.corrector import train_corrector
+    from unembed.training.prefix import check_sources
+
+    check_out(args)
+    check_sources("corrector", args.data, args.captions or ())  # before any model loads
+    base = _decoder_dir(args.base)
+    spec = args.embedder or resolve_embedder_spec(read_decoder_config(base)["config"], base)
+    options = config_options(args, CorrectorDecoder.config_class, CorrectorDecoder.cli_options)
+    report = train_corrector(base, load_embedder(spec, args.device), args.out,
+                             train_config(args, CorrectorDecoder.train_defaults), data_dir=args.data,
+                             caption_files=args.captions or (), resume=args.resume, **options)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
 def _refuse_other_kinds_options(args) -> None:
     """An option another kind takes would do nothing here (ClipCap never calls the bridge that
     --noise-variance sets) or worse (--projection-size saves a memory without its captions): refused."""
@@ -167,7 +187,8 @@ def _add_prefix_kinds(train) -> None:
     from unembed.decoders import decoder_class, list_decoders
     from unembed.decoders.prefix import PrefixDecoder
 
-    kinds = [decoder_class(kind) for kind in list_decoders() if issubclass(decoder_class(kind), PrefixDecoder)]
+    kinds = [decoder_class(kind) for kind in list_decoders()
+             if issubclass(decoder_class(kind), PrefixDecoder) and not getattr(decoder_class(kind), "wraps_base", False)]
     takers: dict[str, list] = {}  # option -> the kinds that take it
     for cls in kinds:
         for name in cls.cli_options:
@@ -205,6 +226,20 @@ def register(sub, decoders: bool = True) -> None:
     t.set_defaults(func=cmd_train_clip)
     if decoders:
         _add_prefix_kinds(train)
+
+    if decoders:
+        from unembed.decoders.corrector import CorrectorDecoder
+
+        t = train.add_parser("corrector", help=CorrectorDecoder.summary)
+        t.add_argument("--base", required=True, help="the text-only decoder it corrects (capdec, decap, viecap): a "
+                       "directory or a bundled decoder's name")
+        add_out_option(t)
+        t.add_argument("--data", help="a COCO-style directory: train/ captions (and val/ images for validation)")
+        t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+        t.add_argument("--embedder", help="default: the base decoder's")
+        add_train_flags(t)
+        add_config_options(t, CorrectorDecoder.config_class, CorrectorDecoder.cli_options)
+        t.set_defaults(func=cmd_train_corrector)
 
     t = train.add_parser("coca", help="CoCa: contrastive + captioning from scratch, or caption fine-tuning (--init)")
     t.add_argument("--data", required=True, help="a scenes/COCO-style directory with train/ (and val/, test/)")

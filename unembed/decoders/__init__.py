@@ -21,6 +21,7 @@ BUILTIN_DECODERS = {
     "viecap": "unembed.decoders.viecap",
     "iterative": "unembed.decoders.iterative",
     "coca": "unembed.decoders.coca",
+    "corrector": "unembed.decoders.corrector",
 }
 
 

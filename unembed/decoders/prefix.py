@@ -257,12 +257,16 @@ class PrefixDecoder(LMWeights, Decoder):
     def generate(self, embedded, options: dict, n: int = 1):
         """The LM's `generate` over the prefix of each row (options checked): token ids [N * n, L]
         (n > 1: n beams or samples per row, row-major, with their scores as `generate` returns them)."""
-        seed = options.get("seed")
         self.eval()
         # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
         raw = embedded.unit() if self.config.normalize else embedded.vectors.float()
         vectors = self.bridge.for_inference(raw, "text" if embedded.modality == "text" else "image")
-        inputs, attention = self.lm_inputs(self.prefix(vectors), self.text_prompts(embedded, vectors))
+        return self.generate_from(vectors, self.text_prompts(embedded, vectors), options, n)
+
+    def generate_from(self, vectors: torch.Tensor, prompts: list[list[int]] | None, options: dict, n: int = 1):
+        """`generate` from bridged vectors [N, D] and each row's prompt token ids (None: no prompt)."""
+        seed = options.get("seed")
+        inputs, attention = self.lm_inputs(self.prefix(vectors), prompts)
         if seed is not None:
             torch.manual_seed(seed)
         eos, stop = self.tokenizer.eos_id, self.stop_id()

@@ -1,0 +1,191 @@
+"""A corrector (after vec2text, Morris et al. 2023): a decoder that checks its caption against the input
+embedding and rewrites it.
+
+It wraps a text-only base decoder (capdec, decap, viecap). The base writes a hypothesis h0; the embedder
+embeds it; the corrector, a prefix LM, reads (target t, hypothesis embedding e(h), t - e(h)) as its soft
+prefix and the hypothesis's tokens as its prompt, and writes a new caption. K steps (`correct`); after
+each, the candidate whose embedding is closest to the target is kept and fed to the next step, so a
+step can only help. With rerank N, the base and every step write N candidates and all are embedded.
+
+Trained from text only (training/corrector.py): a caption's embedding, with noise (so that image
+embeddings, which sit elsewhere, look like what it saw), goes to the base; the base's caption and its
+embedding are the input, the true caption the target.
+
+Saved as every decoder is, with the base inside (base/), so the directory stands alone.
+Embedder calls per caption: N (the base's candidates) + N per step, at most; a row whose step
+rewrites nothing new stops.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unembed.decoders.base import register_decoder
+from unembed.decoders.prefix import PrefixConfig, PrefixDecoder, make_mapper, option
+from unembed.errors import BadInputError, ModelLoadError
+
+
+@dataclass
+class CorrectorConfig(PrefixConfig):
+    base_kind: str = ""             # the kind of the decoder in base/
+    correct: int = option(4, "correction steps at inference (unembed caption --correct K overrides)")
+    noise_variance: float = option(0.016, "noise on the training captions' embeddings before the base decodes "
+                                   "them (CapDec's variance per dimension)")
+    clean_share: float = option(0.25, "share of training captions whose embedding gets no noise (as a text "
+                                "embedding to invert arrives)")
+    lm: str = "scratch"
+    lm_config: dict = option({"n_layer": 4, "n_embd": 256}, "JSON of the corrector's scratch LM size (GPT-2 "
+                             "architecture), e.g. '{\"n_layer\": 3, \"n_embd\": 128}'")
+    mapper: str = "mlp"
+    normalize: bool = False         # the prefix input is built here: [t, e(h), t - e(h)] of unit vectors
+    num_beams: int = 1
+    hypothesis_tokens: int = 40     # the prompt: the hypothesis, cut to this many tokens
+
+
+@register_decoder
+class CorrectorDecoder(PrefixDecoder):
+    kind = "corrector"
+    summary = "corrector: rewrites a text-only base decoder's caption until its embedding meets the input's"
+    config_class = CorrectorConfig
+    text_only = True
+    needs_embedder = True  # embeds every hypothesis
+    wraps_base = True      # trained over a base decoder by `unembed train corrector --base DIR`
+    cli_options = ("lm_config", "mapper", "prefix_length", "noise_variance", "clean_share", "correct")
+    generation_options = ("correct", "num_beams", "max_length")
+    train_defaults = dict(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=100)
+    compare_recipe = {}
+
+    def __init__(self, config: CorrectorConfig, tokenizer=None, adapter: Path | None = None, base=None):
+        super().__init__(config, tokenizer, adapter)
+        wide = dataclasses.replace(config, embed_dim=3 * config.embed_dim)
+        self.mapper = make_mapper(wide, self.lm.get_input_embeddings().embedding_dim)
+        self.__dict__["base"] = base  # not a submodule: its weights are saved in base/, not in ours
+        self.train_hypotheses: dict[str, list[int]] = {}
+
+    @classmethod
+    def takes(cls) -> tuple[str, ...]:
+        return cls.generation_options + ("rerank",)  # rerank N: N candidates per step, the closest kept
+
+    @classmethod
+    def example(cls, embedder, captions, workdir) -> "CorrectorDecoder":
+        from unembed.decoders.capdec import CapDecDecoder
+
+        base = CapDecDecoder.example(embedder, captions, workdir)
+        config = CorrectorConfig(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
+                                 base_kind=base.kind, tokenizer=base.config.tokenizer, mapper_layers=1, max_length=8,
+                                 lm_config={"n_layer": 1, "n_head": 2, "n_embd": 32}, correct=2)
+        decoder = cls(config, base.tokenizer, base=base)
+        decoder.attach_embedder(embedder)
+        return decoder
+
+    def attach_embedder(self, embedder) -> None:
+        super().attach_embedder(embedder)
+        if self.base is None and getattr(self, "base_dir", None) is not None:
+            from unembed.decoders import load_decoder
+
+            self.__dict__["base"] = load_decoder(self.base_dir, device=str(self.device_of()), embedder=embedder)
+        elif self.base is not None:
+            self.base.attach_embedder(embedder)
+
+    # the model
+
+    def inputs(self, targets: torch.Tensor, hypotheses: torch.Tensor) -> torch.Tensor:
+        """[t, e(h), t - e(h)] [N, 3D] of unit vectors: what the prefix is made from."""
+        t, h = F.normalize(targets.float(), dim=-1), F.normalize(hypotheses.float(), dim=-1).to(targets.device)
+        return torch.cat([t, h, t - h], dim=-1)
+
+    def prompt(self, hypothesis: str) -> list[int]:
+        """The hypothesis's tokens, then the start token: the caption the LM writes follows it."""
+        return self.tokenizer.encode(hypothesis)[:self.config.hypothesis_tokens] + [self.tokenizer.bos_id]
+
+    def prompt_room(self) -> int:
+        return self.config.hypothesis_tokens + 1
+
+    def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]]:
+        return [self.train_hypotheses[c] for c in captions]
+
+    # inference
+
+    def decode(self, embedded, **generation) -> list[str]:
+        options = self.check_generation(generation)
+        self.check_embedded(embedded)
+        return self.write(embedded, **options)
+
+    @torch.no_grad()
+    def write(self, embedded, correct: int | None = None, rerank: int = 1, **options) -> list[str]:
+        if self.base is None:
+            raise ModelLoadError("this corrector's base decoder is loaded with its embedder: load it with "
+                                 "load_decoder(path) or call attach_embedder(embedder)")
+        steps = self.config.correct if correct is None else correct
+        self.eval()
+        targets = embedded.unit()
+        pools = (self.base.candidates(embedded, rerank) if rerank > 1
+                 else [[(c, 0.0)] for c in self.base.decode(embedded)])
+        best, best_cos, best_vectors = self.closest(targets, [[c for c, _ in row] for row in pools])
+        live = list(range(len(targets)))
+        for _ in range(steps):
+            if not live:
+                break
+            hypotheses = [best[i] for i in live]
+            new = self.rewrite(targets[live], hypotheses, best_vectors[live], options, rerank)
+            found, found_cos, found_vectors = self.closest(targets[live], new)
+            still = []
+            for j, i in enumerate(live):
+                if found_cos[j] > best_cos[i]:
+                    best[i], best_cos[i], best_vectors[i] = found[j], found_cos[j], found_vectors[j]
+                if any(c != hypotheses[j] for c in new[j]):
+                    still.append(i)  # a row whose step wrote nothing new has converged
+            live = still
+        return best
+
+    def rewrite(self, targets: torch.Tensor, hypotheses: list[str], vectors: torch.Tensor, options: dict,
+                n: int) -> list[list[str]]:
+        """One correction step: n captions per row from (target, hypothesis, its embedding)."""
+        prompts = [self.prompt(h) for h in hypotheses]
+        out = self.generate_from(self.inputs(targets, vectors), prompts, options, n)
+        rows = out.sequences if n > 1 else out
+        texts = [self.text_of(row) for row in rows]
+        return [texts[i:i + n] for i in range(0, len(texts), n)]
+
+    def closest(self, targets: torch.Tensor, candidates: list[list[str]]):
+        """Each row's candidate whose embedding is closest to its target: (texts, cosines, embeddings
+        [N, D]); every distinct text is embedded once."""
+        flat = [c for row in candidates for c in row]
+        unique = list(dict.fromkeys(flat))
+        vectors = F.normalize(self.embedder.embed_texts(unique).float(), dim=-1)
+        position = {t: i for i, t in enumerate(unique)}
+        targets = F.normalize(targets.float(), dim=-1).to(vectors.device)
+        best, best_cos, best_vectors = [], [], []
+        for row, target in zip(candidates, targets):
+            index = torch.tensor([position[c] for c in row])
+            cosines = vectors[index] @ target
+            pick = int(cosines.argmax())
+            best.append(row[pick])
+            best_cos.append(float(cosines[pick]))
+            best_vectors.append(vectors[index[pick]])
+        return best, best_cos, torch.stack(best_vectors) if best_vectors else vectors[:0]
+
+    def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
+        raise BadInputError("option rerank", "a corrector reranks inside its steps (rerank=N: N candidates per step)")
+
+    # saving: the base decoder inside, in base/
+
+    def save_extra(self, path: Path) -> None:
+        super().save_extra(path)
+        self.base.save(path / "base")
+
+    def load_extra(self, path: Path) -> None:
+        super().load_extra(path)
+        if not (path / "base" / "config.json").is_file():
+            raise ModelLoadError(f"{path}/base is missing: the corrector's base decoder")
+        self.base_dir = path / "base"  # loaded when the embedder is attached: the base shares it
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("base") is not None:
+            self.base._apply(fn, *args, **kwargs)  # .to(device) moves the base along
+        return self
