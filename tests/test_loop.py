@@ -1,0 +1,181 @@
+"""Closing the loop (issue 27): rerank for every decoder kind, the corrector, and inversion as a task.
+
+Rerank is checked against a hand computation from the same candidates: each candidate embedded alone,
+its cosine with the input, the decoder's own score, both standardised, mixed. Every registered kind
+is run from its own `example`; the CLI path goes from an image file."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unembed.data.splits import split_captions
+from unembed.decoders import decoder_class, list_decoders, load_decoder
+from unembed.errors import BadInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "scene-0.png"
+
+
+def images(scenes_dir, embedder, with_tokens=False, n=3):
+    from PIL import Image
+
+    paths = sorted((scenes_dir / "test" / "images").glob("*.png"))[:n]
+    return embedder.embed([Image.open(p).convert("RGB") for p in paths], [p.stem for p in paths], with_tokens=with_tokens)
+
+
+def by_hand(embedder, embedded, candidates, weight):
+    """The caption rerank must pick, each candidate embedded on its own."""
+    def z(values):
+        values = torch.tensor(values, dtype=torch.float)
+        spread = values.std(unbiased=False)
+        return (values - values.mean()) / spread if spread > 1e-6 else torch.zeros_like(values)
+
+    picked = []
+    for row, target in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
+        texts = list(dict.fromkeys(c for c, _ in row))
+        own = [max(s for c, s in row if c == t) for t in texts]
+        cos = [float(F.normalize(embedder.embed_texts([t]).float(), dim=-1)[0] @ target) for t in texts]
+        picked.append(texts[int((weight * z(cos) + (1 - weight) * z(own)).argmax())])
+    return picked
+
+
+@pytest.mark.parametrize("kind", [k for k in list_decoders() if k != "corrector"])
+def test_rerank_picks_what_the_embedder_and_the_decoder_agree_on(kind, embedder, scenes_dir, tmp_path):
+    cls = decoder_class(kind)
+    torch.manual_seed(0)
+    decoder = cls.example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    own = decoder.embedder if cls.needs_embedder else embedder
+    decoder.attach_embedder(own)
+    embedded = images(scenes_dir, own, cls.needs_tokens)
+    candidates = decoder.candidates(embedded, 3)
+    assert len(candidates) == 3 and all(1 <= len(row) <= 3 for row in candidates)
+    scores = [s for row in candidates for _, s in row]
+    assert all(isinstance(s, float) for s in scores)
+    for weight in (0.0, 0.5, 1.0):
+        assert decoder.decode(embedded, rerank=3, rerank_weight=weight) == by_hand(own, embedded, candidates, weight)
+    # weight 0 trusts the decoder alone: its own best of the candidates
+    assert decoder.decode(embedded, rerank=3, rerank_weight=0.0) == [
+        max(row, key=lambda c: c[1])[0] for row in candidates]
+
+
+def test_rerank_weight_without_rerank_is_refused_in_one_line(embedder, scenes_dir, tmp_path):
+    decoder = decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    with pytest.raises(BadInputError) as caught:
+        decoder.decode(images(scenes_dir, embedder), rerank_weight=0.5)
+    assert str(caught.value) == ("option rerank_weight: the capdec decoder uses it only with rerank above 1 "
+                                 "(--rerank N; rerank=N)")
+
+
+def test_a_decoder_without_an_embedder_loads_its_own_to_rerank(embedder, scenes_dir, tmp_path):
+    decoder = decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    decoder.save(tmp_path / "capdec")
+    alone = load_decoder(tmp_path / "capdec", device="cpu")  # capdec decodes without its embedder
+    embedded = images(scenes_dir, embedder)
+    assert alone._embedder is None
+    decoder.attach_embedder(embedder)
+    assert alone.decode(embedded, rerank=3) == decoder.decode(embedded, rerank=3)
+    assert alone._embedder is not None and alone._embedder.id == embedder.id
+
+
+def test_caption_rerank_from_an_image_file_through_the_cli(tmp_path):
+    from tests.test_zoo import unembed as run
+
+    out = run("caption", EXAMPLE, "--decoder", "capdec", "--device", "cpu", "--rerank", "4", "--rerank-weight", "1")
+    assert out.code == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[0])["caption"]
+    from unembed.bundle import bundled_decoder
+    from unembed.embedders import load_embedder
+
+    embedder = load_embedder(str(bundled_decoder("capdec").parent / "embedder"), "cpu")
+    decoder = load_decoder(bundled_decoder("capdec"), device="cpu", embedder=embedder)
+    from PIL import Image
+
+    embedded = embedder.embed([Image.open(EXAMPLE).convert("RGB")], ["scene-0"])
+    assert got == by_hand(embedder, embedded, decoder.candidates(embedded, 4), 1.0)[0]
+    refused = run("caption", EXAMPLE, "--decoder", "capdec", "--rerank-weight", "0.5")
+    assert refused.code == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "unembed: option rerank_weight: the capdec decoder uses it only with rerank above 1 (--rerank N; rerank=N)")
+
+
+# --- the corrector --------------------------------------------------------------------------------
+
+def test_each_correction_step_keeps_the_closest_caption(embedder, scenes_dir, tmp_path):
+    from unembed.decoders.corrector import CorrectorDecoder
+
+    torch.manual_seed(0)
+    corrector = CorrectorDecoder.example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    embedded = images(scenes_dir, embedder, n=4)
+
+    def cosines(captions):
+        vectors = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
+        return (vectors * F.normalize(embedded.vectors.float(), dim=-1)).sum(-1)
+
+    base = corrector.decode(embedded, correct=0)
+    assert base == corrector.base.decode(embedded)  # K = 0: the base's caption
+    previous = cosines(base)
+    for k in (1, 2, 4):
+        now = cosines(corrector.decode(embedded, correct=k))
+        assert (now >= previous - 1e-6).all()  # a step can only bring the caption closer
+        previous = now
+    calls = embedder.texts_embedded
+    corrector.decode(embedded, correct=2, rerank=2)
+    assert 0 < embedder.texts_embedded - calls <= 4 * 2 * 3  # N per row for the base and for each step
+
+
+def test_train_corrector_through_the_cli_saves_a_decoder_that_captions_files(scenes_dir, embedder_dir, embedder,
+                                                                              tmp_path):
+    from tests.test_zoo import unembed as run
+
+    decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path).save(tmp_path / "base")
+    out = run("train", "corrector", "--base", tmp_path / "base", "--data", scenes_dir, "--out", tmp_path / "corr",
+              "--max-steps", "2", "--batch-size", "8", "--lm-config", '{"n_layer": 1, "n_head": 2, "n_embd": 32}',
+              "--correct", "1", "--device", "cpu")
+    assert out.code == 0, out.stderr
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["kind"] == "corrector" and report["base_kind"] == "capdec" and report["train_steps"] == 2
+    assert (tmp_path / "corr" / "base" / "config.json").is_file()
+    image = sorted((scenes_dir / "test" / "images").glob("*.png"))[0]
+    captioned = run("caption", image, "--decoder", tmp_path / "corr", "--correct", "1", "--device", "cpu")
+    assert captioned.code == 0, captioned.stderr
+    assert isinstance(json.loads(captioned.stdout.splitlines()[0])["caption"], str)
+    refused = run("train", "corrector", "--base", tmp_path / "nowhere", "--data", scenes_dir, "--out", tmp_path / "x")
+    assert refused.code == 2 and str(tmp_path / "nowhere") in refused.stderr.strip().splitlines()[-1]
+
+
+# --- inversion ---------------------------------------------------------------------------------------
+
+def test_invert_scores_exact_matches_bleu_cosine_and_calls(embedder, retrieval_dir, scenes_dir):
+    from unembed.eval.inversion import held_out_captions, invert
+
+    decoder = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
+    train = split_captions(scenes_dir / "train")
+    memorised = [c for c in dict.fromkeys(train)][:6]  # in the retrieval memory: they come back exactly
+    scores = invert(decoder, embedder, memorised)
+    assert scores["exact_match"] == 1.0 and scores["BLEU-4"] > 0.99 and scores["cosine"] > 0.999
+    assert scores["embedder_calls_per_caption"] == 0 and scores["misses"] == []
+    reranked = invert(decoder, embedder, memorised, rerank=3)
+    from unembed.data.vectors import Embedded
+
+    targets = Embedded(embedder.embed_texts(memorised), [str(i) for i in range(6)], embedder.id, embedder.spec, "text")
+    distinct = {c for row in decoder.candidates(targets, 3) for c, _ in row}
+    # each distinct candidate text of the batch is embedded once
+    assert reranked["embedder_calls_per_caption"] == round(len(distinct) / 6, 2) and len(distinct) > 6
+    held_out = held_out_captions(scenes_dir / "test", 5)
+    assert len(held_out) == 5 and set(held_out) <= set(split_captions(scenes_dir / "test"))
+
+
+def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tmp_path):
+    from tests.test_zoo import unembed as run
+
+    out = run("eval", "--invert", "--decoder", retrieval_dir, "--data", scenes_dir, "--max-captions", "6",
+              "--out", tmp_path / "inv.json", "--device", "cpu")
+    assert out.code == 0, out.stderr
+    saved = json.loads((tmp_path / "inv.json").read_text())["inversion"]
+    assert saved["captions"] == 6 and f"| {Path(retrieval_dir).name} | 6 | {100 * saved['exact_match']:.1f}% |" in out.stdout
+    missing = run("eval", "--invert", "--decoder", retrieval_dir, "--data", tmp_path / "none")
+    assert missing.code == 2 and missing.stderr.strip().splitlines()[-1] == (
+        f"unembed: {tmp_path / 'none' / 'test'}: no captions.json: not a split of a data directory")
+    neither = run("eval")
+    assert neither.code == 2 and "needs --results FILE and --refs FILE" in neither.stderr
