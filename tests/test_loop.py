@@ -179,3 +179,30 @@ def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tm
         f"unembed: {tmp_path / 'none' / 'test'}: no captions.json: not a split of a data directory")
     neither = run("eval")
     assert neither.code == 2 and "needs --results FILE and --refs FILE" in neither.stderr
+
+
+def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_dir, scenes_dir, embedder_dir,
+                                                                    embedder, tmp_path):
+    from tests.test_zoo import unembed as run
+    from unembed.data.splits import load_split
+    from unembed.pipeline import embed_split
+
+    config = json.dumps({"near3": {"rerank": 3, "rerank_weight": 1.0}})
+    out = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},near3=@plain", "--embedder",
+              embedder_dir, "--out", tmp_path / "run", "--config", config, "--no-spice", "--no-meteor", "--no-gap",
+              "--device", "cpu")
+    assert out.code == 0, out.stderr
+    rows = {d["name"]: d for d in json.loads((tmp_path / "run" / "compare.json").read_text())["decoders"]}
+    assert rows["near3"]["generation"] == {"rerank": 3, "rerank_weight": 1.0} and "generation" not in rows["plain"]
+    decoder = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
+    embedded = embed_split(embedder, scenes_dir / "test")
+    _, _, ids = load_split(scenes_dir / "test")
+    got = [json.loads(line)["caption"] for line in (tmp_path / "run" / "captions" / "near3.jsonl").read_text().splitlines()]
+    assert got == decoder.decode(embedded, rerank=3, rerank_weight=1.0) and len(got) == len(ids)
+    bad = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},x=@plain", "--out",
+              tmp_path / "bad", "--config", json.dumps({"x": {"num_beams": 2}}), "--embedder", embedder_dir)
+    assert bad.code == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight)")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
+    assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr

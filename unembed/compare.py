@@ -37,12 +37,14 @@ class Entry:
     kind: str
     path: Path
     given: bool  # an existing decoder directory, not trained here
+    variant_of: str = ""  # NAME=@OTHER: OTHER's model, decoded with NAME's own decoding options
 
 
 def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
     """'retrieval,clipcap,mine=path/to/dir,nouns=viecap' -> entries; a bare directory is taken as it
-    is, NAME=KIND trains another decoder of KIND under NAME (its --config options keyed by NAME), and
-    'bundle' is every decoder of the shipped bundle, as they are."""
+    is, NAME=KIND trains another decoder of KIND under NAME (its --config options keyed by NAME),
+    NAME=@OTHER decodes an earlier entry's model with NAME's own decoding options (a variant: rerank,
+    beams...), and 'bundle' is every decoder of the shipped bundle, as they are."""
     from unembed.bundle import bundled_decoder, manifest
     from unembed.decoders import list_decoders, read_decoder_config
 
@@ -53,6 +55,12 @@ def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
                         for n in manifest()["decoders"]]
             continue
         name, _, path = item.partition("=")
+        if path.startswith("@"):
+            other = next((e for e in entries if e.name == path[1:]), None)
+            if other is None:
+                raise BadInputError(item, f"is a variant of {path[1:]!r}, which no earlier entry names")
+            entries.append(dataclasses.replace(other, name=name, given=True, variant_of=other.name))
+            continue
         if not path and Path(name).is_dir():
             name, path = Path(name).name, name
         if path in list_decoders() and not Path(path).is_dir():
@@ -73,10 +81,30 @@ def recipe(name: str, kind: str, overrides: dict, max_steps: int | None) -> dict
     or the method's options), then `--config` overrides per decoder name, then --max-steps."""
     from unembed.decoders import decoder_class
 
-    options = {**(decoder_class(kind).compare_recipe if kind != "embedder" else {}), **overrides.get(name, {})}
+    options = {**(decoder_class(kind).compare_recipe if kind != "embedder" else {}),
+               **training_options(overrides.get(name, {}))}
     if max_steps:
         options["max_steps"] = max_steps
     return options
+
+
+def training_options(options: dict) -> dict:
+    """A decoder's --config options without its decoding options (unembed/generation.py)."""
+    from unembed.generation import GENERATION_OPTIONS
+
+    return {k: v for k, v in options.items() if k not in GENERATION_OPTIONS}
+
+
+def decoding_options(entry: Entry, overrides: dict) -> dict:
+    """A decoder's decoding options from --config (rerank, num_beams...), checked against its kind."""
+    from unembed.decoders import decoder_class
+    from unembed.generation import GENERATION_OPTIONS
+
+    given = {k: v for k, v in overrides.get(entry.name, {}).items() if k in GENERATION_OPTIONS}
+    try:
+        return decoder_class(entry.kind).check_generation(given)
+    except BadInputError as e:
+        raise BadInputError(f"--config {entry.name}", str(e)) from None
 
 
 # --- work done in fresh processes -----------------------------------------------------------------
@@ -158,7 +186,7 @@ def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict)
 
 
 def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_images: int, batch_size: int,
-                device: str, out_file: str, workers: int = 0, dtype: str = "fp32") -> dict:
+                device: str, out_file: str, workers: int = 0, dtype: str = "fp32", generation: dict | None = None) -> dict:
     """Caption the split with one decoder, from the shared pass when the decoder was built for its
     embedder, else from the decoder's own embedder's pass (CoCa's image tokens)."""
     from unembed.data.ids import IdIndex
@@ -184,7 +212,8 @@ def caption_job(decoder_dir: str, split_dir: str, shared_pass: str | None, max_i
     ids = IdIndex.from_file(split_file(split_dir))  # the split's own ids, not the embeddings' text of them
     t0 = time.perf_counter()
     with inference_precision(dtype, device):  # decoding only: split embeddings are cached, and stay fp32
-        records = [r for batch in caption_embeddings(embedded, decoder, batch_size, ids) for r in batch]
+        records = [r for batch in caption_embeddings(embedded, decoder, batch_size, ids, **(generation or {}))
+                   for r in batch]
         seconds = time.perf_counter() - t0
     with atomic_path(out_file) as tmp:
         Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
@@ -216,6 +245,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         raise BadInputError(split_dir, "has no captions.json to compare on")
     overrides = config or {}
     entries = parse_decoders(decoders, out / "models")
+    generation = {e.name: decoding_options(e, overrides) for e in entries}  # refused before anything trains
     device = str(resolve_device(device))
     embedder_spec, embedder_minutes = _embedder(embedder, data, out, overrides, max_steps, device, log)
     rows = {e.name: {"name": e.name, "kind": e.kind, "path": str(e.path), "metrics": {}, "train_minutes": None,
@@ -223,6 +253,10 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
     for e in entries:
         if not e.given:
             rows[e.name].update(_train(e, data, embedder_spec, recipe(e.name, e.kind, overrides, max_steps), device, log))
+        elif e.variant_of:
+            rows[e.name].update(error=rows[e.variant_of]["error"], train_minutes=rows[e.variant_of]["train_minutes"])
+        if generation[e.name]:
+            rows[e.name]["generation"] = generation[e.name]
 
     shared = _shared_pass(embedder_spec, split_dir, device, log, workers)
     n_images = min(max_images or len(shared["embedded"]), len(shared["embedded"]))
@@ -232,14 +266,15 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
             continue
         log(f"captioning {n_images} {split} images with {e.name}")
         done = _in_fresh_process(caption_job, str(e.path), str(split_dir), shared["path"], n_images, batch_size,
-                                 device, str(out / "captions" / f"{e.name}.jsonl"), workers, dtype)
+                                 device, str(out / "captions" / f"{e.name}.jsonl"), workers, dtype, generation[e.name])
         captions[e.name] = done.pop("captions", None)
         rows[e.name].update(done)
     paths, references, ids = (part[:n_images] for part in load_split(split_dir))
     references = dict(zip(ids, references))
     # the novel-caption share, for the decoders trained here on DATA/train (a given decoder's data is unknown)
     train_captions = split_captions(data / "train") if has_split(data, "train") else None
-    training = {e.name: train_captions for e in entries if not e.given}
+    trained_here = {e.name for e in entries if not e.given}
+    training = {e.name: train_captions for e in entries if e.name in trained_here or e.variant_of in trained_here}
     per_image = score_decoders(rows, captions, shared["embedder"], shared["embedded"].vectors[:n_images], references, ids,
                                spice, log, meteor, training)
     domains = image_domains(split_file(split_dir))

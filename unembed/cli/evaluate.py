@@ -222,13 +222,14 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="a COCO-style directory with train/ (and val/) and the split")
     p.add_argument("--decoders", default="retrieval,clipcap,capdec,decap,viecap,iterative,coca",
                    help="comma-separated decoder kinds to train, NAME=DIR for existing decoder directories, or "
-                        "NAME=KIND for another decoder of KIND (its --config options keyed by NAME), or bundle: every "
-                        "shipped decoder as it is (with --embedder bundle)")
+                        "NAME=KIND for another decoder of KIND (its --config options keyed by NAME), NAME=@OTHER for an "
+                        "earlier entry's model decoded with NAME's --config decoding options (e.g. rerank), or bundle: "
+                        "every shipped decoder as it is (with --embedder bundle)")
     p.add_argument("--embedder", help="embedder spec (default: train a scenes CLIP on DATA into OUT/models/embedder)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--config", help="JSON (or a JSON file) of training options per decoder name, e.g. "
-                   "'{\"clipcap\": {\"max_steps\": 1000}}'")
+    p.add_argument("--config", help="JSON (or a JSON file) of training and decoding options per decoder name, e.g. "
+                   "'{\"clipcap\": {\"max_steps\": 1000}, \"capdec8\": {\"rerank\": 8}}'")
     p.add_argument("--max-steps", type=int, help="training steps for every model (overrides the recipes)")
     p.add_argument("--max-images", type=int, help="caption only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=64, help="captioning batch size")
