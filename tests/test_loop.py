@@ -26,18 +26,16 @@ def images(scenes_dir, embedder, with_tokens=False, n=3):
 
 
 def by_hand(embedder, embedded, candidates, weight):
-    """The caption rerank must pick, each candidate embedded on its own."""
-    def z(values):
-        values = torch.tensor(values, dtype=torch.float)
-        spread = values.std(unbiased=False)
-        return (values - values.mean()) / spread if spread > 1e-6 else torch.zeros_like(values)
-
+    """The caption rerank must pick, each candidate embedded on its own: the decoder's score plus weight
+    x the embedder's temperature x cosine."""
+    scale = float(embedder.model.logit_scale.exp())
     picked = []
     for row, target in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
         texts = list(dict.fromkeys(c for c, _ in row))
         own = [max(s for c, s in row if c == t) for t in texts]
         cos = [float(F.normalize(embedder.embed_texts([t]).float(), dim=-1)[0] @ target) for t in texts]
-        picked.append(texts[int((weight * z(cos) + (1 - weight) * z(own)).argmax())])
+        totals = [o + weight * scale * c for o, c in zip(own, cos)]
+        picked.append(texts[totals.index(max(totals))])
     return picked
 
 
@@ -53,7 +51,7 @@ def test_rerank_picks_what_the_embedder_and_the_decoder_agree_on(kind, embedder,
     assert len(candidates) == 3 and all(1 <= len(row) <= 3 for row in candidates)
     scores = [s for row in candidates for _, s in row]
     assert all(isinstance(s, float) for s in scores)
-    for weight in (0.0, 0.5, 1.0):
+    for weight in (0.0, 0.05, 100.0):
         assert decoder.decode(embedded, rerank=3, rerank_weight=weight) == by_hand(own, embedded, candidates, weight)
     # weight 0 trusts the decoder alone: its own best of the candidates
     assert decoder.decode(embedded, rerank=3, rerank_weight=0.0) == [
@@ -82,7 +80,7 @@ def test_a_decoder_without_an_embedder_loads_its_own_to_rerank(embedder, scenes_
 def test_caption_rerank_from_an_image_file_through_the_cli(tmp_path):
     from tests.test_zoo import unembed as run
 
-    out = run("caption", EXAMPLE, "--decoder", "capdec", "--device", "cpu", "--rerank", "4", "--rerank-weight", "1")
+    out = run("caption", EXAMPLE, "--decoder", "capdec", "--device", "cpu", "--rerank", "4", "--rerank-weight", "0.5")
     assert out.code == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[0])["caption"]
     from unembed.bundle import bundled_decoder
@@ -93,7 +91,7 @@ def test_caption_rerank_from_an_image_file_through_the_cli(tmp_path):
     from PIL import Image
 
     embedded = embedder.embed([Image.open(EXAMPLE).convert("RGB")], ["scene-0"])
-    assert got == by_hand(embedder, embedded, decoder.candidates(embedded, 4), 1.0)[0]
+    assert got == by_hand(embedder, embedded, decoder.candidates(embedded, 4), 0.5)[0]
     refused = run("caption", EXAMPLE, "--decoder", "capdec", "--rerank-weight", "0.5")
     assert refused.code == 2 and refused.stderr.strip().splitlines()[-1] == (
         "unembed: option rerank_weight: the capdec decoder uses it only with rerank above 1 (--rerank N; rerank=N)")
@@ -187,7 +185,7 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
     from unembed.data.splits import load_split
     from unembed.pipeline import embed_split
 
-    config = json.dumps({"near3": {"rerank": 3, "rerank_weight": 1.0}})
+    config = json.dumps({"near3": {"rerank": 3, "rerank_weight": 1.0}})  # a variant: the same model, reranked
     out = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},near3=@plain", "--embedder",
               embedder_dir, "--out", tmp_path / "run", "--config", config, "--no-spice", "--no-meteor", "--no-gap",
               "--device", "cpu")

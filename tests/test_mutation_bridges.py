@@ -102,7 +102,8 @@ def test_fit_without_images_keeps_the_image_mean_unless_the_shift_needs_it():
     plain.fit(text, None, ["a", "b"], text[:2] * 3)
     assert torch.equal(plain.image_mean, torch.zeros(D))
     assert torch.allclose(plain.memory.vectors, text[:2], atol=1e-6)  # no shift: only normalised
-    with pytest.raises(MismatchError, match="mean shift needs the image embeddings' mean: give some images"):
+    with pytest.raises(MismatchError, match=r"^mean shift needs the image embeddings' mean: give some images "
+                                            r"\(they need no captions\)$"):
         ModalityBridge(D, mean_shift=True).fit(text, None)
 
 
@@ -144,3 +145,14 @@ def test_for_inference_projects_onto_the_memory_at_its_temperature():
     queries = unit(3, D, seed=10)
     weights = torch.softmax(queries @ text.T / 0.5, dim=-1)
     assert torch.allclose(bridge.for_inference(queries), F.normalize(weights @ text, dim=-1), atol=1e-5)
+
+
+def test_noise_and_means_move_to_the_vectors_device():
+    # Vectors on an accelerator meet noise drawn from a CPU generator and means kept where the bridge
+    # lives: both must move to the vectors ("meta" stands in for an accelerator on a CPU-only machine).
+    meta = torch.ones(3, D, device="meta")
+    assert add_noise(meta, 0.1, "gaussian", gen()).device.type == "meta"
+    assert add_noise(meta, 0.1, "uniform", gen()).device.type == "meta"
+    bridge = ModalityBridge(D, mean_shift=True)
+    bridge.fit(unit(4, D), unit(4, D, seed=1))
+    assert bridge.for_inference(meta).device.type == "meta" and bridge.for_inference(meta).shape == (3, D)

@@ -42,9 +42,13 @@ def test_meteor_is_scored_when_asked(monkeypatch):
 
 
 def test_spice_reason_is_reported_under_unavailable(no_meteor, monkeypatch):
-    monkeypatch.setattr(metrics, "_spice_score", lambda gts, res, d: (None, "no jars"))
-    result = metrics.coco_caption_metrics({1: "a cat"}, TWO)
+    calls = []
+    monkeypatch.setattr(metrics, "_spice_score", lambda gts, res, d: calls.append((gts, res, d)) or (None, "no jars"))
+    result = metrics.coco_caption_metrics({1: "A cat."}, TWO)
     assert result["SPICE"] is None and result["unavailable"] == {"SPICE": "no jars"}
+    # SPICE scores the tokenized captions, with the spice folder of pycocoevalcap's package
+    assert calls == [({1: ["a black cat sleeps on a red sofa", "a cat on a sofa"]}, {1: ["a cat"]},
+                      metrics._pycocoevalcap_dir() / "spice")]
     monkeypatch.setattr(metrics, "_spice_score", lambda gts, res, d: (0.5, None))
     result = metrics.coco_caption_metrics({1: "a cat"}, TWO)
     assert result["SPICE"] == 0.5 and result["unavailable"] == {}
@@ -58,7 +62,7 @@ def test_pair_keeps_referenced_predictions_in_pycocoevalcaps_form():
 
 
 def test_pair_errors_name_what_is_wrong():
-    with pytest.raises(BadInputError, match=r"references of image 1.*must be a list of captions, got one string"):
+    with pytest.raises(BadInputError, match=r"^references of image 1: must be a list of captions, got one string$"):
         metrics._pair({1: "a cat"}, {1: "a cat"})
     with pytest.raises(BadInputError, match=r"prediction for image 1.*caption must be a string, got int"):
         metrics._pair({1: 3}, TWO)
@@ -84,7 +88,8 @@ def test_a_short_tokenizer_output_is_an_error(monkeypatch):
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", lambda self, captions: {1: ["a cat"]})
-    with pytest.raises(UnembedError, match=r"the PTB tokenizer \(Java\) returned fewer lines than captions"):
+    with pytest.raises(UnembedError, match=r"^the PTB tokenizer \(Java\) returned fewer lines than captions; see its "
+                                           r"messages above$"):
         metrics._tokenize({1: [{"caption": "a cat"}], 2: [{"caption": "a dog"}]})
     with pytest.raises(UnembedError, match="returned fewer lines"):
         metrics._tokenize({1: [{"caption": "a cat"}, {"caption": "a dog"}]})
@@ -137,6 +142,7 @@ def test_spice_runs_its_jar_on_every_pair_and_averages_the_f_scores(monkeypatch,
     cmd = call["cmd"]
     assert cmd[:4] == ["java", "-jar", "-Xmx8G", "spice-1.0.jar"] and cmd[5] == "-out" and cmd[7:] == ["-subset", "-silent"]
     assert Path(cmd[4]).name == "in.json" and Path(cmd[6]).name == "out.json"
+    assert Path(cmd[6]).parent == Path(cmd[4]).parent and Path(cmd[4]).is_absolute()  # never in SPICE's cwd
     assert not Path(cmd[4]).parent.exists()  # its temporary folder is gone
     assert call["cwd"] == tmp_path and call["capture_output"] and call["text"] and call["errors"] == "replace"
     assert call["records"] == [{"image_id": 0, "test": "a cat", "refs": ["a cat on a sofa", "a cat"]},
@@ -180,8 +186,8 @@ def test_format_table_columns_follow_the_papers_order():
 def test_clip_score_weight_and_shape_checks():
     images, captions = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
     assert metrics.clip_score(images, captions, w=1.0).tolist() == pytest.approx([2 ** -0.5])
-    with pytest.raises(MismatchError, match=r"^1 image vectors of size 2 vs 2 caption vectors of size 2$"):
-        metrics.clip_score(images, torch.ones(2, 2))
+    with pytest.raises(MismatchError, match=r"^1 image vectors of size 2 vs 3 caption vectors of size 4$"):
+        metrics.clip_score(images, torch.ones(3, 4))
 
 
 def test_ref_clip_score_weight_and_count_checks():
@@ -190,6 +196,9 @@ def test_ref_clip_score_weight_and_count_checks():
     # CLIP-S = w * 1 = 2; reference cosine max(0.707, 0) = 0.707; harmonic mean 2 * 2 * 0.707 / 2.707
     assert metrics.ref_clip_score(images, captions, refs, w=2.0).tolist() == pytest.approx(
         [2 * 2 * 2 ** -0.5 / (2 + 2 ** -0.5)])
+    # both parts small (their sum under 1): CLIP-S 0.5 * 1, reference cosine 0.6; harmonic mean 2 * 0.5 * 0.6 / 1.1
+    near = [torch.tensor([[0.6, 0.8]])]
+    assert metrics.ref_clip_score(images, captions, near, w=0.5).tolist() == pytest.approx([0.6 / 1.1])
     opposite = [torch.tensor([[-1.0, 0.0]])]  # reference cosine -1: clipped to 0, so the mean is 0
     assert metrics.ref_clip_score(images, captions, opposite).tolist() == [0.0]
     with pytest.raises(MismatchError, match=r"^1 captions but reference vectors for 2 images$"):
@@ -240,7 +249,8 @@ def test_load_results_errors_say_exactly_what_is_wrong(tmp_path, name, text, mes
     path = write(tmp_path / name, text)
     with pytest.raises(BadInputError) as caught:
         metrics.load_results(path)
-    assert str(path) in str(caught.value) and message in str(caught.value)
+    assert caught.value.item == str(path) and caught.value.reason.startswith(message)
+    assert caught.value.reason == message or name == "bad.jsonl"  # there the JSON error's position follows
 
 
 def test_load_results_prefers_image_id_to_id(tmp_path):
@@ -251,8 +261,9 @@ def test_load_results_prefers_image_id_to_id(tmp_path):
 def test_load_results_of_unreadable_jsonl_says_so(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b"\xff\xfe{")
-    with pytest.raises(BadInputError, match=r"cannot read as UTF-8 text \("):
+    with pytest.raises(BadInputError, match=r"cannot read as UTF-8 text \(") as caught:
         metrics.load_results(path)
+    assert caught.value.item == str(path)
     with pytest.raises(BadInputError, match=r"cannot read as UTF-8 text \("):
         metrics.load_results(tmp_path / "missing.jsonl")
 
@@ -263,12 +274,18 @@ def test_load_results_of_unreadable_jsonl_says_so(tmp_path):
     ({"annotations": [{"image_id": 1, "id": 5, "caption": ""}]}, "annotation 0: empty reference caption"),
     ({"annotations": [{"image_id": 1, "caption": "a"}], "images": [{"id": 1}, {"id": 2}, {"id": 3}, "junk"]},
      "2 images have no captions, e.g. image 2"),
+    ({"images": [], "annotations": []}, "has no annotations (no reference captions)"),
 ])
 def test_load_references_errors_say_exactly_what_is_wrong(tmp_path, data, message):
     path = write(tmp_path / "refs.json", json.dumps(data))
     with pytest.raises(BadInputError) as caught:
         metrics.load_references(path)
-    assert str(path) in str(caught.value) and message in str(caught.value)
+    assert caught.value.item == str(path) and caught.value.reason == message
+
+
+def test_load_references_needs_no_image_list(tmp_path):
+    path = write(tmp_path / "refs.json", json.dumps({"annotations": [{"image_id": 1, "caption": "a"}]}))
+    assert metrics.load_references(path) == {1: ["a"]}
 
 
 def test_load_references_ignores_image_records_it_cannot_read(tmp_path):
@@ -354,7 +371,8 @@ def test_a_dead_meteor_jvm_is_replaced(fake_meteor):
 
 
 @pytest.mark.parametrize("failure", [ValueError("empty line"), BrokenPipeError()])
-@pytest.mark.parametrize("stderr, shown", [(b"Error: no jar\nat Meteor", "Error: no jar"), (b"  ", "no message")])
+@pytest.mark.parametrize("stderr, shown", [(b"Error: no jar\nat Meteor", "Error: no jar"), (b"  ", "no message"),
+                                           (b"\xffError", "\ufffdError")])  # undecodable bytes are replaced
 def test_a_failing_meteor_jvm_is_stopped_and_reported(fake_meteor, failure, stderr, shown):
     Meteor, made, _ = fake_meteor
     Meteor.failure, Meteor.stderr = failure, stderr
@@ -382,3 +400,51 @@ def test_stopping_meteor_kills_its_jvm_and_tolerates_a_broken_pipe():
     exited.meteor_p.returncode, exited.meteor_p.stdin = 0, FakeStream(b"broken pipe")
     metrics._stop_meteor(exited)  # exited but its input still open: closed now, a broken pipe ignored
     assert exited.meteor_p.calls == ["kill", "wait"]
+
+
+# --- what is refused before anything runs, and what is printed --------------------------------------
+
+def test_java_missing_is_refused_with_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UnembedError, match=r"^pycocoevalcap needs Java \(java not found on PATH\); install a Java "
+                                           r"runtime, e\.g\. apt-get install default-jre$"):
+        metrics.coco_caption_metrics({1: "a cat"}, TWO)
+
+
+def test_an_unwritable_tokenizer_folder_is_refused_before_tokenizing(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "_pycocoevalcap_dir", lambda: tmp_path)  # no tokenizer/ folder in it
+    with pytest.raises(UnembedError, match="not writable"):
+        metrics.coco_caption_metrics({1: "a cat"}, TWO, spice=False, meteor=False)
+
+
+def test_scoring_prints_nothing(no_meteor, capsys):
+    metrics.coco_caption_metrics({1: "a cat on a sofa"}, TWO, spice=False)
+    assert capsys.readouterr().out == ""  # pycocoevalcap's BLEU prints its totals unless told not to
+
+
+def test_pycocoevalcap_missing_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.tokenizer", None)  # importing it now raises ImportError
+    with pytest.raises(UnembedError, match=r"^COCO caption metrics need pycocoevalcap \(pip install pycocoevalcap\)$"):
+        metrics._pycocoevalcap_dir()
+
+
+def test_the_evaluate_module_is_the_packaged_script(monkeypatch):
+    import sys
+
+    calls = []
+    fake = SimpleNamespace(load=lambda path, **kwargs: calls.append((path, kwargs)) or "loaded")
+    monkeypatch.setitem(sys.modules, "evaluate", fake)  # evaluate itself takes seconds to import
+    assert metrics.load_coco_caption_metric(keep_in_memory=True) == "loaded"
+    assert calls == [(metrics.COCO_METRIC_PATH, {"keep_in_memory": True})]
+    assert (Path(metrics.COCO_METRIC_PATH) / "coco_caption.py").is_file()
+
+
+def test_clip_scores_follow_the_image_vectors_device():
+    # image vectors on an accelerator, text vectors from a CPU embedder: the scores are computed where the
+    # images are ("meta" stands in for an accelerator on a CPU-only machine)
+    images, captions = torch.ones(2, 3, device="meta"), torch.ones(2, 3)
+    assert metrics.clip_score(images, captions).device.type == "meta"
+    references = [torch.ones(2, 3), torch.ones(1, 3)]
+    assert metrics.ref_clip_score(images, captions, references).device.type == "meta"

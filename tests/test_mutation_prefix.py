@@ -6,6 +6,7 @@ corpus BPE, 8-d fake embeddings, no shared fixture."""
 import dataclasses
 import functools
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -62,6 +63,7 @@ def test_option_keeps_help_and_choices_in_the_fields_metadata():
         assert made.default is dataclasses.MISSING and dict(made.metadata) == {"help": "h"}
         first, second = made.default_factory(), made.default_factory()
         assert first == default and type(first) is type(default) and first is not second and first is not default
+    assert not option([1], "h", compare=False).compare  # field options reach mutable defaults too
 
 
 def test_prefix_config_fields_carry_their_options():
@@ -89,7 +91,7 @@ def test_transformer_mapper_layers_and_output():
     mapper = TransformerMapper(D, 12, prefix_length=3, mapper_length=2, layers=2).eval()
     assert mapper.mapper_length == 2 and mapper.constants.shape == (3, 12)
     assert (mapper.linear.in_features, mapper.linear.out_features) == (D, 24)
-    assert len(mapper.transformer.layers) == 2 and not mapper.transformer.enable_nested_tensor
+    assert len(mapper.transformer.layers) == 2
     layer = mapper.transformer.layers[0]
     assert (layer.self_attn.embed_dim, layer.self_attn.num_heads, layer.linear1.out_features) == (12, 4, 24)
     assert layer.self_attn.batch_first and layer.norm_first and layer.dropout.p == 0.0
@@ -97,6 +99,15 @@ def test_transformer_mapper_layers_and_output():
     x = torch.cat([mapper.linear(v).view(2, 2, 12), mapper.constants.expand(2, -1, -1)], dim=1)
     out = mapper(v)
     assert out.shape == (2, 3, 12) and torch.allclose(out, mapper.transformer(x)[:, 2:])
+
+
+def test_building_a_transformer_mapper_warns_of_nothing():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TransformerMapper(D, 12, 3, 2, 2)  # nested tensors asked for with norm_first would make torch warn
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.mark.parametrize("width,heads", [(16, 8), (12, 4), (6, 2), (5, 1)])
@@ -322,4 +333,84 @@ def test_a_lora_decoder_reloads_its_adapter(tmp_path):
     assert any("lora_" in n for n, _ in again.lm.named_parameters())
     state, reloaded = decoder.lm.state_dict(), again.lm.state_dict()
     assert all(torch.equal(state[k], reloaded[k]) for k in state if "lora_B" in k)
+    assert again.decode(queries, num_beams=1) == decoder.decode(queries, num_beams=1)
+
+
+# --- positions, devices and a hub LM's adapter ---------------------------------------------------------
+
+def test_positions_come_from_the_lm_config_whatever_it_calls_them():
+    assert tiny().positions == 24  # GPT-2: n_positions
+    neo = {"model_type": "gpt_neo", "vocab_size": 60, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+           "attention_types": [[["global"], 1]], "max_position_embeddings": 20, "bos_token_id": 1, "eos_token_id": 2}
+    assert tiny(lm_config=neo).positions == 20  # no n_positions: max_position_embeddings
+    mamba = {"model_type": "mamba", "vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1, "state_size": 4,
+             "bos_token_id": 1, "eos_token_id": 2}
+    assert tiny(lm_config=mamba).positions == 1 << 30  # an LM without positions: no limit
+    assert tiny(lm_config=dict(mamba, n_positions=30)).positions == 30  # n_positions read first
+
+
+class RecordingLM(nn.Module):
+    """An LM where only shapes and devices matter: GPT-2's forward cannot run on the meta device."""
+
+    def __init__(self, vocab, width):
+        super().__init__()
+        self.embed, self.head, self.calls = nn.Embedding(vocab, width), nn.Linear(width, vocab), []
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, inputs_embeds, attention_mask, position_ids=None):
+        self.calls.append((attention_mask, position_ids))
+        return SimpleNamespace(logits=self.head(inputs_embeds))
+
+
+def test_the_loss_and_the_lm_inputs_stay_on_the_decoders_device():
+    # A decoder on an accelerator ("meta" stands in for one on a CPU-only machine): every tensor the loss
+    # and the LM inputs make must be made there, and embeddings given on the CPU must be moved there.
+    decoder = tiny()
+    tokens, lengths = decoder.encode_captions(["a red circle", "two hearts"])
+    decoder.lm = RecordingLM(60, 16)
+    decoder = decoder.to("meta")
+    for prompts in (None, [[3], [4, 5]]):
+        loss = decoder.caption_loss(unit(2).to("meta"), tokens.to("meta"), lengths.to("meta"), prompts)
+        assert loss.device.type == "meta" and loss.shape == ()
+        mask, positions = decoder.lm.calls[-1]
+        assert mask.device.type == "meta" and (positions is None or positions.device.type == "meta")
+    assert decoder.prefix(unit(2)).device.type == "meta"
+    for prompts in (None, [[3], [4, 5]]):
+        inputs, mask = decoder.lm_inputs(torch.zeros(2, 2, 16, device="meta"), prompts)
+        assert inputs.device.type == "meta" and mask.device.type == "meta"
+
+
+def test_lm_inputs_of_no_rows():
+    prefix = torch.zeros(0, 2, 16)
+    inputs, mask = tiny().lm_inputs(prefix, [])
+    assert inputs is prefix and mask.shape == (0, 2)
+
+
+def test_a_hub_lm_trained_with_lora_reloads_its_saved_adapter(tmp_path, monkeypatch):
+    """A LoRA-trained hub LM is saved as a reference plus peft's adapter: loading must apply that adapter
+    (a fresh one would be the untrained identity). The "hub" is a cache folder in the hub's layout."""
+    import os
+
+    from tests.hub_cache import add_repo
+    from unembed.compat import import_transformers
+
+    transformers = import_transformers()
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=60, n_positions=24, n_embd=16, n_layer=1,
+                                                                 n_head=2, bos_token_id=1, eos_token_id=2))
+    base.save_pretrained(tmp_path / "files")
+    add_repo(Path(os.environ["HF_HOME"]) / "hub", "tiny-org/tiny-gpt2", tmp_path / "files")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    decoder = tiny(lm="tiny-org/tiny-gpt2", lm_config={}, lm_mode="lora", lora_r=2)
+    with torch.no_grad():
+        for name, p in decoder.lm.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)  # trained: no longer the identity a fresh adapter is
+    decoder.save(tmp_path / "d")
+    assert decoder.config.lm_weights == "referenced" and (tmp_path / "d" / "adapter" / "adapter_config.json").is_file()
+    again = load_decoder(tmp_path / "d")
+    state, reloaded = decoder.lm.state_dict(), again.lm.state_dict()
+    assert all(torch.equal(state[k], reloaded[k]) for k in state if "lora_" in k)
+    queries = embedded(unit(2, seed=5))
     assert again.decode(queries, num_beams=1) == decoder.decode(queries, num_beams=1)

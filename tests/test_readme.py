@@ -26,7 +26,10 @@ SMALL = {"data scenes": ["--n", "160", "--n-eval", "16"], "train clip": ["--max-
          "caption scenes/compositional/images": ["--max-length", "6"],
          "compare --data": ["--max-steps", "2", "--max-images", "8", "--no-spice", "--no-meteor", "--no-gap"],
          "eval --results": ["--no-meteor"],  # METEOR's JVM is tested in test_metrics; here it would cost 10 s a call
-         "demo --out": ["--n", "2"]}
+         "demo --out": ["--n", "2"],
+         "train corrector": ["--max-steps", "2", "--batch-size", "8", "--max-captions", "40", "--lm-config",
+                             '{"n_layer": 1, "n_head": 2, "n_embd": 32}'],
+         "eval --invert": ["--max-captions", "8"]}
 
 
 def block(name: str) -> str:
@@ -151,6 +154,16 @@ def test_compare_commands_run(tmp_path, scenes_dir, embedder_dir):
     assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
         (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "viecap", "iterative", "coca")]
     assert (tmp_path / "compare-run" / "report.html").is_file() and (tmp_path / "gap" / "gap.png").is_file()
+
+
+def test_loop_commands_rerank_correct_and_invert(tmp_path):
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    result = run_in_one_process(commands("loop"), tmp_path, small)
+    captions = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"file"')]
+    assert len(captions) == 2 * len(list((ROOT / "examples").glob("*.png")))
+    assert {c["decoder"] for c in captions} == {"capdec", "corrector"}
+    assert (tmp_path / "corrector" / "base" / "config.json").is_file()
+    assert "| exact match | BLEU-4 | cosine | embedder calls / caption |" in result.stdout
 
 
 def test_bundle_commands_caption_with_the_shipped_models(tmp_path):

@@ -74,14 +74,14 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("logit_scale", float, "softmax temperature of the embedder score (0 = the embedder's)", 0, 1000),
     GenerationOption("rerank", int, "write this many candidates with the decoder's own search and keep the one the "
                      "embedder scores closest to the input (1 = off)", 1, 64),
-    GenerationOption("rerank_weight", float, "with --rerank: the embedder's share of the score, the decoder's own "
-                     "taking the rest (both standardised over each input's candidates; default 0.8)", 0, 1,
+    GenerationOption("rerank_weight", float, "with --rerank: score = the decoder's own score + this weight x the "
+                     "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05)", 0, 100,
                      needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
 )}
 # Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
 LOOP_OPTIONS = ("rerank", "rerank_weight")
-RERANK_WEIGHT = 0.8  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
+RERANK_WEIGHT = 0.05  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")
 
 

@@ -60,7 +60,8 @@ def cmd_train_corrector(args) -> int:
     options = config_options(args, CorrectorDecoder.config_class, CorrectorDecoder.cli_options)
     report = train_corrector(base, load_embedder(spec, args.device), args.out,
                              train_config(args, CorrectorDecoder.train_defaults), data_dir=args.data,
-                             caption_files=args.captions or (), resume=args.resume, **options)
+                             caption_files=args.captions or (), resume=args.resume, max_captions=args.max_captions,
+                             **options)
     print(json.dumps(report, indent=2))
     return EXIT_OK
 
@@ -237,6 +238,8 @@ def register(sub, decoders: bool = True) -> None:
         t.add_argument("--data", help="a COCO-style directory: train/ captions (and val/ images for validation)")
         t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
         t.add_argument("--embedder", help="default: the base decoder's")
+        t.add_argument("--max-captions", type=int, default=0, help="train on a seeded sample of this many distinct "
+                       "captions (each costs the base one decode before training; default: all)")
         add_train_flags(t)
         add_config_options(t, CorrectorDecoder.config_class, CorrectorDecoder.cli_options)
         t.set_defaults(func=cmd_train_corrector)

@@ -44,7 +44,6 @@ from unembed.errors import MismatchError
 from unembed.io import read_json
 
 LM_METADATA = "unembed_lm.json"  # beside a trained LM's HF files: the tokenizer that goes with it
-DEFAULT_LOGIT_SCALE = 100.0      # CLIP's trained temperature, for embedders that have none
 
 
 @dataclass
@@ -281,10 +280,9 @@ class IterativeDecoder(LMWeights, Decoder):
         return settings
 
     def logit_scale(self, settings: IterativeConfig) -> float:
-        if settings.logit_scale:
-            return settings.logit_scale
-        scale = getattr(self.embedder.model, "logit_scale", None)
-        return float(scale.exp()) if isinstance(scale, torch.Tensor) else DEFAULT_LOGIT_SCALE
+        from unembed.decoders.rerank import logit_scale
+
+        return settings.logit_scale or logit_scale(self.embedder)
 
     @torch.no_grad()
     def search(self, targets: torch.Tensor, settings: IterativeConfig | None = None) -> list[list[int]]:

@@ -2,28 +2,25 @@
 
 Every decoder kind writes N candidates per input with its own search (`Decoder.candidates`: beams or
 samples of an LM, a CoCa's beams, MAGIC's beams, the nearest captions of a memory), each with the
-decoder's own score. The embedder's text tower embeds them (one batch, unique texts only, at their
-real lengths) and scores each by its cosine with the input embedding, as CLIPScore does. The two
-scores live on different scales (log-probabilities, MAGIC's mixed scores, cosines), so each is
-standardised over an input's candidates before mixing:
+decoder's own score (a mean token log-probability, for an LM). The embedder's text tower embeds them
+(one batch, each distinct text once, at their real lengths) and each gets
 
-    score = weight * z(cosine) + (1 - weight) * z(decoder score)
+    score = decoder score + weight * logit_scale * cosine(caption embedding, input embedding)
 
-one weight that means the same for every kind: 1 trusts the embedder alone, 0 the decoder alone
-(its own best, as without reranking). The default (generation.RERANK_WEIGHT) was chosen on the
-scenes val split (benchmarks/loop_scenes.py records the sweep).
+logit_scale * cosine is the embedder's own log-odds among the candidates, at the temperature it was
+trained with (exp of open_clip's logit_scale; CLIP's is 100): where the embedder cannot tell the
+candidates apart, their cosines differ little and the decoder's score decides, so an unsure embedder
+is not trusted. weight 0 is the decoder alone (its own best of the N); a large weight the embedder
+alone. The default (generation.RERANK_WEIGHT) was chosen on the scenes val split, where standardising
+both scores instead (one z-score each) did worse: it amplifies cosine differences the embedder does
+not mean (benchmarks/loop_scenes.py records the sweep).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def standardised(scores: torch.Tensor) -> torch.Tensor:
-    """(s - mean) / std over the last dimension; a row with no spread gives zeros (it cannot decide)."""
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    spread = scores.std(dim=-1, keepdim=True, unbiased=False)
-    return torch.where(spread > 1e-6, centred / spread.clamp(min=1e-6), torch.zeros_like(centred))
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature, for embedders that have none
 
 
 def embedding_cosines(embedder, texts: list[str], targets: torch.Tensor) -> torch.Tensor:
@@ -38,21 +35,32 @@ def embedding_cosines(embedder, texts: list[str], targets: torch.Tensor) -> torc
 
 def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight: float | None = None) -> list[str]:
     """The best caption of each row's candidates (see the module docstring); `weight` None: the default."""
-    from unembed.generation import RERANK_WEIGHT
-
-    weight = RERANK_WEIGHT if weight is None else weight
     rows = [dedupe(row) for row in candidates]
     texts = [c for row in rows for c, _ in row]
     targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-    cosines = embedding_cosines(embedder, texts, targets).tolist()
+    return pick(rows, embedding_cosines(embedder, texts, targets).tolist(), weight, logit_scale(embedder))
+
+
+def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: float | None = None,
+         scale: float = 100.0) -> list[str]:
+    """Each row's best candidate, given every candidate's cosine (row-major, as `rows` lists them)."""
+    from unembed.generation import RERANK_WEIGHT
+
+    weight = RERANK_WEIGHT if weight is None else weight
     best, start = [], 0
     for row in rows:
         cos = torch.tensor(cosines[start:start + len(row)])
         own = torch.tensor([s for _, s in row], dtype=torch.float)
         start += len(row)
-        total = weight * standardised(cos) + (1 - weight) * standardised(own)
+        total = own + weight * scale * cos
         best.append(row[int(total.argmax())][0])  # ties: the decoder's first (its own best)
     return best
+
+
+def logit_scale(embedder) -> float:
+    """The embedder's contrastive temperature: exp(logit_scale) of an open_clip model, else CLIP's 100."""
+    scale = getattr(getattr(embedder, "model", None), "logit_scale", None)
+    return float(scale.exp()) if isinstance(scale, torch.Tensor) else DEFAULT_LOGIT_SCALE
 
 
 def dedupe(row: list[tuple[str, float]]) -> list[tuple[str, float]]:

@@ -42,8 +42,9 @@ def hypotheses(base, embedder, captions: list[str], noise_variance: float, clean
 
 
 def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
-                    resume: bool = False, progress: bool = True, **options) -> dict:
-    """Train a corrector over the base decoder in `base_dir` and save it (with the base inside) to out_dir."""
+                    resume: bool = False, progress: bool = True, max_captions: int = 0, **options) -> dict:
+    """Train a corrector over the base decoder in `base_dir` and save it (with the base inside) to out_dir;
+    `max_captions` > 0: a seeded sample of that many distinct captions (each costs the base a decode)."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import load_decoder
     from unembed.decoders.corrector import CorrectorConfig, CorrectorDecoder
@@ -57,6 +58,9 @@ def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=N
     unique = list(dict.fromkeys(captions))
     if not unique:
         raise BadInputError("corrector", "needs captions: --captions FILE or --data DIR with train/captions.json")
+    if 0 < max_captions < len(unique):
+        keep = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:max_captions]
+        unique = [unique[i] for i in sorted(keep.tolist())]
     torch.manual_seed(config.seed)
     decoder_config = CorrectorConfig(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
                                      base_kind=base.kind, tokenizer=base.config.tokenizer, **options)
@@ -71,6 +75,7 @@ def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=N
                       validation=_validation_set(embedder, Path(data_dir) if data_dir else None))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     already = sum(h == c for h, c in zip(written, unique))
-    return {"kind": "corrector", "base": str(base_dir), "base_kind": base.kind, "train_steps": result.steps,
+    return {"kind": "corrector", "base": str(base_dir), "base_kind": base.kind, "captions": len(unique),
+            "train_steps": result.steps,
             "train_seconds": round(result.seconds, 1), "final_loss": round(result.final_loss, 4),
             "training_hypotheses_already_right": round(already / len(unique), 4), **result.metrics}
