@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from unembed.bundle import manifest
 from unembed.decoders import decoder_class, list_decoders
 from unembed.errors import BadInputError
 from unembed.generation import GENERATION_OPTIONS, check_generation
@@ -36,7 +37,18 @@ def test_every_kind_declares_only_known_options():
     assert "do_sample" not in decoder_class("iterative").generation_options  # it re-ranks deterministically
 
 
-@pytest.mark.parametrize("kind", list_decoders())
+BUNDLED = manifest()["decoders"]  # the kinds the library, the CLI and serve reach by name with no files
+
+
+def test_every_kind_is_bundled_but_the_corrector():
+    assert sorted(BUNDLED) == sorted(k for k in list_decoders() if k != "corrector")  # a corrector is trained
+    line = "option k: the corrector decoder does not take it (it takes correct, num_beams, max_length, rerank)"
+    with pytest.raises(BadInputError) as e:
+        decoder_class("corrector").check_generation({"k": 1})
+    assert str(e.value) == line
+
+
+@pytest.mark.parametrize("kind", BUNDLED)
 def test_the_library_refuses_in_one_line(kind):
     import unembed
 
@@ -46,7 +58,7 @@ def test_the_library_refuses_in_one_line(kind):
         assert str(e.value) == line
 
 
-@pytest.mark.parametrize("kind", list_decoders())
+@pytest.mark.parametrize("kind", BUNDLED)
 def test_the_cli_refuses_in_one_line_before_loading(kind, capsys):
     from unembed.cli import main
 
@@ -67,7 +79,7 @@ def client():
     return TestClient(create_app(ServeConfig(), models=Models([], "cpu")))  # every bundled decoder
 
 
-@pytest.mark.parametrize("kind", list_decoders())
+@pytest.mark.parametrize("kind", BUNDLED)
 def test_http_refuses_in_one_line_with_422(kind, client):
     for options, line in refused(kind):
         (name, value), = options.items()
@@ -75,6 +87,26 @@ def test_http_refuses_in_one_line_with_422(kind, client):
         with open(EXAMPLE, "rb") as image:
             response = client.post("/caption", params=query, files={"file": ("scene-0.png", image, "image/png")})
         assert (response.status_code, response.json()) == (422, {"error": line})
+
+
+def test_rerank_gives_the_same_caption_from_the_library_the_cli_and_http(client):
+    import contextlib
+    import io
+    import json
+
+    import unembed
+    from unembed.cli import main
+
+    options = {"rerank": 4, "rerank_weight": 0.5}
+    library = unembed.caption([EXAMPLE], decoder="capdec", **options)[0]
+    with open(EXAMPLE, "rb") as image:
+        response = client.post("/caption", params={"decoder": "capdec", **options},
+                               files={"file": ("scene-0.png", image, "image/png")})
+    assert response.status_code == 200 and [r["caption"] for r in response.json()] == [library]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["caption", EXAMPLE, "--decoder", "capdec", "--rerank", "4", "--rerank-weight", "0.5"]) == 0
+    assert json.loads(out.getvalue().splitlines()[0])["caption"] == library
 
 
 def test_bounds_and_types_are_checked():

@@ -84,7 +84,8 @@ def _prefix_kinds():
     from unembed.decoders import decoder_class, list_decoders
     from unembed.decoders.prefix import PrefixDecoder
 
-    return [decoder_class(k) for k in list_decoders() if issubclass(decoder_class(k), PrefixDecoder)]
+    return [decoder_class(k) for k in list_decoders()
+            if issubclass(decoder_class(k), PrefixDecoder) and not decoder_class(k).wraps_base]
 
 
 def _refused():

@@ -99,7 +99,7 @@ class Models:
         self.default = next(iter(self.decoders))
 
     def get(self, name: str | None):
-        name = name or self.default
+        name = self.default if name is None else name  # decoder= (empty) names no decoder: a 404, not the default
         if name not in self.decoders:
             raise RequestError(404, f"unknown decoder {name!r} (this server has {', '.join(self.decoders)})")
         return name, *self.decoders[name]
@@ -123,6 +123,8 @@ def decoding_options(query, decoder) -> dict:
     if unknown:
         raise RequestError(422, f"unknown query parameter {unknown[0]!r}{did_you_mean(unknown[0], known)} "
                                 f"(this endpoint takes {', '.join(sorted(known))})")
+    if len(query.get("name", "")) > 255:  # the schema's bound on an image's name, whatever the body
+        raise RequestError(422, "name must be a text of at most 255 characters")
     options = {}
     for wire, name in QUERY_OPTIONS.items():
         if wire in query:

@@ -193,9 +193,9 @@ def register(sub) -> None:
                            "calls per caption of --decoder on --data's --split captions")
     inversion.add_argument("--decoder", help="decoder directory or name (default: the bundle's)")
     inversion.add_argument("--data", help="a data directory; its --split's first caption per image is inverted")
-    inversion.add_argument("--split", default="test")
-    inversion.add_argument("--max-captions", type=int, default=1000)
-    inversion.add_argument("--batch-size", type=int, default=64)
+    inversion.add_argument("--split", default="test", help="the split whose captions are inverted")
+    inversion.add_argument("--max-captions", type=int, default=1000, help="invert at most this many captions")
+    inversion.add_argument("--batch-size", type=int, default=64, help="text embeddings decoded at once")
     add_generation_options(p)
     p.add_argument("--name", help="row name in the table")
     p.add_argument("--train-captions", nargs="+", help="the captions the decoder was trained on (a caption corpus: "

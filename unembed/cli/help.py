@@ -35,10 +35,11 @@ COMMON_HELP = {
 EXAMPLES = {
     "caption": ["unembed caption examples/*.png",
                 "unembed caption photos/ --decoder clipcap-coco --out captions.jsonl",
-                "unembed caption --embeddings photos.safetensors --decoder models/capdec --num-beams 3"],
+                "unembed caption --embeddings photos.safetensors --decoder models/capdec --rerank 8"],
     "embed": ["unembed embed photos/ --embedder ViT-B-32:openai --out photos.safetensors"],
     "eval": ["unembed eval --results captions.jsonl --refs data/test/captions.json",
-             "unembed eval --results captions.jsonl --refs data/test/captions.json --embedder bundle --no-spice"],
+             "unembed eval --results captions.jsonl --refs data/test/captions.json --embedder bundle --no-spice",
+             "unembed eval --invert --decoder models/capdec --data scenes --rerank 8"],
     "demo": ["unembed demo", "unembed demo --n 8 --out demo-images"],
     "compare": ["unembed compare --data scenes --decoders retrieval,capdec,clipcap --out compare-scenes",
                 "unembed compare --data coco --embedder ViT-B-32:openai --decoders capdec=models/capdec,retrieval "
@@ -52,6 +53,9 @@ EXAMPLES = {
                      "--lm-mode lora --out models/capdec"],
     "train clipcap": ["unembed train clipcap --data coco --embedder ViT-B-32:openai --out models/clipcap"],
     "train decap": ["unembed train decap --captions captions.txt --embedder ViT-B-32:openai --out models/decap"],
+    "train corrector": ["unembed train corrector --base models/capdec --data scenes --out models/corrector",
+                        "unembed train corrector --base capdec --captions captions.txt --out models/corrector "
+                        "--max-captions 20000"],
     "train viecap": ["unembed train viecap --data scenes --embedder models/scenes-clip --out models/viecap"],
     "build retrieval": ["unembed build retrieval --captions captions.txt --embedder bundle --out models/retrieval"],
     "build iterative": ["unembed build iterative --embedder ViT-B-32:openai --lm gpt2 --out models/magic"],

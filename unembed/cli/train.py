@@ -189,7 +189,7 @@ def _add_prefix_kinds(train) -> None:
     from unembed.decoders.prefix import PrefixDecoder
 
     kinds = [decoder_class(kind) for kind in list_decoders()
-             if issubclass(decoder_class(kind), PrefixDecoder) and not getattr(decoder_class(kind), "wraps_base", False)]
+             if issubclass(decoder_class(kind), PrefixDecoder) and not decoder_class(kind).wraps_base]
     takers: dict[str, list] = {}  # option -> the kinds that take it
     for cls in kinds:
         for name in cls.cli_options:

@@ -52,6 +52,7 @@ class Decoder(torch.nn.Module):
     train_defaults: ClassVar[dict] = {}          # TrainConfig defaults of `unembed train KIND` (the paper's)
     compare_recipe: ClassVar[dict] = {}          # `unembed compare`'s scenes-sized training options
     generation_options: ClassVar[tuple[str, ...]] = ()  # what decode(...) takes (unembed/generation.py)
+    wraps_base: ClassVar[bool] = False           # trained over another decoder (the corrector), not by `train KIND`
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
