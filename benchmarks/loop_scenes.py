@@ -11,11 +11,12 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    rerank 8, the same candidates picked at each weight); the default in unembed/generation.py is the
    weight with the best mean.
 2. Captioning, test and compositional splits (1,000 images each): per base decoder, the ablations
-   base only / rerank 8 / corrector K = 1, 2, 4, 8 / both (corrector K = 4 with 4 candidates per step);
-   paired ClipCap as the reference. CIDEr, BLEU-4, captions naming a held-out colour-shape pair (and
+   base only / rerank 8 / corrector K = 1, 2, 4, 8 (steps only) / edits only / K = 4 + edits (the
+   corrector's defaults) / both (its defaults with 4 candidates per step) / K = 4 with no margin and
+   no edits (the rule before the margin); paired ClipCap as the reference. CIDEr, BLEU-4, captions naming a held-out colour-shape pair (and
    naming one that is in the image), embedder calls per caption, seconds.
 3. Inversion of the test split's first caption per image (1,000): exact match, BLEU-4, cosine,
-   embedder calls per caption, for the same ablations (K <= 7, so that calls stay <= 8).
+   embedder calls per caption: base, rerank 8, corrector K = 1 and 7 (calls <= 8), its defaults.
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
@@ -69,13 +70,16 @@ def caption_scores(decoder, embedder, embedded, references, in_image=None, **gen
     return row
 
 
-def variants(base: str, corrector: Path | None) -> dict:
-    """name -> (decoder directory, generation options)."""
+def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
+    """name -> (decoder directory, generation options): the issue's ablations, and the corrector's parts."""
     out = {f"{base}": (BUNDLE / base, {}), f"{base} rerank 8": (BUNDLE / base, {"rerank": 8})}
     if corrector is not None:
-        for k in STEPS:
-            out[f"{base} corrector K={k}"] = (corrector, {"correct": k})
-        out[f"{base} corrector K=4 + rerank 4"] = (corrector, {"correct": 4, "rerank": 4})
+        for k in steps:
+            out[f"{base} corrector K={k} (no edits)"] = (corrector, {"correct": k, "edits": 0})
+        out[f"{base} corrector edits only (K=0)"] = (corrector, {"correct": 0})
+        out[f"{base} corrector K=4 + edits (its defaults)"] = (corrector, {})
+        out[f"{base} corrector K=4 + edits + rerank 4 (both)"] = (corrector, {"rerank": 4})
+        out[f"{base} corrector K=4, margin 0, no edits"] = (corrector, {"margin": 0.0, "edits": 0})
     return out
 
 
@@ -160,7 +164,7 @@ def main() -> None:
     # 2. captioning
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
     for base in bases:
-        rows.update(variants(base, correctors.get(base)))
+        rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     for name, (path, options) in rows.items():
         result["captioning"][name] = {"options": options}
         for split in ("test", "compositional"):
@@ -175,9 +179,10 @@ def main() -> None:
     captions = held_out_captions(data / "test", args.images)
     for base in bases:
         inversions = {f"{base}": (BUNDLE / base, {}), f"{base} rerank 8": (BUNDLE / base, {"rerank": 8})}
-        if base in correctors:
-            for k in (1, 3, 7):
-                inversions[f"{base} corrector K={k}"] = (correctors[base], {"correct": k})
+        if base in correctors:  # embedder calls: 1 for the base's caption, then one per step that changed it
+            for k in (1, 7):
+                inversions[f"{base} corrector K={k} (no edits)"] = (correctors[base], {"correct": k, "edits": 0})
+            inversions[f"{base} corrector K=4 + edits (its defaults)"] = (correctors[base], {})
         for name, (path, options) in inversions.items():
             scores = invert(decoder_at(path), embedder, captions, 100, **options)
             result["inversion"][name] = scores
@@ -206,11 +211,10 @@ def small_world(work: Path, out: str, images: int) -> None:
     from unembed.pipeline import embed_split
 
     embedder = load_embedder(str(work / "embedder"), "cpu")
-    rows = {"clipcap (paired)": (models / "clipcap", {}), "capdec": (models / "capdec", {}),
-            "capdec rerank 8": (models / "capdec", {"rerank": 8}), "viecap": (models / "viecap", {}),
+    rows = {"clipcap (paired)": (models / "clipcap", {}), "viecap": (models / "viecap", {}),
             "viecap rerank 8": (models / "viecap", {"rerank": 8}),
-            "capdec corrector K=4": (corrector, {"correct": 4}),
-            "capdec corrector K=4 + rerank 4": (corrector, {"correct": 4, "rerank": 4})}
+            **{name: (models / "capdec" if path == BUNDLE / "capdec" else corrector, options)
+               for name, (path, options) in variants("capdec", corrector, (4,)).items()}}
     in_image = pairs_in_images(data / "compositional")
     result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
     small = result["small_world"] = {"data": "scenes world, 3000 training images, seed 7",

@@ -42,7 +42,7 @@ BUNDLED = manifest()["decoders"]  # the kinds the library, the CLI and serve rea
 
 def test_every_kind_is_bundled_but_the_corrector():
     assert sorted(BUNDLED) == sorted(k for k in list_decoders() if k != "corrector")  # a corrector is trained
-    line = "option k: the corrector decoder does not take it (it takes correct, num_beams, max_length, rerank)"
+    line = "option k: the corrector decoder does not take it (it takes correct, num_beams, max_length, margin, edits, rerank)"
     with pytest.raises(BadInputError) as e:
         decoder_class("corrector").check_generation({"k": 1})
     assert str(e.value) == line

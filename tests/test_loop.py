@@ -110,36 +110,61 @@ def test_each_correction_step_keeps_the_closest_caption(embedder, scenes_dir, tm
         vectors = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
         return (vectors * F.normalize(embedded.vectors.float(), dim=-1)).sum(-1)
 
-    base = corrector.decode(embedded, correct=0)
-    assert base == corrector.base.decode(embedded)  # K = 0: the base's caption
+    base = corrector.decode(embedded, correct=0, edits=0)
+    assert base == corrector.base.decode(embedded)  # K = 0, no edits: the base's caption
     previous = cosines(base)
     for k in (1, 2, 4):
-        now = cosines(corrector.decode(embedded, correct=k))
+        now = cosines(corrector.decode(embedded, correct=k, margin=0.0, edits=0))
         assert (now >= previous - 1e-6).all()  # a step can only bring the caption closer
         previous = now
     calls = embedder.texts_embedded
-    corrector.decode(embedded, correct=2, rerank=2)
+    corrector.decode(embedded, correct=2, rerank=2, edits=0)
     assert 0 < embedder.texts_embedded - calls <= 4 * 2 * 3  # N per row for the base and for each step
 
 
-def test_train_corrector_through_the_cli_saves_a_decoder_that_captions_files(scenes_dir, embedder_dir, embedder,
-                                                                              tmp_path):
+def test_train_corrector_refuses_a_missing_base_before_loading_anything(scenes_dir, tmp_path):
     from tests.test_zoo import unembed as run
 
-    decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path).save(tmp_path / "base")
-    out = run("train", "corrector", "--base", tmp_path / "base", "--data", scenes_dir, "--out", tmp_path / "corr",
-              "--max-steps", "2", "--batch-size", "8", "--lm-config", '{"n_layer": 1, "n_head": 2, "n_embd": 32}',
-              "--correct", "1", "--device", "cpu")
-    assert out.code == 0, out.stderr
-    report = json.loads(out.stdout[out.stdout.index("{"):])
-    assert report["kind"] == "corrector" and report["base_kind"] == "capdec" and report["train_steps"] == 2
-    assert (tmp_path / "corr" / "base" / "config.json").is_file()
-    image = sorted((scenes_dir / "test" / "images").glob("*.png"))[0]
-    captioned = run("caption", image, "--decoder", tmp_path / "corr", "--correct", "1", "--device", "cpu")
-    assert captioned.code == 0, captioned.stderr
-    assert isinstance(json.loads(captioned.stdout.splitlines()[0])["caption"], str)
     refused = run("train", "corrector", "--base", tmp_path / "nowhere", "--data", scenes_dir, "--out", tmp_path / "x")
     assert refused.code == 2 and str(tmp_path / "nowhere") in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()
+
+
+def test_substitutes_are_words_seen_in_the_same_places():
+    from unembed.decoders.corrector import substitutes
+
+    captions = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("star", "circle", "heart")
+                for p in ("left", "right")] + ["a red star and a blue heart"]
+    table = substitutes(captions)
+    assert set(table["red"]) == {"blue", "green"} and set(table["star"]) == {"circle", "heart"}
+    # "left" and "right" share one context ("the", end), "a" none: under three, so no substitutes
+    assert "left" not in table and "a" not in table
+
+
+def test_an_edit_is_kept_only_when_the_embedder_prefers_it_by_the_margin(embedder, scenes_dir, tmp_path):
+    from unembed.decoders.corrector import CorrectorDecoder
+    from unembed.decoders.rerank import logit_scale
+    from unembed.decoders.corrector import substitutes
+
+    torch.manual_seed(0)
+    captions = split_captions(scenes_dir / "train")
+    corrector = CorrectorDecoder.example(embedder, captions, tmp_path)
+    assert corrector.substitutes == substitutes(captions)  # learned from its training captions
+    embedded = images(scenes_dir, embedder, n=4)
+    base = corrector.decode(embedded, correct=0, edits=0)
+    targets = F.normalize(embedded.vectors.float(), dim=-1)
+
+    def cosine(caption, i):
+        return float(F.normalize(embedder.embed_texts([caption]).float(), dim=-1)[0] @ targets[i])
+
+    scale = logit_scale(embedder)
+    for margin in (0.0, 0.5):
+        edited = corrector.decode(embedded, correct=0, edits=1, margin=margin)
+        for i, (before, after) in enumerate(zip(base, edited)):
+            options = corrector.substituted(before)
+            best = max(options, key=lambda c: cosine(c, i)) if options else before
+            gain = scale * (cosine(best, i) - cosine(before, i)) if options else 0.0
+            assert after == (best if gain > margin + 1e-6 else before), (margin, before, after)
 
 
 # --- inversion ---------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05)", 0, 100,
                      needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
+    GenerationOption("margin", float, "a corrector keeps a new caption only if the embedder's log-odds for it beat "
+                     "the kept one's by more than this", 0, 100),
+    GenerationOption("edits", int, "rounds of a corrector's single-word substitutions", 0, 8),
 )}
 # Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
 LOOP_OPTIONS = ("rerank", "rerank_weight")

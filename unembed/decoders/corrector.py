@@ -29,6 +29,33 @@ from unembed.decoders.prefix import PrefixConfig, PrefixDecoder, make_mapper, op
 from unembed.errors import BadInputError, ModelLoadError
 
 
+SUBSTITUTES = 12      # per word, at most
+SHARED_CONTEXTS = 3   # a substitute shares at least this many (left, right) contexts with the word
+
+
+def substitutes(captions: list[str]) -> dict[str, list[str]]:
+    """word -> the words that stand in the same places in the captions: those sharing the most (previous
+    word, next word) contexts with it, most first (colours with colours, nouns with nouns). The corrector
+    tries them one word at a time, and the embedder decides; no caption needs to have paired them."""
+    from collections import Counter, defaultdict
+
+    contexts: dict[str, set] = defaultdict(set)
+    for caption in captions:
+        words = ["<s>"] + caption.lower().split() + ["</s>"]
+        for left, word, right in zip(words, words[1:], words[2:]):
+            contexts[word].add((left, right))
+    by_context: dict[tuple, list[str]] = defaultdict(list)
+    for word, seen in contexts.items():
+        for context in seen:
+            by_context[context].append(word)
+    out = {}
+    for word, seen in contexts.items():
+        shared = Counter(other for context in seen for other in by_context[context] if other != word)
+        out[word] = [other for other, n in shared.most_common(SUBSTITUTES) if n >= SHARED_CONTEXTS]
+    return {word: others for word, others in out.items() if others}
+
+
+
 @dataclass
 class CorrectorConfig(PrefixConfig):
     base_kind: str = ""             # the kind of the decoder in base/
@@ -44,6 +71,10 @@ class CorrectorConfig(PrefixConfig):
     normalize: bool = False         # the prefix input is built here: [t, e(h), t - e(h)] of unit vectors
     num_beams: int = 1
     hypothesis_tokens: int = 40     # the prompt: the hypothesis, cut to this many tokens
+    margin: float = option(1.0, "a candidate replaces the kept caption only if the embedder's log-odds for it "
+                           "(logit scale x cosine) are higher by more than this")
+    edits: int = option(1, "rounds of single-word substitution after the steps (words that share contexts in the "
+                        "training captions), each kept only above the margin")
 
 
 @register_decoder
@@ -54,8 +85,8 @@ class CorrectorDecoder(PrefixDecoder):
     text_only = True
     needs_embedder = True  # embeds every hypothesis
     wraps_base = True      # trained over a base decoder by `unembed train corrector --base DIR`
-    cli_options = ("lm_config", "mapper", "prefix_length", "noise_variance", "clean_share", "correct")
-    generation_options = ("correct", "num_beams", "max_length")
+    cli_options = ("lm_config", "mapper", "prefix_length", "noise_variance", "clean_share", "correct", "margin", "edits")
+    generation_options = ("correct", "num_beams", "max_length", "margin", "edits")
     train_defaults = dict(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=100)
     compare_recipe = {}
 
@@ -65,6 +96,7 @@ class CorrectorDecoder(PrefixDecoder):
         self.mapper = make_mapper(wide, self.lm.get_input_embeddings().embedding_dim)
         self.__dict__["base"] = base  # not a submodule: its weights are saved in base/, not in ours
         self.train_hypotheses: dict[str, list[int]] = {}
+        self.substitutes: dict[str, list[str]] = {}  # word -> words seen in the same contexts (training captions)
 
     @classmethod
     def takes(cls) -> tuple[str, ...]:
@@ -80,6 +112,7 @@ class CorrectorDecoder(PrefixDecoder):
                                  lm_config={"n_layer": 1, "n_head": 2, "n_embd": 32}, correct=2)
         decoder = cls(config, base.tokenizer, base=base)
         decoder.attach_embedder(embedder)
+        decoder.substitutes = substitutes(captions)
         return decoder
 
     def attach_embedder(self, embedder) -> None:
@@ -116,11 +149,17 @@ class CorrectorDecoder(PrefixDecoder):
         return self.write(embedded, **options)
 
     @torch.no_grad()
-    def write(self, embedded, correct: int | None = None, rerank: int = 1, **options) -> list[str]:
+    def write(self, embedded, correct: int | None = None, rerank: int = 1, margin: float | None = None,
+              edits: int | None = None, **options) -> list[str]:
         if self.base is None:
             raise ModelLoadError("this corrector's base decoder is loaded with its embedder: load it with "
                                  "load_decoder(path) or call attach_embedder(embedder)")
+        from unembed.decoders.rerank import logit_scale
+
         steps = self.config.correct if correct is None else correct
+        edits = self.config.edits if edits is None else edits
+        # the margin in cosine units: log-odds over the embedder's temperature
+        threshold = (self.config.margin if margin is None else margin) / logit_scale(self.embedder)
         self.eval()
         targets = embedded.unit()
         pools = (self.base.candidates(embedded, rerank) if rerank > 1
@@ -132,15 +171,36 @@ class CorrectorDecoder(PrefixDecoder):
                 break
             hypotheses = [best[i] for i in live]
             new = self.rewrite(targets[live], hypotheses, best_vectors[live], options, rerank)
-            found, found_cos, found_vectors = self.closest(targets[live], new)
-            still = []
-            for j, i in enumerate(live):
-                if found_cos[j] > best_cos[i]:
-                    best[i], best_cos[i], best_vectors[i] = found[j], found_cos[j], found_vectors[j]
-                if any(c != hypotheses[j] for c in new[j]):
-                    still.append(i)  # a row whose step wrote nothing new has converged
-            live = still
+            live = self.keep_closer(live, new, targets, best, best_cos, best_vectors, threshold)
+        live = list(range(len(targets)))
+        for _ in range(edits):
+            if not live:
+                break
+            live = self.keep_closer(live, [self.substituted(best[i]) for i in live], targets, best, best_cos,
+                                    best_vectors, threshold)
         return best
+
+    def keep_closer(self, live: list[int], new: list[list[str]], targets, best, best_cos, best_vectors,
+                    threshold: float) -> list[int]:
+        """For each live row, its closest new candidate replaces the kept caption if closer by more than
+        `threshold` (a cosine); returns the rows that changed (the others have converged)."""
+        if not any(new):
+            return []
+        rows = [j for j, row in enumerate(new) if row]
+        found, found_cos, found_vectors = self.closest(targets[[live[j] for j in rows]], [new[j] for j in rows])
+        changed = []
+        for k, j in enumerate(rows):
+            i = live[j]
+            if found_cos[k] > best_cos[i] + threshold and found[k] != best[i]:
+                best[i], best_cos[i], best_vectors[i] = found[k], found_cos[k], found_vectors[k]
+                changed.append(i)
+        return changed
+
+    def substituted(self, caption: str) -> list[str]:
+        """Every caption that differs from `caption` in one word, replaced by one of its substitutes."""
+        words = caption.split()
+        return [" ".join(words[:i] + [other] + words[i + 1:])
+                for i, word in enumerate(words) for other in self.substitutes.get(word.lower(), ())]
 
     def rewrite(self, targets: torch.Tensor, hypotheses: list[str], vectors: torch.Tensor, options: dict,
                 n: int) -> list[list[str]]:
@@ -175,11 +235,18 @@ class CorrectorDecoder(PrefixDecoder):
     # saving: the base decoder inside, in base/
 
     def save_extra(self, path: Path) -> None:
+        from unembed.io import write_json
+
         super().save_extra(path)
+        write_json(path / "substitutes.json", self.substitutes)
         self.base.save(path / "base")
 
     def load_extra(self, path: Path) -> None:
+        from unembed.io import read_json
+
         super().load_extra(path)
+        if (path / "substitutes.json").is_file():
+            self.substitutes = read_json(path / "substitutes.json")
         if not (path / "base" / "config.json").is_file():
             raise ModelLoadError(f"{path}/base is missing: the corrector's base decoder")
         self.base_dir = path / "base"  # loaded when the embedder is attached: the base shares it

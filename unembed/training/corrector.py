@@ -15,13 +15,12 @@ import torch.nn.functional as F
 
 from unembed.data.vectors import Embedded
 from unembed.decoders.bridges import add_noise
+from unembed.decoders.corrector import substitutes
 from unembed.errors import BadInputError
 from unembed.training.loop import TrainConfig, fit
 from unembed.training.prefix import PrefixTask, _validation_set, check_sources
 
 HYPOTHESIS_BATCH = 256
-
-
 def hypotheses(base, embedder, captions: list[str], noise_variance: float, clean_share: float,
                generator: torch.Generator, progress: bool = True) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """(targets t [N, D], the base's hypotheses h, their embeddings e(h) [N, D]) for the captions."""
@@ -70,6 +69,7 @@ def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=N
                                                    decoder_config.clean_share,
                                                    torch.Generator().manual_seed(config.seed), progress)
     decoder.train_hypotheses = {c: decoder.prompt(h) for c, h in zip(unique, written)}
+    decoder.substitutes = substitutes(captions)
     inputs = decoder.inputs(targets, written_vectors)
     task = PrefixTask(decoder, inputs, torch.arange(len(unique)), unique, text_only=False,
                       validation=_validation_set(embedder, Path(data_dir) if data_dir else None))
