@@ -137,10 +137,6 @@ HARMLESS: dict[str, dict[str, str]] = {
 }
 
 
-def mutmut_bin() -> Path:
-    return Path(sys.executable).parent / "mutmut"
-
-
 def mutmut_config() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
 
@@ -165,6 +161,10 @@ def not_mutated(path: str) -> list[str]:
             if names not in (["staticmethod"], ["classmethod"]):
                 out.append(f"{prefix}{fn.name} (@{', @'.join(names)})")
     return out
+
+
+def mutmut_bin() -> Path:
+    return Path(sys.executable).parent / "mutmut"
 
 
 SETUP = """
@@ -198,14 +198,17 @@ def dotted(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".")
 
 
-def describe(diff: str) -> str:
+def function_of(key: str) -> str:
+    """`Class.method` or `function` of a mutant's key (unembed.memory.xǁTextMemoryǁfill__mutmut_8)."""
+    name = key.rpartition(".")[2].rpartition("__mutmut_")[0]
+    return name[2:] if name.startswith("x_") else ".".join(name.split("ǁ")[1:])
+
+
+def describe(key: str, diff: str) -> str:
     """`function: -removed | +added`, the mutated lines without the diff's context."""
-    lines = diff.splitlines()
-    head = next((line for line in lines if line.startswith(("+def ", "-def ", " def ", "+async def ", " async def "))), "")
-    function = head[1:].split("(")[0].replace("def ", "").replace("async ", "").strip()
-    changed = [line[0] + " ".join(line[1:].split()) for line in lines[2:]
+    changed = [line[0] + " ".join(line[1:].split()) for line in diff.splitlines()[2:]
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    return f"{function}: " + " | ".join(changed)
+    return f"{function_of(key)}: " + " | ".join(changed)
 
 
 def collect(name: str, path: str, stats: dict, status_by_exit_code) -> dict:
@@ -223,7 +226,7 @@ def collect(name: str, path: str, stats: dict, status_by_exit_code) -> dict:
         if status in ("killed", "timeout", "caught by type check"):
             continue
         diff = get_diff_for_mutant(key, path=path)
-        what = describe(diff)
+        what = describe(key, diff)
         reason = reasons.get(what)
         if reason:
             used_reasons.add(what)
@@ -260,28 +263,20 @@ def summary(module: dict) -> dict:
             "survivors": [s["mutant"] for s in module["survivors"]]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated subset of " + ",".join(MODULES))
-    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
-    parser.add_argument("--keep", action="store_true", help="reuse mutants/ (default: start afresh)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="without tests/test_mutation_*.py (the suite before them); recorded under \"baseline\"")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mutation.json")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.modules.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(MODULES))
-    if unknown:
-        parser.error(f"unknown modules {unknown} (known: {', '.join(MODULES)})")
-    out = args.out.resolve()
+RUN_KEYS = ("tool", "command", "commands", "test_selection", "max_children", "nice", "setup_wall_s", "started",
+            "machine")
 
+
+def report_only(previous: dict, names: list[str]) -> tuple[dict, dict]:
+    old = previous.get("modules", {})
+    results = {n: {"wall_s": old.get(n, {}).get("wall_s"), "command": old.get(n, {}).get("command")} for n in names}
+    return results, {k: previous[k] for k in RUN_KEYS if k in previous}
+
+
+def run_mutmut(args, names: list[str], config: dict) -> tuple[dict, dict, int]:
     import mutmut
-    from mutmut.stats import status_by_exit_code
 
-    if mutmut.__version__ != MUTMUT_VERSION:
-        print(f"warning: mutmut {mutmut.__version__}, this script was written for {MUTMUT_VERSION}", file=sys.stderr)
-    os.chdir(REPO)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
-    config = mutmut_config()
+    os.nice(args.nice)
     check_preload()
     if not args.keep:
         shutil.rmtree(REPO / "mutants", ignore_errors=True)
@@ -302,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     code, setup_wall = run_logged(setup_cmd, REPO / "mutants" / "mutmut-setup.log")
     if code:
         print("setup failed: see mutants/mutmut-setup.log", file=sys.stderr)
-        return code
+        return {}, {}, code
     results = {}
     commands = ["make mutation  # = python scripts/mutation.py: mutmut's mutant generation and stats run, then"]
     for name in names:
@@ -312,15 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         code, wall = run_logged(cmd, REPO / "mutants" / f"mutmut-{name}.log")
         if code:
             print(f"mutmut failed on {name}: see mutants/mutmut-{name}.log", file=sys.stderr)
-            return code
+            return {}, {}, code
         results[name] = {"wall_s": round(wall, 1), "command": commands[-1]}
-
-    stats = json.loads((REPO / "mutants" / "mutmut-stats.json").read_text(encoding="utf-8"))
-    for name in names:
-        results[name] = {**collect(name, MODULES[name], stats, status_by_exit_code), **results[name],
-                         "not_mutated": not_mutated(MODULES[name])}
-
-    previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     run = {
         "tool": f"mutmut {mutmut.__version__}",
         "command": "make mutation" + (" (python scripts/mutation.py --baseline)" if args.baseline else ""),
@@ -328,10 +316,53 @@ def main(argv: list[str] | None = None) -> int:
         "test_selection": config["pytest_add_cli_args_test_selection"]
         + (["(tests/test_mutation_*.py deselected)"] if args.baseline else []),
         "max_children": args.max_children,
+        "nice": args.nice,
         "setup_wall_s": round(setup_wall, 1),
         "started": started.isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
+    return results, run, 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated subset of " + ",".join(MODULES))
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--keep", action="store_true", help="reuse mutants/ (default: start afresh)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="without tests/test_mutation_*.py (the suite before them); recorded under \"baseline\"")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of the run: it yields the shared cores")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the report from mutants/ (after editing HARMLESS, say)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mutation.json")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.modules.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown modules {unknown} (known: {', '.join(MODULES)})")
+    out = args.out.resolve()
+
+    import mutmut
+    from mutmut.stats import status_by_exit_code
+
+    if mutmut.__version__ != MUTMUT_VERSION:
+        print(f"warning: mutmut {mutmut.__version__}, this script was written for {MUTMUT_VERSION}", file=sys.stderr)
+    os.chdir(REPO)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
+    config = mutmut_config()
+    previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    if args.report_only:
+        if args.baseline or not (REPO / "mutants" / "mutmut-stats.json").is_file():
+            parser.error("--report-only rewrites the last run's report from mutants/ (not a baseline)")
+        results, run = report_only(previous, names)
+    else:
+        results, run, code = run_mutmut(args, names, config)
+        if code:
+            return code
+    stats = json.loads((REPO / "mutants" / "mutmut-stats.json").read_text(encoding="utf-8"))
+    for name in names:
+        results[name] = {**collect(name, MODULES[name], stats, status_by_exit_code), **results[name],
+                         "not_mutated": not_mutated(MODULES[name])}
+
     if args.baseline:
         base = previous.get("baseline", {})
         modules = {**base.get("modules", {}), **{n: summary(r) for n, r in results.items()}}
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'module':<11} {'mutants':>7} {'killed':>6} {'surv':>5} {'t/o':>4} {'none':>5} {'share':>6}  wall")
     for name, r in shown.items():
         print(f"{name:<11} {r['mutants']:>7} {r['killed']:>6} {r['survived']:>5} {r['timeout']:>4} {r['no_tests']:>5} "
-              f"{r['share_killed']:>6.1%}  {r['wall_s']:.0f}s  {'done' if r['done'] else 'NOT DONE'}")
+              f"{r['share_killed']:>6.1%}  {r['wall_s'] or 0:.0f}s  {'done' if r['done'] else 'NOT DONE'}")
         for s in r["survivors"]:
             if not s["reason"]:
                 print(f"    {s['status']:<9} {s['mutant']}\n              {s['change']}")

@@ -130,6 +130,15 @@ def test_train_corrector_refuses_a_missing_base_before_loading_anything(scenes_d
     assert not (tmp_path / "x").exists()
 
 
+def test_the_corrector_is_not_trained_like_a_plain_prefix_decoder(embedder, scenes_dir, tmp_path):
+    from unembed.training.loop import TrainConfig
+    from unembed.training.prefix import train_prefix
+
+    with pytest.raises(BadInputError, match="unembed train corrector --base DIR"):
+        train_prefix("corrector", embedder, tmp_path / "c", TrainConfig(max_steps=1), data_dir=scenes_dir)
+    assert not (tmp_path / "c").exists()
+
+
 def test_substitutes_are_words_seen_in_the_same_places():
     from unembed.decoders.corrector import substitutes
 
@@ -229,3 +238,16 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
     assert not (tmp_path / "bad").exists()  # refused before any work
     orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr
+
+
+def test_the_readme_loop_table_is_the_benchmark_json():
+    """Each row of the README's loop table is a row of benchmarks/results/loop_scenes.json."""
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "loop_scenes.json").read_text())
+    measured = {(f"{100 * r['test']['CIDEr']:.1f}", f"{100 * r['compositional']['CIDEr']:.1f}",
+                 str(r["compositional"]["names_heldout_pair"])) for r in result["captioning"].values()}
+    section = (root / "README.md").read_text().split("## Closing the loop")[1].split("\n## ")[0]
+    rows = [line.split("|")[2:5] for line in section.splitlines() if line.startswith("| ") and "CIDEr" not in line]
+    assert len(rows) >= 10
+    for row in rows:
+        assert tuple(cell.strip() for cell in row) in measured, row

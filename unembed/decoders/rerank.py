@@ -60,7 +60,7 @@ def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: floa
 def logit_scale(embedder) -> float:
     """The embedder's contrastive temperature: exp(logit_scale) of an open_clip model, else CLIP's 100."""
     scale = getattr(getattr(embedder, "model", None), "logit_scale", None)
-    return float(scale.exp()) if isinstance(scale, torch.Tensor) else DEFAULT_LOGIT_SCALE
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else DEFAULT_LOGIT_SCALE
 
 
 def dedupe(row: list[tuple[str, float]]) -> list[tuple[str, float]]:

@@ -126,6 +126,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
+    if cls.wraps_base:  # its prompts are a base decoder's hypotheses, made by train_corrector
+        raise BadInputError(kind, f"is trained over a base decoder: unembed train {kind} --base DIR")
     # Text-only methods never see the training images; only mean shift needs their mean.
     needs_images = not cls.text_only or decoder_options.get("mean_shift", cls.config_class.mean_shift)
     images = _split_images(embedder, data_dir, "train") if needs_images else None
