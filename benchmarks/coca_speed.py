@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -40,21 +39,7 @@ from unembed.compat import import_open_clip
 from unembed.decoders.coca import CoCaDecoder
 from unembed.embedders import Embedded, Embedder
 from unembed.training.coca import init_decoder_projection
-
-BUSY_LOAD = 1.5
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def load_record(start: list[float], end: list[float]) -> dict:
-    record = {"load_average_start": start, "load_average_end": end}
-    if max(start[0], end[0]) > BUSY_LOAD:
-        record["load_note"] = (f"1-minute load average above {BUSY_LOAD} on this {os.cpu_count()}-core machine "
-                               f"(start {start[0]}, end {end[0]}): other jobs ran beside this one and slowed the "
-                               "timed calls; the sides took turns call by call, so ratios are fairer than rates")
-    return record
+from machine_load import load_average, load_record
 
 
 def clock(fn, device: str):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -41,22 +40,9 @@ import torch
 
 from unembed.decoders import create_decoder
 from unembed.embedders import Embedded
+from machine_load import load_average, load_record
 
 GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
-BUSY_LOAD = 1.5
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def load_record(start: list[float], end: list[float]) -> dict:
-    record = {"load_average_start": start, "load_average_end": end}
-    if max(start[0], end[0]) > BUSY_LOAD:
-        record["load_note"] = (f"1-minute load average above {BUSY_LOAD} on this {os.cpu_count()}-core machine "
-                               f"(start {start[0]}, end {end[0]}): other jobs ran beside this one and slowed the "
-                               "timed calls; the sides took turns call by call, so ratios are fairer than rates")
-    return record
 
 
 class TokenRecorder:

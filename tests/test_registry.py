@@ -89,7 +89,7 @@ def test_text_prompts_of_different_lengths_change_neither_loss_nor_captions_of_o
 # above. Keep in step with the table in docs/ARCHITECTURE.md (test_the_table_lists_every_module).
 LEVELS = [
     ("base", {"unembed", "unembed.errors", "unembed.io", "unembed.compat", "unembed.hub", "unembed.distributed",
-              "unembed.generation"}),
+              "unembed.generation", "unembed.preload"}),
     ("bundle", {"unembed.bundle"}),
     ("data", {"unembed.data"}),
     ("embedders", {"unembed.embedders", "unembed.text_tower"}),

@@ -4,7 +4,8 @@ For each decoder: train it on DATA/train (or take an existing decoder directory)
 DATA/<split> images, score every decoder with the same metrics, and time it. One embedding pass of
 the split serves every decoder built for the compare's embedder and the CLIPScores of all of them
 (CoCa, its own embedder, decodes from its own pass of image tokens). Each training and each
-captioning runs in a fresh process, so its peak memory is its own and a decoder that fails is one
+captioning runs in a fresh process (forked from a server that has imported only torch,
+transformers and open_clip), so its peak memory is its own and a decoder that fails is one
 failed row, not a failed comparison. Writes into OUT:
     models/<name>/                 trained decoders (a complete one is reused when the run restarts)
     captions/<name>.jsonl          every decoder's captions
@@ -20,7 +21,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 from unembed.errors import BadInputError, UnembedError
@@ -114,9 +115,19 @@ def _peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _fresh_process_context():
+    """A fork server that has imported only the heavy libraries (unembed/preload.py): each job forks
+    from it, a fresh process with nothing of this one (no CUDA, no threads) and no imports to repeat."""
+    if "forkserver" not in get_all_start_methods():  # Windows
+        return get_context("spawn")
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["unembed.preload"])
+    return context
+
+
 def _in_fresh_process(function, *args) -> dict:
-    """Run function(*args) in a new spawned process; its exceptions come back as {"error": line}."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    """Run function(*args) in a new process; its exceptions come back as {"error": line}."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_process_context()) as pool:
         return pool.submit(_guarded, function, *args).result()
 
 
@@ -167,7 +178,7 @@ def train_job(kind: str, out_dir: str, data_dir: str, embedder_spec: str, option
             from unembed.training.prefix import train_prefix
 
             train_prefix(kind, embedder, out_dir, config, data_dir=data, progress=False, **options)
-    return {"train_minutes": round((time.perf_counter() - t0) / 60, 2), "train_peak_memory_mb": _peak_memory_mb()}
+    return {"train_minutes": round((time.perf_counter() - t0) / 60, 4), "train_peak_memory_mb": _peak_memory_mb()}
 
 
 def _train_iterative(embedder, data: Path, out_dir: Path, config, options: dict) -> None:
