@@ -28,7 +28,7 @@ def images(scenes_dir, embedder, with_tokens=False, n=3):
 def by_hand(embedder, embedded, candidates, weight):
     """The caption rerank must pick, each candidate embedded on its own: the decoder's score plus weight
     x the embedder's temperature x cosine."""
-    scale = float(embedder.model.logit_scale.exp())
+    scale = float(embedder.model.logit_scale.detach().exp())
     picked = []
     for row, target in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
         texts = list(dict.fromkeys(c for c, _ in row))
