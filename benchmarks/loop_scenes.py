@@ -131,6 +131,8 @@ def main() -> None:
         return loaded[path]
 
     earlier = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if earlier.get("embedder_id") != embedder.id:
+        earlier = {}  # rows measured with another embedder are not kept
     result = {"embedder": recorded_path(str(BUNDLE / "embedder")), "embedder_id": embedder.id,
               "data": "scenes world, 20000 training images, seed 0", "corrector_training": " ".join(CORRECTOR),
               "machine": {"cpus": __import__("os").cpu_count(), "torch": torch.__version__},
@@ -147,7 +149,7 @@ def main() -> None:
     embedded, references = splits["val"]
     for base in ("clipcap", "capdec", "viecap"):
         kept = earlier.get("weight_sweep", {}).get(base, {})
-        if all(f"rerank 8, weight {w:g}" in kept for w in WEIGHTS) and earlier.get("embedder_id") == embedder.id:
+        if all(f"rerank 8, weight {w:g}" in kept for w in WEIGHTS):
             result["weight_sweep"][base] = kept
             continue
         decoder = decoder_at(BUNDLE / base)
@@ -173,7 +175,7 @@ def main() -> None:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (4,)))
     for name, (path, options) in rows.items():
         done = earlier.get("captioning", {}).get(name, {})
-        if done.get("options") == options and "compositional" in done and earlier.get("embedder_id") == embedder.id:
+        if done.get("options") == options and "compositional" in done:
             result["captioning"][name] = done  # measured by an earlier run of this script: kept
             continue
         result["captioning"][name] = {"options": options}

@@ -81,11 +81,9 @@ def test_caption_embeddings_decode_on_the_device_asked_for(retrieval_dir, embedd
 # --- options of `unembed train KIND` ----------------------------------------------------------------
 
 def _prefix_kinds():
-    from unembed.decoders import decoder_class, list_decoders
-    from unembed.decoders.prefix import PrefixDecoder
+    from unembed.decoders import decoder_class, prefix_kinds
 
-    return [decoder_class(k) for k in list_decoders()
-            if issubclass(decoder_class(k), PrefixDecoder) and not decoder_class(k).wraps_base]
+    return [decoder_class(k) for k in prefix_kinds()]
 
 
 def _refused():

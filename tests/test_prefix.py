@@ -5,16 +5,13 @@ import json
 import pytest
 import torch
 
-from unembed.decoders import create_decoder, decoder_class, list_decoders, load_decoder
-from unembed.decoders.prefix import PrefixDecoder
+from unembed.decoders import create_decoder, load_decoder, prefix_kinds
 from unembed.embedders import Embedded
 from unembed.training.loop import TrainConfig
 from unembed.training.prefix import train_prefix
 
 TINY_LM = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 48}
-# The registry's prefix kinds, less those trained over a base decoder (the corrector: tests/test_loop.py).
-PREFIX_KINDS = tuple(k for k in list_decoders()
-                     if issubclass(decoder_class(k), PrefixDecoder) and not decoder_class(k).wraps_base)
+PREFIX_KINDS = tuple(prefix_kinds())  # the registry's, less the corrector (trained over a base: test_loop.py)
 
 
 def tiny(kind, embedder, **options):

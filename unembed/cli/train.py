@@ -185,11 +185,9 @@ def _add_iterative(p) -> None:
 
 def _add_prefix_kinds(train) -> None:
     """`unembed train KIND` for every registered prefix-LM decoder, from the decoder's declaration."""
-    from unembed.decoders import decoder_class, list_decoders
-    from unembed.decoders.prefix import PrefixDecoder
+    from unembed.decoders import decoder_class, prefix_kinds
 
-    kinds = [decoder_class(kind) for kind in list_decoders()
-             if issubclass(decoder_class(kind), PrefixDecoder) and not decoder_class(kind).wraps_base]
+    kinds = [decoder_class(kind) for kind in prefix_kinds()]
     takers: dict[str, list] = {}  # option -> the kinds that take it
     for cls in kinds:
         for name in cls.cli_options:

@@ -38,6 +38,14 @@ def list_decoders() -> list[str]:
     return sorted(set(BUILTIN_DECODERS) | set(registered()))
 
 
+def prefix_kinds() -> list[str]:
+    """The prefix-LM kinds `unembed train KIND` trains on their own: not those trained over a base
+    decoder (the corrector, by `unembed train corrector --base DIR`)."""
+    from unembed.decoders.prefix import PrefixDecoder
+
+    return [k for k in list_decoders() if issubclass(decoder_class(k), PrefixDecoder) and not decoder_class(k).wraps_base]
+
+
 def create_decoder(name: str, **config) -> Decoder:
     cls = decoder_class(name)
     return cls(cls.config_class(**config))
@@ -79,5 +87,5 @@ def check_embedder(config: dict, embedder, where) -> None:
                             f"embedder {embedder.spec!r} makes {embedder.dim}-d")
 
 
-__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_path", "find_decoder", "decoder_class", "list_decoders",
+__all__ = ["DECODER_FORMAT", "Decoder", "DecoderConfig", "create_decoder", "decoder_path", "find_decoder", "decoder_class", "list_decoders", "prefix_kinds",
            "check_embedder", "load_decoder", "read_decoder_config", "register_decoder", "resolve_embedder_spec"]

@@ -122,12 +122,12 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
 
-    check_sources(kind, data_dir, caption_files)
-    data_dir = Path(data_dir) if data_dir else None
-    torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     cls = decoder_class(kind)
     if cls.wraps_base:  # its prompts are a base decoder's hypotheses, made by train_corrector
         raise BadInputError(kind, f"is trained over a base decoder: unembed train {kind} --base DIR")
+    check_sources(kind, data_dir, caption_files)
+    data_dir = Path(data_dir) if data_dir else None
+    torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     # Text-only methods never see the training images; only mean shift needs their mean.
     needs_images = not cls.text_only or decoder_options.get("mean_shift", cls.config_class.mean_shift)
     images = _split_images(embedder, data_dir, "train") if needs_images else None
