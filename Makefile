@@ -37,10 +37,11 @@ browser:
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the HTML report's browser tests will be skipped"
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist; the minutes-long tests are scheduled first).
+# The suite runs on TEST_WORKERS processes (pytest-xdist). worksteal, not load: load hands each worker a fixed
+# first chunk, which put every minutes-long test on one worker while the other sat idle for 6 minutes.
 TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist worksteal tests
 
 bundle: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/bundle.sh

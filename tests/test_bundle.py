@@ -61,6 +61,7 @@ def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
     return out, info
 
 
+@pytest.mark.slow(seconds=28)
 def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare_dir, scenes_dir):
     out, info = tiny_bundle
     assert info["decoders"] == ["retrieval", "decap"] and info["default"] in info["decoders"]

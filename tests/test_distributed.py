@@ -13,7 +13,6 @@ import torch
 
 from unembed.io import load_tensors
 
-pytestmark = pytest.mark.slow
 # Dropout draws from each process's own random stream, so only a dropout-free model can match exactly.
 NO_DROPOUT_LM = json.dumps({"n_layer": 1, "n_embd": 32, "n_head": 2, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0})
 
@@ -46,6 +45,7 @@ def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([value[:width], value[2 * width:]])
 
 
+@pytest.mark.slow(seconds=65)
 def test_every_trainer_at_two_processes_gives_the_one_process_weights_with_an_uneven_batch(
         tmp_path, scenes_dir, embedder_dir):
     """CLIP, CoCa (both objectives, and captioning only, whose contrastive head gets no gradient),
@@ -102,6 +102,7 @@ def _images_with_a_bad_one(scenes_dir, tmp_path):
     return folder
 
 
+@pytest.mark.slow(seconds=88)
 def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes_dir, retrieval_dir, embedder_dir):
     from tests.test_formats import write_shards
 

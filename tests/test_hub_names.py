@@ -56,6 +56,7 @@ def _python(code: str, home: Path, timeout: float = 120) -> subprocess.Completed
                           timeout=timeout)
 
 
+@pytest.mark.slow(seconds=15)
 def test_openai_name_builds_quickgelu_with_the_fixture_weights_from_the_cache_while_the_hub_is_unreachable(openai_hub):
     home, expected = openai_hub
     run = _python("""

@@ -134,6 +134,7 @@ def test_spice_is_said_unavailable_where_it_cannot_run(scored):
     assert "needs network" in result["unavailable"]["SPICE"]
 
 
+@pytest.mark.slow(seconds=20)
 def test_meteor_jvm_started_once_per_process_and_stopped_at_exit(scored):
     import os
     import subprocess
@@ -339,6 +340,7 @@ def test_load_references_errors_name_the_file(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.slow(seconds=28)
 def test_scores_equal_pycocoevalcaps_own_evaluation_pipeline(tmp_path, monkeypatch):
     """The same numbers as pycocoevalcap's COCOEvalCap over pycocotools' COCO objects (the official
     way: annotation file, loadRes, PTB tokenizer, each scorer), exactly; its SPICE needs a download."""

@@ -181,7 +181,7 @@ def length_option(variant: str) -> list[str]:
     return [] if variant == "decap" else ["--max-length", str(CLIPCAP_LENGTH)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_unembed_caption_from_image_files_equals_each_methods_official_inference(hub, imported, image_files,
                                                                                    references):
     work = imported[0]
@@ -194,7 +194,7 @@ def test_unembed_caption_from_image_files_equals_each_methods_official_inference
         assert got == references[variant], variant
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=12)
 def test_serve_captions_the_same_files_as_the_official_inference(hub, imported, image_files, references):
     import os
 

@@ -227,7 +227,7 @@ def test_planted_pickles_and_non_tensor_checkpoints_are_refused_and_create_nothi
         assert not (tmp_path / "imported").exists() and not (tmp_path / "planted-ran").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_the_guides_published_weights_commands_run(hub, base_gpt2, scenes_dir, tmp_path):
     """The "Use the published weights" block as written, on fixture files of those names in the official
     layouts; each import also gets the hub cache's small CLIP as --embedder (appended, so it wins), since

@@ -60,7 +60,7 @@ def test_make_demo_and_quickstart_run_exactly_their_blocks(script, name):
     assert lines == [line for line in block(name).splitlines() if line.strip()]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=21)
 def test_the_demo_block_runs_with_the_bundle(tmp_path):
     """The demo's commands as written, small: its compare on two of the bundled decoders (the appended
     --decoders wins), as all seven cost a fresh process each; test_bundle covers every bundled decoder."""
@@ -109,7 +109,7 @@ def small(argv) -> list[str]:
     return flags
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=43)
 def test_quickstart_then_prefix_decoders_run(tmp_path):
     result = run_in_one_process(commands("quickstart"), tmp_path, small)
     assert re.search(r"\| CIDEr", result.stdout) and "CLIPScore" in result.stdout  # the evals' tables
@@ -130,7 +130,7 @@ def _quickstart_outputs(tmp_path, scenes_dir, embedder_dir) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_scaling_commands_run_at_two_processes(tmp_path, scenes_dir, embedder_dir):
     _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
     for argv in commands("scaling"):
@@ -145,7 +145,7 @@ def test_scaling_commands_run_at_two_processes(tmp_path, scenes_dir, embedder_di
     assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == images
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_compare_commands_run(tmp_path, scenes_dir, embedder_dir):
     _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
     for argv in commands("compare"):
@@ -166,6 +166,7 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     assert "| exact match | BLEU-4 | cosine | embedder calls / caption |" in result.stdout
 
 
+@pytest.mark.slow(seconds=17)
 def test_bundle_commands_caption_with_the_shipped_models(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     outputs = [run_small(argv, tmp_path).stdout for argv in commands("bundle")]
@@ -207,7 +208,7 @@ def karpathy_fixture(scenes_dir, root: Path) -> None:
         shutil.copyfile(path, root / "photos" / path.name)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, scenes_dir):
     from tests.hub_cache import GPT2, write_hub_cache
     from unembed.data.splits import split_captions
@@ -273,6 +274,7 @@ def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, sc
         f"({tmp_path / 'hf' / 'hub'}) and the hub is unreachable (HF_HUB_OFFLINE is set)"]
 
 
+@pytest.mark.slow(seconds=20)
 def test_names_not_in_the_cache_fail_fast_with_one_line(tmp_path):
     (tmp_path / "caps.txt").write_text("a dog on a sofa\n")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -18,7 +18,7 @@ RECIPES = {"clipcap_mlp": "clipcap-mlp", "clipcap_transformer": "clipcap-transfo
            "decap": "decap", "magic": "magic", "coca": "coca"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=117)
 def test_every_recipe_runs_and_ends_in_a_comparison(tmp_path, scenes_dir):
     from unembed.data.splits import split_captions
 

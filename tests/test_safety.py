@@ -75,7 +75,7 @@ def _logged_steps(out):
     return len(log.read_text().splitlines()) if log.is_file() else 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=27)
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, scenes_dir):
     full = tmp_path / "full"
     subprocess.run(_train_command(scenes_dir, full), check=True, capture_output=True, timeout=600)

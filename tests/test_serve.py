@@ -324,6 +324,7 @@ def test_page_in_a_browser_uploads_an_image_and_shows_every_decoders_caption(ser
         assert cli_captions[name][images[0].name] in markup
 
 
+@pytest.mark.slow(seconds=18)
 def test_readme_serve_commands_answer_like_unembed_caption_and_stop_on_sigterm(tmp_path):
     """The README's block: the server in the background, then its curl lines; each answer equals what
     `unembed caption` prints with the same options. SIGTERM then stops the server once the request

@@ -127,7 +127,7 @@ sys.exit(code)
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=13)
 def test_a_non_finite_loss_on_one_process_stops_every_process_at_that_step(tmp_path):
     from tests.test_distributed import run_unembed
 
