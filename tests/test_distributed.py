@@ -102,33 +102,36 @@ def _images_with_a_bad_one(scenes_dir, tmp_path):
     return folder
 
 
-@pytest.mark.slow(seconds=88)
+@pytest.mark.slow(seconds=45)
 def test_two_process_captioning_and_embedding_equal_one_process(tmp_path, scenes_dir, retrieval_dir, embedder_dir):
     from tests.test_formats import write_shards
 
     folder = _images_with_a_bad_one(scenes_dir, tmp_path)
     _, keys = write_shards(scenes_dir, tmp_path / "shards", per_shard=3, shards=3, broken=False)
     captions, vectors, from_shards = {}, {}, {}
-    for processes in (1, 2):
-        out = tmp_path / f"captions-{processes}.jsonl"
-        result = run_unembed(["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out),
-                              "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
-        assert result.returncode == 1  # the broken file makes it partial
-        assert result.stderr.count("000005-broken.png") == 1, result.stderr[-3000:]
+    for processes in (1, 2):  # the three commands in one launch: a process's start-up is paid once
+        out, emb, shards = (tmp_path / f"{name}-{processes}{ext}" for name, ext in
+                            (("captions", ".jsonl"), ("vectors", ".safetensors"), ("shards", ".jsonl")))
+        listing = tmp_path / f"commands-{processes}.json"
+        listing.write_text(json.dumps([
+            ["caption", str(folder), "--decoder", str(retrieval_dir), "--out", str(out), "--batch-size", "4", "--device", "cpu"],
+            ["embed", str(folder), "--embedder", str(embedder_dir), "--out", str(emb), "--batch-size", "4", "--device", "cpu"],
+            # webdataset shards: the samples split across processes
+            ["caption", "shards/shard-{0000..0002}.tar", "--decoder", str(retrieval_dir), "--out", str(shards),
+             "--batch-size", "2", "--device", "cpu"]]))
+        result = run_unembed([listing.name, "--each"], processes, tmp_path,
+                             module=(str(Path(__file__).parent / "run_commands.py"),))
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderr = [" ".join(p.read_text() for p in sorted(tmp_path.glob(f"{listing.name}.{i}.rank*.stderr")))
+                  for i in range(3)]
+        # the broken file makes captioning and embedding partial, and is named once, by one process
+        codes = [json.loads(p.read_text()) for p in tmp_path.glob(f"{listing.name}.rank*.codes")]
+        assert len(codes) == processes and [max(c) for c in zip(*codes)] == [1, 1, 0], stderr  # as the launcher's
+        assert stderr[0].count("000005-broken.png") == 1 and "000005-broken.png" in stderr[1], stderr
         records = [json.loads(line) for line in out.read_text().splitlines()]
         captions[processes] = [(r["file"], r["caption"]) for r in records]
         assert not list(tmp_path.glob(f"captions-{processes}.jsonl.part*"))
-
-        emb = tmp_path / f"vectors-{processes}.safetensors"
-        result = run_unembed(["embed", str(folder), "--embedder", str(embedder_dir), "--out", str(emb),
-                              "--batch-size", "4", "--device", "cpu"], processes, tmp_path)
-        assert result.returncode == 1 and "000005-broken.png" in result.stderr
         vectors[processes] = load_tensors(emb)
-
-        shards = tmp_path / f"shards-{processes}.jsonl"  # webdataset shards: the samples split across processes
-        result = run_unembed(["caption", "shards/shard-{0000..0002}.tar", "--decoder", str(retrieval_dir), "--out",
-                              str(shards), "--batch-size", "2", "--device", "cpu"], processes, tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
         from_shards[processes] = [(r["image_id"], r["caption"]) for r in map(json.loads, shards.read_text().splitlines())]
     assert len(captions[1]) == 11 and captions[2] == captions[1]
     assert [name for name, _ in captions[1]] == sorted(name for name, _ in captions[1])

@@ -39,7 +39,8 @@ def block(name: str) -> str:
 
 
 def commands(name: str) -> list[list[str]]:
-    return [shlex.split(line.split("#")[0]) for line in block(name).splitlines() if line.strip()]
+    lines = block(name).replace("\\\n", " ").splitlines()  # a line ending in a backslash goes on
+    return [shlex.split(line.split("#")[0]) for line in lines if line.strip()]
 
 
 def run(argv, cwd, env=None):
@@ -130,19 +131,25 @@ def _quickstart_outputs(tmp_path, scenes_dir, embedder_dir) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow(seconds=75)
+@pytest.mark.slow(seconds=35)
 def test_scaling_commands_run_at_two_processes(tmp_path, scenes_dir, embedder_dir):
     _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
-    for argv in commands("scaling"):
-        assert argv[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4"]
-        launcher = [sys.executable, "-m", "unembed.compat", "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(29000 + os.getpid() % 500)]
-        extra = SMALL.get(" ".join(argv[7:9]), [])
-        result = subprocess.run(launcher + argv[5:] + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-3000:]}"
+    argvs = commands("scaling")
+    for argv in argvs:
+        assert argv[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m", "unembed.cli"]
+    # The block's commands under one launch of 2 processes (tests/run_commands.py), not a launch each: the
+    # same distributed runs, with the launcher's and each process's start-up paid once.
+    listing = tmp_path / ".scaling.json"
+    listing.write_text(json.dumps([argv[7:] + SMALL.get(" ".join(argv[7:9]), []) for argv in argvs]))
+    launcher = [sys.executable, "-m", "unembed.compat", "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(29000 + os.getpid() % 500)]
+    result = subprocess.run([*launcher, str(ROOT / "tests" / "run_commands.py"), str(listing)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
     images = len(list((tmp_path / "scenes" / "test" / "images").glob("*.png")))
     assert len((tmp_path / "test-captions-4gpu.jsonl").read_text().splitlines()) == images
+    assert (tmp_path / "test-images.safetensors").is_file()
+    assert (tmp_path / "models" / "capdec-4gpu" / "config.json").is_file()
 
 
 @pytest.mark.slow(seconds=65)
@@ -163,7 +170,8 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     assert len(captions) == 2 * len(list((ROOT / "examples").glob("*.png")))
     assert {c["decoder"] for c in captions} == {"capdec", "corrector"}
     assert (tmp_path / "corrector" / "base" / "config.json").is_file()
-    assert "| exact match | BLEU-4 | cosine | embedder calls / caption |" in result.stdout
+    assert result.stdout.count("| exact match | BLEU-4 | cosine | embedder calls / caption |") == 2
+    assert json.loads((tmp_path / "inverter" / "config.json").read_text())["config"]["noise_variance"] == 0
 
 
 @pytest.mark.slow(seconds=17)

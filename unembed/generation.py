@@ -75,7 +75,8 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("rerank", int, "write this many candidates with the decoder's own search and keep the one the "
                      "embedder scores closest to the input (1 = off)", 1, 64),
     GenerationOption("rerank_weight", float, "with --rerank: score = the decoder's own score + this weight x the "
-                     "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05)", 0, 100,
+                     "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05, chosen for "
+                     "images; 100 lets the cosine decide, for inverting a text embedding)", 0, 100,
                      needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
     GenerationOption("margin", float, "a corrector keeps a new caption only if the embedder's log-odds for it beat "
