@@ -17,6 +17,11 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    naming one that is in the image), embedder calls per caption, seconds.
 3. Inversion of the test split's first caption per image (1,000): exact match, BLEU-4, cosine,
    embedder calls per caption: base, rerank 8, corrector K = 1 and 7 (calls <= 8), its defaults.
+   And an inverter: the bundle's CapDec recipe with no noise (`unembed train capdec --noise-variance 0`),
+   trained 600 steps (the same budget) and 2,400 (about 1.5 passes over the 100,000 training
+   captions): CapDec's noise is there to cross the modality gap and drowns the detail inversion needs.
+   Rerank 8 at the captioning weight and at 100 (the cosine decides: the target is a text embedding, so
+   the exact caption's cosine is 1), and a corrector over the 2,400-step inverter (the budget above).
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
@@ -46,6 +51,11 @@ CORRECTOR = ["--lm-config", '{"n_layer": 3, "n_embd": 128}', "--max-steps", "600
              "--max-captions", "20000"]
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 100.0)
 STEPS = (1, 2, 4, 8)
+# The inverter: the bundle's capdec (scripts/bundle.json and the prefix kinds' compare recipe) without noise.
+INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
+            "--mapper", "mlp", "--noise-variance", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
+INVERTER_STEPS = (600, 2400)
+CORRECTED_INVERTER = 2400
 
 
 def unembed(*args: str) -> None:
@@ -105,6 +115,15 @@ def main() -> None:
         if not (correctors[base] / "config.json").is_file():
             unembed("train", "corrector", "--base", str(BUNDLE / base), "--data", str(data), "--out",
                     str(correctors[base]), *CORRECTOR)
+    inverters = {steps: work / f"inverter-{steps}" for steps in INVERTER_STEPS}
+    for steps, path in inverters.items():
+        if not (path / "config.json").is_file():
+            unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(path),
+                    "--max-steps", str(steps), *INVERTER)
+    corrected_inverter = work / f"corrector-inverter-{CORRECTED_INVERTER}"
+    if not (corrected_inverter / "config.json").is_file():
+        unembed("train", "corrector", "--base", str(inverters[CORRECTED_INVERTER]), "--data", str(data), "--out",
+                str(corrected_inverter), *CORRECTOR)
 
     import torch
 
@@ -137,10 +156,14 @@ def main() -> None:
               "data": "scenes world, 20000 training images, seed 0", "corrector_training": " ".join(CORRECTOR),
               "machine": {"cpus": __import__("os").cpu_count(), "torch": torch.__version__},
               "weight_sweep": {}, "captioning": {}, "inversion": {}}
-    for path in correctors.values():
-        metrics = json.loads((path / "metrics.json").read_text())
-        result.setdefault("correctors", {})[path.name] = {k: metrics.get(k) for k in
-                                                          ("train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
+    if "small_world" in earlier:
+        result["small_world"] = earlier["small_world"]  # --small-world's rows: their own embedder, kept
+    result["inverter_training"] = "unembed train capdec " + " ".join(INVERTER)
+    for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values())):
+        for path in paths:
+            metrics = json.loads((path / "metrics.json").read_text())
+            result.setdefault(group, {})[path.name] = {k: metrics.get(k) for k in
+                                                       ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
 
     # 1. the rerank weight on val: each decoder's 8 candidates and their cosines once, picked at every weight
     from unembed.decoders.rerank import dedupe, embedding_cosines, logit_scale, pick
@@ -172,7 +195,7 @@ def main() -> None:
     # 2. captioning
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
     for base in bases:
-        rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (4,)))
+        rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     for name, (path, options) in rows.items():
         done = earlier.get("captioning", {}).get(name, {})
         if done.get("options") == options and "compositional" in done:
@@ -189,8 +212,17 @@ def main() -> None:
 
     # 3. inversion
     captions = held_out_captions(data / "test", args.images)
-    for base in bases:
-        inversions = {f"{base}": (BUNDLE / base, {}), f"{base} rerank 8": (BUNDLE / base, {"rerank": 8})}
+    inverter_rows = {}
+    for steps, path in inverters.items():
+        name = f"inverter ({steps} steps)"
+        inverter_rows.update({name: (path, {}), f"{name} rerank 8": (path, {"rerank": 8}),
+                              f"{name} rerank 8, weight 100": (path, {"rerank": 8, "rerank_weight": 100.0})})
+    for k in (1, 7):
+        inverter_rows[f"inverter ({CORRECTED_INVERTER} steps) corrector K={k} (no edits)"] = (
+            corrected_inverter, {"correct": k, "edits": 0})
+    for base in [*bases, "inverter"]:
+        inversions = (inverter_rows if base == "inverter" else
+                      {f"{base}": (BUNDLE / base, {}), f"{base} rerank 8": (BUNDLE / base, {"rerank": 8})})
         if base in correctors:  # embedder calls: 1 for the base's caption, then one per step that changed it
             for k in (1, 7):
                 inversions[f"{base} corrector K={k} (no edits)"] = (correctors[base], {"correct": k, "edits": 0})

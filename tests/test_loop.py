@@ -240,14 +240,20 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr
 
 
-def test_the_readme_loop_table_is_the_benchmark_json():
-    """Each row of the README's loop table is a row of benchmarks/results/loop_scenes.json."""
+def test_the_readme_loop_tables_are_the_benchmark_json():
+    """Each row of the README's loop tables (captioning, then inversion) is a row of
+    benchmarks/results/loop_scenes.json."""
     root = Path(__file__).resolve().parents[1]
     result = json.loads((root / "benchmarks" / "results" / "loop_scenes.json").read_text())
-    measured = {(f"{100 * r['test']['CIDEr']:.1f}", f"{100 * r['compositional']['CIDEr']:.1f}",
-                 str(r["compositional"]["names_heldout_pair"])) for r in result["captioning"].values()}
+    captioned = {(f"{100 * r['test']['CIDEr']:.1f}", f"{100 * r['compositional']['CIDEr']:.1f}",
+                  str(r["compositional"]["names_heldout_pair"])) for r in result["captioning"].values()}
+    inverted = {(f"{100 * r['exact_match']:.1f}%", f"{100 * r['BLEU-4']:.1f}", f"{r['cosine']:.3f}",
+                 f"{r['embedder_calls_per_caption']:.1f}") for r in result["inversion"].values()}
     section = (root / "README.md").read_text().split("## Closing the loop")[1].split("\n## ")[0]
-    rows = [line.split("|")[2:5] for line in section.splitlines() if line.startswith("| ") and "CIDEr" not in line]
-    assert len(rows) >= 10
-    for row in rows:
-        assert tuple(cell.strip() for cell in row) in measured, row
+    tables = [t for t in section.split("\n\n") if t.startswith("| ")]
+    assert [t.split(" |")[0] for t in tables] == ["| decoder", "| inversion"]
+    for table, measured, columns, least in ((tables[0], captioned, slice(2, 5), 10), (tables[1], inverted, slice(2, 6), 4)):
+        rows = [line.split("|")[columns] for line in table.splitlines()[2:]]
+        assert len(rows) >= least
+        for row in rows:
+            assert tuple(cell.strip() for cell in row) in measured, row
