@@ -18,8 +18,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
 3. Inversion of the test split's first caption per image (1,000): exact match, BLEU-4, cosine,
    embedder calls per caption: base, rerank 8, corrector K = 1 and 7 (calls <= 8), its defaults.
    And an inverter: the bundle's CapDec recipe with no noise (`unembed train capdec --noise-variance 0`),
-   trained 600 steps (the same budget) and 2,400 (about 1.5 passes over the 100,000 training
-   captions): CapDec's noise is there to cross the modality gap and drowns the detail inversion needs.
+   trained 600 steps (the same budget), 2,400 and 7,200 (about 1.5 and 4.6 passes over the 100,000
+   training captions): CapDec's noise is there to cross the modality gap and drowns the detail inversion needs.
    Rerank 8 at the captioning weight and at 100 (the cosine decides: the target is a text embedding, so
    the exact caption's cosine is 1), and a corrector over the 2,400-step inverter (the budget above).
 
@@ -54,7 +54,7 @@ STEPS = (1, 2, 4, 8)
 # The inverter: the bundle's capdec (scripts/bundle.json and the prefix kinds' compare recipe) without noise.
 INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
             "--mapper", "mlp", "--noise-variance", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
-INVERTER_STEPS = (600, 2400)
+INVERTER_STEPS = (600, 2400, 7200)
 CORRECTED_INVERTER = 2400
 
 
