@@ -36,6 +36,7 @@ from unembed.compat import import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.hub import open_clip_hub_dir, open_clip_spelling, open_clip_weights
 from unembed.io import load_tensors, read_json, save_tensors, write_json
+from unembed.tokenizers import clip_bpe
 # Embedded lives with the embedding files it reads and writes (data/vectors.py); embedders make them.
 from unembed.data.vectors import Embedded  # noqa: F401  (re-exported: unembed.embedders.Embedded)
 
@@ -203,7 +204,7 @@ class Embedder:
     @classmethod
     def from_config(cls, config: dict, spec: str = "", device: str = "cpu") -> "Embedder":
         """Build an untrained embedder from an architecture config (see `scenes_config`)."""
-        open_clip = import_open_clip()
+        import_open_clip()
         from open_clip.coca_model import CoCa
         from open_clip.model import CLIP
         from open_clip.transform import image_transform
@@ -213,7 +214,7 @@ class Embedder:
         model = (CoCa if model_type == "coca" else CLIP)(**arch, **({} if model_type == "coca" else {"output_dict": True}))
         pre = config["preprocess"]
         preprocess = image_transform(pre["image_size"], is_train=False, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
+        tokenizer = clip_bpe(arch["text_cfg"]["context_length"])
         if "vocab" in config:
             tokenizer = PrunedTokenizer(tokenizer, config["vocab"])
         return cls(model, preprocess, tokenizer, spec, config.get("id", "untrained"), device, config)

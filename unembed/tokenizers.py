@@ -7,6 +7,7 @@ Used by the prefix decoders, the iterative decoder and `training/lm.py`.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -15,15 +16,23 @@ from unembed.compat import import_transformers
 from unembed.errors import ModelLoadError
 
 
+@functools.lru_cache(maxsize=None)
+def clip_bpe(context_length: int):
+    """open_clip's SimpleTokenizer, built once per process and context length: building one reads and
+    merges its 49k-word vocabulary (0.2 s), and every embedder and decoder load asked for a new one.
+    Its only state besides the vocabulary is a memo of words already split, so sharing it is safe."""
+    from unembed.compat import import_open_clip
+
+    return import_open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
+
+
 class ClipBpeTokenizer:
     """open_clip's CLIP BPE (bundled, works offline); DeCap's choice. Lower-cases, as CLIP does."""
 
     name = "clip-bpe"
 
     def __init__(self):
-        from unembed.compat import import_open_clip
-
-        self._bpe = import_open_clip().tokenizer.SimpleTokenizer()
+        self._bpe = clip_bpe(77)  # open_clip's default; decoders never use its padding
         self.vocab_size = len(self._bpe.encoder)
         self.bos_id = self._bpe.all_special_ids[0]
         self.eos_id = self._bpe.all_special_ids[1]
