@@ -6,8 +6,6 @@ Planted pickles are refused without running them, and nothing is created."""
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -38,13 +36,10 @@ def base_gpt2(hub):
     return import_transformers().GPT2LMHeadModel.from_pretrained(snapshot).eval(), snapshot
 
 
-def _run(argv, hub, cwd, in_process: bool = True):
-    """`unembed ARGV` in `cwd` with the hub cache as HF_HOME: in this process (unembed reads the cache's
-    place at call time), or in a fresh one where open_clip loads a hub model (it reads it at import)."""
+def _run(argv, hub, cwd):
+    """`unembed ARGV` in `cwd`, in this process, with the hub cache as HF_HOME (unembed reads the cache's
+    place at call time; open_clip, which reads it at import, needs a fresh process: run_in_one_process)."""
     env = {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
-    if not in_process:
-        return subprocess.run([sys.executable, "-m", "unembed.cli", *argv], cwd=cwd, env=dict(os.environ, **env),
-                              capture_output=True, text=True, timeout=300)
     import contextlib
     import io
     from types import SimpleNamespace
@@ -227,7 +222,7 @@ def test_planted_pickles_and_non_tensor_checkpoints_are_refused_and_create_nothi
         assert not (tmp_path / "imported").exists() and not (tmp_path / "planted-ran").exists()
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=11)
 def test_the_guides_published_weights_commands_run(hub, base_gpt2, scenes_dir, tmp_path):
     """The "Use the published weights" block as written, on fixture files of those names in the official
     layouts; each import also gets the hub cache's small CLIP as --embedder (appended, so it wins), since
@@ -235,7 +230,7 @@ def test_the_guides_published_weights_commands_run(hub, base_gpt2, scenes_dir, t
     import shutil
 
     from tests.hub_cache import CLIP
-    from tests.test_readme import commands
+    from tests.test_readme import commands, run_in_one_process
 
     gpt, _ = base_gpt2
     generator, width = torch.Generator().manual_seed(4), gpt.config.n_embd
@@ -255,11 +250,13 @@ def test_the_guides_published_weights_commands_run(hub, base_gpt2, scenes_dir, t
     (tmp_path / "photos").mkdir()
     for path in sorted((scenes_dir / "test" / "images").glob("*.png"))[:2]:
         shutil.copyfile(path, tmp_path / "photos" / path.name)
-    for argv in commands("published"):
-        extra = ["--embedder", f"hf-hub:{CLIP}"] if argv[1] == "import" else ["--max-length", "5"]
-        result = _run(argv[1:] + extra, hub, tmp_path, in_process=False)  # open_clip loads the hub CLIP
-        assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
-    assert len(result.stdout.splitlines()) == 2
+    def extra(argv):
+        return ["--embedder", f"hf-hub:{CLIP}"] if argv[1] == "import" else ["--max-length", "5"]
+
+    # In one fresh process (open_clip reads the hub cache's place at import), stopping at the first failure.
+    result = run_in_one_process(commands("published"), tmp_path, extra, {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"})
+    captions = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [c["file"] for c in captions] == [f"photos/{p.name}" for p in sorted((tmp_path / "photos").iterdir())]
     from unembed.data.splits import split_captions
 
     config = json.loads((tmp_path / "models" / "decap-coco" / "config.json").read_text())["config"]

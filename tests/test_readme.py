@@ -85,12 +85,6 @@ def test_the_demo_block_runs_with_the_bundle(tmp_path):
     assert (tmp_path / "compare-scenes" / "report.html").is_file()
 
 
-def run_small(argv, cwd):
-    result = run(argv + small(argv), cwd)
-    assert result.returncode == 0, f"{' '.join(argv)}\n{result.stderr[-2000:]}"
-    return result
-
-
 def run_in_one_process(argvs, cwd, extra, env=None):
     """`unembed ARGS` for each command, in order, in ONE process (tests/run_commands.py, which stops at
     the first failure): the same commands, with Python's and torch's start-up paid once, not per line."""
@@ -101,6 +95,20 @@ def run_in_one_process(argvs, cwd, extra, env=None):
                             capture_output=True, text=True, timeout=900, env=dict(os.environ, **(env or {})))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_each_in_one_process(argvs, cwd, env=None) -> list[tuple[int, str]]:
+    """Like run_in_one_process, but every command runs whatever the others did (run_commands.py
+    --each): each one's (exit code, stderr)."""
+    assert all(argv[0] == "unembed" for argv in argvs)
+    listing = Path(cwd) / f".each-{len(list(Path(cwd).glob('.each-*.json')))}.json"
+    listing.write_text(json.dumps([argv[1:] for argv in argvs]))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(listing), "--each"], cwd=cwd,
+                            capture_output=True, text=True, timeout=900, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes = json.loads(Path(f"{listing}.rank0.codes").read_text())
+    assert len(codes) == len(argvs)
+    return [(code, Path(f"{listing}.{i}.rank0.stderr").read_text()) for i, code in enumerate(codes)]
 
 
 def small(argv) -> list[str]:
@@ -152,11 +160,10 @@ def test_scaling_commands_run_at_two_processes(tmp_path, scenes_dir, embedder_di
     assert (tmp_path / "models" / "capdec-4gpu" / "config.json").is_file()
 
 
-@pytest.mark.slow(seconds=65)
+@pytest.mark.slow(seconds=62)
 def test_compare_commands_run(tmp_path, scenes_dir, embedder_dir):
     _quickstart_outputs(tmp_path, scenes_dir, embedder_dir)
-    for argv in commands("compare"):
-        run_small(argv, tmp_path)
+    run_in_one_process(commands("compare"), tmp_path, small)
     compared = json.loads((tmp_path / "compare-run" / "compare.json").read_text())
     assert [(d["name"], d["error"]) for d in compared["decoders"]] == [
         (name, None) for name in ("retrieval", "clipcap", "capdec", "decap", "viecap", "iterative", "coca")]
@@ -174,12 +181,13 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     assert json.loads((tmp_path / "inverter" / "config.json").read_text())["config"]["noise_variance"] == 0
 
 
-@pytest.mark.slow(seconds=17)
+@pytest.mark.slow(seconds=11)
 def test_bundle_commands_caption_with_the_shipped_models(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    outputs = [run_small(argv, tmp_path).stdout for argv in commands("bundle")]
-    assert len(outputs[0].splitlines()) == len(list((ROOT / "examples").glob("*.png")))
-    assert outputs[1].startswith("| image | a true caption |")
+    lines = run_in_one_process(commands("bundle"), tmp_path, small).stdout.splitlines()
+    images = len(list((ROOT / "examples").glob("*.png")))
+    assert [json.loads(line)["file"].startswith("examples/") for line in lines[:images]] == [True] * images
+    assert lines[images].startswith("| image | a true caption |")  # then the demo's table
 
 
 # The pretrained block on the hub-layout cache: the same commands, tiny step counts.
@@ -216,7 +224,7 @@ def karpathy_fixture(scenes_dir, root: Path) -> None:
         shutil.copyfile(path, root / "photos" / path.name)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=59)
 def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, scenes_dir):
     from tests.hub_cache import GPT2, write_hub_cache
     from unembed.data.splits import split_captions
@@ -255,22 +263,21 @@ def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, sc
     from tests.hub_cache import add_decoder_repo
 
     add_decoder_repo(tmp_path / "hf", "someone/vitb32-capdec", capdec)
-    by_name = run(["unembed", "caption", "photos/", "--decoder", "hf-hub:someone/vitb32-capdec", "--max-length", "6"],
-                  tmp_path, env)
-    assert by_name.returncode == 0, by_name.stderr
-    assert len(by_name.stdout.splitlines()) == 3
     # ...and it is the decoder that was trained: training validated its in-memory model on the val
     # split (metrics.json: the first image's caption and CIDEr over the split); the decoder loaded by
-    # hub name must write the same captions and score the same.
+    # hub name must write the same captions and score the same (photos/ and the val images in one call).
     from unembed.data.splits import load_split
     from unembed.eval.metrics import coco_caption_metrics
 
     trained = json.loads((capdec / "metrics.json").read_text())
     paths, references, ids = load_split(tmp_path / "coco" / "val")
-    val = run(["unembed", "caption", *map(str, paths), "--decoder", "hf-hub:someone/vitb32-capdec"], tmp_path, env)
-    assert val.returncode == 0, val.stderr
-    captions = [json.loads(r)["caption"] for r in val.stdout.splitlines()]
-    assert len(captions) == len(ids) and captions[0] == trained["val_example"]
+    by_name = run(["unembed", "caption", "photos/", *map(str, paths), "--decoder", "hf-hub:someone/vitb32-capdec"],
+                  tmp_path, env)
+    assert by_name.returncode == 0, by_name.stderr
+    rows = [json.loads(r) for r in by_name.stdout.splitlines()]
+    assert [r["file"].startswith("photos/") for r in rows] == [True] * 3 + [False] * len(ids)
+    captions = [r["caption"] for r in rows[3:]]
+    assert captions[0] == trained["val_example"]
     scores = coco_caption_metrics({str(i): c for i, c in zip(ids, captions)},
                                   {str(i): r for i, r in zip(ids, references)}, spice=False, meteor=False)
     assert round(scores["CIDEr"], 4) == trained["val_CIDEr"]
@@ -282,19 +289,20 @@ def test_pretrained_commands_run_by_name_offline_from_the_hub_cache(tmp_path, sc
         f"({tmp_path / 'hf' / 'hub'}) and the hub is unreachable (HF_HUB_OFFLINE is set)"]
 
 
-@pytest.mark.slow(seconds=20)
+@pytest.mark.slow(seconds=11)
 def test_names_not_in_the_cache_fail_fast_with_one_line(tmp_path):
     (tmp_path / "caps.txt").write_text("a dog on a sofa\n")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    for argv, named in ((["unembed", "build", "retrieval", "--captions", "caps.txt", "--embedder",
-                          "hf-hub:nobody/no-clip", "--out", "m"], "nobody/no-clip"),
-                        (["unembed", "build", "iterative", "--embedder", "RN50", "--lm", "nobody/no-lm", "--out", "m"],
-                         "LM 'nobody/no-lm'"),
-                        (["unembed", "caption", "caps.txt", "--decoder", "hf-hub:nobody/no-decoder"],
-                         "decoder 'hf-hub:nobody/no-decoder'")):
-        result = run(argv, tmp_path, env)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and named in lines[0], lines
+    cases = ((["unembed", "build", "retrieval", "--captions", "caps.txt", "--embedder", "hf-hub:nobody/no-clip",
+               "--out", "m"], "nobody/no-clip"),
+             (["unembed", "build", "iterative", "--embedder", "RN50", "--lm", "nobody/no-lm", "--out", "m"],
+              "LM 'nobody/no-lm'"),
+             (["unembed", "caption", "caps.txt", "--decoder", "hf-hub:nobody/no-decoder"],
+              "decoder 'hf-hub:nobody/no-decoder'"))
+    results = run_each_in_one_process([argv for argv, _ in cases], tmp_path, env)  # one start-up for the three
+    for (code, stderr), (_, named) in zip(results, cases):
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and named in lines[0], lines
 
 
 def test_library_example_runs(tmp_path, scenes_dir, embedder_dir, retrieval_dir):

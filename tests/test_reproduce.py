@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.hub_cache import CLIP, COCA, write_hub_cache
-from tests.test_readme import karpathy_fixture
+from tests.test_readme import karpathy_fixture, run_each_in_one_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"clipcap_mlp": "clipcap-mlp", "clipcap_transformer": "clipcap-transformer", "capdec": "capdec",
@@ -35,7 +35,7 @@ def recorded_commands(recipe: str, root: Path, env: dict) -> list[list[str]]:
     return [json.loads(line) for line in listing.read_text().splitlines()]
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=51)
 def test_every_recipe_runs_and_ends_in_a_comparison(tmp_path, scenes_dir):
     from unembed.data.splits import split_captions
 
@@ -55,14 +55,8 @@ def test_every_recipe_runs_and_ends_in_a_comparison(tmp_path, scenes_dir):
     first = {json.dumps(c[0]) for c in per_recipe.values()}
     assert len(first) == 1 and per_recipe["capdec"][0][:3] == ["data", "import", "--format"]
     listing = [per_recipe["capdec"][0]] + [c for commands in per_recipe.values() for c in commands[1:]]
-    (tmp_path / "commands.json").write_text(json.dumps(listing))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), "commands.json", "--each"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    codes = json.loads((tmp_path / "commands.json.rank0.codes").read_text())
-    failed = [(listing[i][:2], (tmp_path / f"commands.json.{i}.rank0.stderr").read_text()[-2000:])
-              for i, code in enumerate(codes) if code != 0]
-    assert not failed and len(codes) == len(listing), failed
+    results = run_each_in_one_process([["unembed", *argv] for argv in listing], tmp_path, env)
+    assert not [(argv[:2], stderr[-2000:]) for argv, (code, stderr) in zip(listing, results) if code != 0]
     for name, commands in per_recipe.items():
         assert commands[-1][0] == "compare", name
         compared = json.loads((tmp_path / "run" / f"compare-{RECIPES[name]}" / "compare.json").read_text())
