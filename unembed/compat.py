@@ -8,6 +8,7 @@ looks up lets it load; unembed never calls those ops. Applied only when the impo
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 _MISSING_OP = "torchvision::nms does not exist"
@@ -42,6 +43,14 @@ def import_open_clip():
     import open_clip
 
     return open_clip
+
+
+@functools.lru_cache(maxsize=None)
+def clip_bpe(context_length: int):
+    """open_clip's SimpleTokenizer, built once per process and context length: building one reads and
+    merges its 49k-word vocabulary (0.2 s), and every embedder and decoder load asked for a new one.
+    Its only state besides the vocabulary is a memo of words already split, so sharing it is safe."""
+    return import_open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 def torchvision_was_patched() -> bool:

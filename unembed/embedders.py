@@ -32,11 +32,10 @@ from typing import Sequence
 import torch
 
 from unembed import __version__, text_tower
-from unembed.compat import import_open_clip
+from unembed.compat import clip_bpe, import_open_clip
 from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.hub import open_clip_hub_dir, open_clip_spelling, open_clip_weights
 from unembed.io import load_tensors, read_json, save_tensors, write_json
-from unembed.tokenizers import clip_bpe
 # Embedded lives with the embedding files it reads and writes (data/vectors.py); embedders make them.
 from unembed.data.vectors import Embedded  # noqa: F401  (re-exported: unembed.embedders.Embedded)
 

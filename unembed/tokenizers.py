@@ -7,23 +7,12 @@ Used by the prefix decoders, the iterative decoder and `training/lm.py`.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
-from unembed.compat import import_transformers
+from unembed.compat import clip_bpe, import_transformers
 from unembed.errors import ModelLoadError
-
-
-@functools.lru_cache(maxsize=None)
-def clip_bpe(context_length: int):
-    """open_clip's SimpleTokenizer, built once per process and context length: building one reads and
-    merges its 49k-word vocabulary (0.2 s), and every embedder and decoder load asked for a new one.
-    Its only state besides the vocabulary is a memo of words already split, so sharing it is safe."""
-    from unembed.compat import import_open_clip
-
-    return import_open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 class ClipBpeTokenizer:
