@@ -85,27 +85,28 @@ def test_the_demo_block_runs_with_the_bundle(tmp_path):
     assert (tmp_path / "compare-scenes" / "report.html").is_file()
 
 
-def run_in_one_process(argvs, cwd, extra, env=None):
-    """`unembed ARGS` for each command, in order, in ONE process (tests/run_commands.py, which stops at
-    the first failure): the same commands, with Python's and torch's start-up paid once, not per line."""
+def _run_listing(listing: Path, argvs, cwd, env, *flags) -> subprocess.CompletedProcess:
+    """tests/run_commands.py over `argvs` (each starting with "unembed"), written to `listing`."""
     assert all(argv[0] == "unembed" for argv in argvs)
-    listing = Path(cwd) / f".commands-{len(list(Path(cwd).glob('.commands-*')))}.json"
-    listing.write_text(json.dumps([argv[1:] + extra(argv) for argv in argvs]))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(listing)], cwd=cwd,
+    listing.write_text(json.dumps([argv[1:] for argv in argvs]))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(listing), *flags], cwd=cwd,
                             capture_output=True, text=True, timeout=900, env=dict(os.environ, **(env or {})))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+def run_in_one_process(argvs, cwd, extra, env=None):
+    """`unembed ARGS` for each command, in order, in ONE process (tests/run_commands.py, which stops at
+    the first failure): the same commands, with Python's and torch's start-up paid once, not per line."""
+    listing = Path(cwd) / f".commands-{len(list(Path(cwd).glob('.commands-*')))}.json"
+    return _run_listing(listing, [argv + extra(argv) for argv in argvs], cwd, env)
+
+
 def run_each_in_one_process(argvs, cwd, env=None) -> list[tuple[int, str]]:
     """Like run_in_one_process, but every command runs whatever the others did (run_commands.py
     --each): each one's (exit code, stderr)."""
-    assert all(argv[0] == "unembed" for argv in argvs)
     listing = Path(cwd) / f".each-{len(list(Path(cwd).glob('.each-*.json')))}.json"
-    listing.write_text(json.dumps([argv[1:] for argv in argvs]))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(listing), "--each"], cwd=cwd,
-                            capture_output=True, text=True, timeout=900, env=dict(os.environ, **(env or {})))
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_listing(listing, argvs, cwd, env, "--each")
     codes = json.loads(Path(f"{listing}.rank0.codes").read_text())
     assert len(codes) == len(argvs)
     return [(code, Path(f"{listing}.{i}.rank0.stderr").read_text()) for i, code in enumerate(codes)]
