@@ -1,5 +1,6 @@
 """The one training loop: loss falls, resume reproduces an uninterrupted run, NaN stops cleanly."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,64 @@ def test_contrastive_loss_is_open_clips_on_one_process():
     image, text = (torch.nn.functional.normalize(torch.randn(7, 16), dim=-1) for _ in range(2))
     scale = torch.tensor(14.3)
     torch.testing.assert_close(contrastive_loss(image, text, scale), ClipLoss()(image, text, scale))
+
+
+# --- --init: train a saved decoder further ----------------------------------------------------------
+
+def _train_capdec(scenes_dir, embedder_dir, out, *extra) -> int:
+    from unembed.cli import main
+
+    return main(["train", "capdec", "--data", str(scenes_dir), "--embedder", str(embedder_dir), "--out", str(out),
+                 "--device", "cpu", "--batch-size", "32", "--warmup-steps", "1", "--lr", "3e-3", *extra])
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_init_trains_a_saved_decoder_further(scenes_dir, embedder_dir, tmp_path, capsys):
+    """--init starts from the saved weights (its first loss is near the first run's last, far below a new
+    decoder's first) and keeps the saved settings, tokenizer and bridge; the weights move on."""
+    from safetensors.torch import load_file
+
+    from unembed.cli import EXIT_OK
+
+    first, further = tmp_path / "first", tmp_path / "further"
+    assert _train_capdec(scenes_dir, embedder_dir, first, "--max-steps", "40", "--lm", "scratch", "--tokenizer",
+                         "corpus:200", "--lm-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}') == EXIT_OK
+    capsys.readouterr()
+    assert _train_capdec(scenes_dir, embedder_dir, further, "--max-steps", "3", "--init", str(first)) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["init"] == str(first)
+    new, trained, again = _losses(first)[0], _losses(first)[-5:], _losses(further)[0]
+    assert again < new - 1.0 and abs(again - sum(trained) / 5) < 0.5, (new, trained, again)
+    saved = [json.loads((d / "config.json").read_text())["config"] for d in (first, further)]
+    assert saved[0] == saved[1]
+    assert (first / "tokenizer.json").read_bytes() == (further / "tokenizer.json").read_bytes()
+    before, after = (load_file(d / "model.safetensors") for d in (first, further))
+    assert before.keys() == after.keys()
+    bridge = [k for k in before if k.startswith("bridge.")]
+    assert bridge and all(torch.equal(before[k], after[k]) for k in bridge)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mapper."))
+
+
+def test_init_refuses_what_would_change_the_saved_decoder(scenes_dir, embedder_dir, tmp_path, capsys):
+    from unembed.cli import EXIT_FAILED, EXIT_OK, main
+
+    first = tmp_path / "first"
+    assert _train_capdec(scenes_dir, embedder_dir, first, "--max-steps", "1", "--lm", "scratch", "--tokenizer",
+                         "corpus:100", "--lm-config", '{"n_layer": 1, "n_embd": 16, "n_head": 2}') == EXIT_OK
+    capsys.readouterr()
+    out = tmp_path / "further"
+    bundled = str(Path(__file__).resolve().parents[1] / "unembed" / "bundle" / "embedder")
+    refusals = {  # argv -> what the one line says
+        ("capdec", "--noise-variance", "0.1"): f"--noise-variance: is set by the decoder {first} that --init",
+        ("decap",): f"{first}: is a capdec decoder; `train decap --init` needs a decap one",
+        ("capdec", "--embedder", bundled): "was built for embedder",
+    }
+    for argv, says in refusals.items():
+        embedder = [] if "--embedder" in argv else ["--embedder", str(embedder_dir)]
+        code = main(["train", argv[0], *embedder, *argv[1:], "--data", str(scenes_dir), "--out", str(out),
+                     "--device", "cpu", "--max-steps", "1", "--init", str(first)])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == EXIT_FAILED and len(lines) == 1 and says in lines[0], (argv, lines)
+        assert not out.exists()

@@ -31,6 +31,7 @@ def cmd_train_clip(args) -> int:
 def cmd_train_prefix(args) -> int:
     from unembed.decoders import decoder_class
     from unembed.embedders import load_embedder
+    from unembed.errors import BadInputError
     from unembed.training.prefix import check_sources, train_prefix
 
     cls = decoder_class(args.what)
@@ -38,9 +39,13 @@ def cmd_train_prefix(args) -> int:
     check_out(args)
     check_sources(args.what, args.data, getattr(args, "captions", None) or ())  # before the embedder loads
     options = config_options(args, cls.config_class, cls.cli_options)
+    if args.init and options:  # the decoder being trained further has its settings
+        raise BadInputError(option_flag(cls.config_class, next(iter(options))),
+                            f"is set by the decoder {args.init} that --init trains further; drop it")
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
-                          caption_files=getattr(args, "captions", None) or (), resume=args.resume, **options)
+                          caption_files=getattr(args, "captions", None) or (), resume=args.resume, init=args.init,
+                          **options)
     print(json.dumps(report, indent=2))
     return EXIT_OK
 
@@ -199,6 +204,8 @@ def _add_prefix_kinds(train) -> None:
         t.add_argument("--data", help="a COCO-style directory with train/ (captions.json, images) and val/")
         if cls.text_only:
             t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
+        t.add_argument("--init", help=f"a saved {cls.kind} decoder (a directory) to train further, keeping its "
+                       "settings, tokenizer and bridge: e.g. more steps at a lower --lr")
         add_train_flags(t)
         add_config_options(t, cls.config_class, cls.cli_options)
         # every other kind's options too, unlisted, so that one given here is refused by name

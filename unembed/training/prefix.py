@@ -16,7 +16,7 @@ from unembed.data.splits import has_split, load_split
 from unembed.pipeline import embed_split
 from unembed.errors import BadInputError
 from unembed.io import write_json
-from unembed.tokenizers import pad_right
+from unembed.tokenizers import make_tokenizer, pad_right
 from unembed.training.loop import Task, TrainConfig, fit
 
 VALIDATION_IMAGES = 200
@@ -117,8 +117,9 @@ def check_sources(kind: str, data_dir=None, caption_files=()) -> None:
 
 
 def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
-                 resume: bool = False, progress: bool = True, **decoder_options) -> dict:
-    """Train a clipcap / capdec / decap decoder and save it to out_dir."""
+                 resume: bool = False, progress: bool = True, init=None, **decoder_options) -> dict:
+    """Train a clipcap / capdec / decap decoder and save it to out_dir; with `init` (a saved decoder of
+    this kind and embedder), train that one further instead of a new one."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
 
@@ -148,21 +149,43 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         vectors = images.vectors
         unique = None
 
+    if init is None:
+        decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
+    else:
+        decoder = _saved_decoder(kind, init, embedder, decoder_options)
+    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
+                      _validation_set(embedder, data_dir))
+    result = fit(task, config, out_dir, resume=resume, progress=progress)
+    return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
+            "final_loss": round(result.final_loss, 4), **({} if init is None else {"init": str(init)}),
+            **result.metrics}
+
+
+def _new_decoder(cls, embedder, seed: int, captions, unique, vectors, images, decoder_options: dict):
+    """A decoder of class `cls` with fresh weights, its tokenizer and text knowledge fitted to the
+    captions and, for text-only kinds, its bridge fitted to their embeddings (unique, vectors)."""
     projection = decoder_options.pop("projection_size", cls.config_class.projection_size)
     if projection and unique is not None:
         projection = min(projection, len(unique))
-    from unembed.tokenizers import make_tokenizer
-
     decoder_config = cls.config_class(embedder_spec=embedder.spec, embedder_id=embedder.id, embed_dim=embedder.dim,
                                       projection_size=projection, **decoder_options)
     decoder = cls(decoder_config, make_tokenizer(decoder_config, captions=captions))
     decoder.fit_text(embedder, captions)
     if unique is not None:
-        memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed))[:projection]
+        memory = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))[:projection]
         decoder.bridge.fit(vectors, None if images is None else images.unit(),  # the means of unit vectors
                            [unique[i] for i in memory.tolist()], vectors[memory])
-    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
-                      _validation_set(embedder, data_dir))
-    result = fit(task, config, out_dir, resume=resume, progress=progress)
-    return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
-            "final_loss": round(result.final_loss, 4), **result.metrics}
+    return decoder
+
+
+def _saved_decoder(kind: str, init, embedder, decoder_options: dict):
+    """The saved decoder `init`, to be trained further. Its config, tokenizer, text knowledge and bridge
+    are kept as they are: its weights mean something only with them, so options that set them are refused."""
+    from unembed.decoders import decoder_path, load_decoder, read_decoder_config
+
+    if decoder_options:
+        raise BadInputError(next(iter(decoder_options)), f"is set by the decoder {init} that --init trains further")
+    saved = read_decoder_config(decoder_path(init))
+    if saved.get("kind") != kind:
+        raise BadInputError(str(init), f"is a {saved.get('kind')} decoder; `train {kind} --init` needs a {kind} one")
+    return load_decoder(init, device="cpu", embedder=embedder)  # refused unless built for this embedder
