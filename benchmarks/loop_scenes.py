@@ -22,7 +22,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    100,000 training captions): CapDec's noise is there to cross the modality gap and drowns the detail
    inversion needs. Rerank 8 at the captioning weight and at 100 (the cosine decides: the target is a
    text embedding, so the exact caption's cosine is 1), the same from the best 8 of 16 beams (still 8
-   embedder calls), and a corrector over the 2,400-step inverter (the budget above).
+   embedder calls), and a corrector over the 2,400-step inverter (the budget above). The 21,600-step
+   inverter is then trained 21,600 steps further (`--init`, see CONTINUED): 43,200 steps in all.
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
@@ -56,6 +57,9 @@ STEPS = (1, 2, 4, 8)
 INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
             "--mapper", "mlp", "--noise-variance", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
 INVERTER_STEPS = (600, 2400, 7200, 21600)
+# The longest inverter trained 21,600 steps further (`--init`, a new data order), restarting at half the peak
+# lr with its own warm-up and cosine decay (a warm restart, as in SGDR): 43,200 steps in all.
+CONTINUED = ["--max-steps", "21600", "--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "100", "--seed", "1"]
 CORRECTED_INVERTER = 2400
 
 
@@ -145,6 +149,11 @@ def main() -> None:
         if not (path / "config.json").is_file():
             unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(path),
                     "--max-steps", str(steps), *INVERTER)
+    longest = INVERTER_STEPS[-1]
+    inverters[f"{longest} + 21600"] = continued = work / f"inverter-{longest}+21600"
+    if not (continued / "config.json").is_file():
+        unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(continued),
+                "--init", str(inverters[longest]), *CONTINUED)
     corrected_inverter = work / f"corrector-inverter-{CORRECTED_INVERTER}"
     if not (corrected_inverter / "config.json").is_file():
         unembed("train", "corrector", "--base", str(inverters[CORRECTED_INVERTER]), "--data", str(data), "--out",
@@ -184,6 +193,7 @@ def main() -> None:
     if "small_world" in earlier:
         result["small_world"] = earlier["small_world"]  # --small-world's rows: their own embedder, kept
     result["inverter_training"] = "unembed train capdec " + " ".join(INVERTER)
+    result["inverter_continued"] = f"unembed train capdec --init inverter-{longest} " + " ".join(CONTINUED)
     for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values())):
         for path in paths:
             metrics = json.loads((path / "metrics.json").read_text())
