@@ -206,3 +206,20 @@ def test_init_refuses_what_would_change_the_saved_decoder(scenes_dir, embedder_d
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert code == EXIT_FAILED and len(lines) == 1 and says in lines[0], (argv, lines)
         assert not out.exists()
+
+
+def test_a_bundled_decoder_trained_further_captions_image_files(scenes_dir, tmp_path, capsys):
+    """`--init capdec` (the bundle's, whose config names its embedder "../embedder", beside it): the new
+    directory names the embedder it was trained with, as a new decoder does, so `unembed caption FILES`
+    finds it."""
+    from unembed.cli import EXIT_OK, main
+
+    further = tmp_path / "further"
+    assert main(["train", "capdec", "--init", "capdec", "--embedder", "bundle", "--data", str(scenes_dir), "--out",
+                 str(further), "--device", "cpu", "--max-steps", "1", "--batch-size", "8"]) == EXIT_OK
+    recorded = json.loads((further / "config.json").read_text())["config"]["embedder_spec"]
+    assert recorded == Embedder.from_spec("bundle", device="cpu").spec  # what a new decoder would record
+    images = sorted((scenes_dir / "test" / "images").iterdir())[:2]
+    capsys.readouterr()
+    assert main(["caption", *map(str, images), "--decoder", str(further), "--device", "cpu"]) == EXIT_OK
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 2

@@ -188,4 +188,8 @@ def _saved_decoder(kind: str, init, embedder, decoder_options: dict):
     saved = read_decoder_config(decoder_path(init))
     if saved.get("kind") != kind:
         raise BadInputError(str(init), f"is a {saved.get('kind')} decoder; `train {kind} --init` needs a {kind} one")
-    return load_decoder(init, device="cpu", embedder=embedder)  # refused unless built for this embedder
+    decoder = load_decoder(init, device="cpu", embedder=embedder)  # refused unless built for this embedder
+    # The saved spec may be relative to `init` (a bundle's "../embedder"); the new directory names the
+    # embedder it was trained with, as a new decoder would.
+    decoder.config.embedder_spec = embedder.spec
+    return decoder
