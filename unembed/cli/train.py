@@ -204,8 +204,8 @@ def _add_prefix_kinds(train) -> None:
         t.add_argument("--data", help="a COCO-style directory with train/ (captions.json, images) and val/")
         if cls.text_only:
             t.add_argument("--captions", nargs="+", help="caption corpora (text, JSON, JSONL, COCO, datasets dir)")
-        t.add_argument("--init", help=f"a saved {cls.kind} decoder (a directory) to train further, keeping its "
-                       "settings, tokenizer and bridge: e.g. more steps at a lower --lr")
+        t.add_argument("--init", help=f"a saved {cls.kind} decoder (a directory or a bundled decoder's name) to "
+                       "train further, keeping its settings, tokenizer and bridge: e.g. more steps at a lower --lr")
         add_train_flags(t)
         add_config_options(t, cls.config_class, cls.cli_options)
         # every other kind's options too, unlisted, so that one given here is refused by name
