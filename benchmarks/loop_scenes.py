@@ -23,7 +23,7 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    inversion needs. Rerank 8 at the captioning weight and at 100 (the cosine decides: the target is a
    text embedding, so the exact caption's cosine is 1), the same from the best 8 of 16 beams (still 8
    embedder calls), and a corrector over the 2,400-step inverter (the budget above). The 21,600-step
-   inverter is then trained 21,600 steps further (`--init`, see CONTINUED): 43,200 steps in all.
+   inverter is then trained further (`--init`, see RESTARTS): 43,200 and 54,000 steps in all.
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
@@ -57,9 +57,13 @@ STEPS = (1, 2, 4, 8)
 INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
             "--mapper", "mlp", "--noise-variance", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
 INVERTER_STEPS = (600, 2400, 7200, 21600)
-# The longest inverter trained 21,600 steps further (`--init`, a new data order), restarting at half the peak
-# lr with its own warm-up and cosine decay (a warm restart, as in SGDR): 43,200 steps in all.
-CONTINUED = ["--max-steps", "21600", "--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "100", "--seed", "1"]
+# The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
+# last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
+RESTARTS = ((21600, "5e-4"), (10800, "2.5e-4"))
+
+
+def restart_options(steps: int, lr: str, seed: int) -> list[str]:
+    return ["--max-steps", str(steps), "--batch-size", "64", "--lr", lr, "--warmup-steps", "100", "--seed", str(seed)]
 CORRECTED_INVERTER = 2400
 
 
@@ -149,11 +153,15 @@ def main() -> None:
         if not (path / "config.json").is_file():
             unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(path),
                     "--max-steps", str(steps), *INVERTER)
-    longest = INVERTER_STEPS[-1]
-    inverters[f"{longest} + 21600"] = continued = work / f"inverter-{longest}+21600"
-    if not (continued / "config.json").is_file():
-        unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(continued),
-                "--init", str(inverters[longest]), *CONTINUED)
+    label, init, continued = str(INVERTER_STEPS[-1]), inverters[INVERTER_STEPS[-1]], []
+    for seed, (steps, lr) in enumerate(RESTARTS, start=1):
+        label = f"{label} + {steps}"
+        inverters[label] = path = work / f"inverter-{label.replace(' ', '')}"
+        continued.append(f"unembed train capdec --init {init.name} " + " ".join(restart_options(steps, lr, seed)))
+        if not (path / "config.json").is_file():
+            unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(path),
+                    "--init", str(init), *restart_options(steps, lr, seed))
+        init = path
     corrected_inverter = work / f"corrector-inverter-{CORRECTED_INVERTER}"
     if not (corrected_inverter / "config.json").is_file():
         unembed("train", "corrector", "--base", str(inverters[CORRECTED_INVERTER]), "--data", str(data), "--out",
@@ -193,7 +201,7 @@ def main() -> None:
     if "small_world" in earlier:
         result["small_world"] = earlier["small_world"]  # --small-world's rows: their own embedder, kept
     result["inverter_training"] = "unembed train capdec " + " ".join(INVERTER)
-    result["inverter_continued"] = f"unembed train capdec --init inverter-{longest} " + " ".join(CONTINUED)
+    result["inverter_continued"] = continued
     for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values())):
         for path in paths:
             metrics = json.loads((path / "metrics.json").read_text())

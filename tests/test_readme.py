@@ -179,7 +179,8 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     assert {c["decoder"] for c in captions} == {"capdec", "corrector"}
     assert (tmp_path / "corrector" / "base" / "config.json").is_file()
     assert result.stdout.count("| exact match | BLEU-4 | cosine | embedder calls / caption |") == 2
-    assert json.loads((tmp_path / "inverter" / "config.json").read_text())["config"]["noise_variance"] == 0
+    saved = [json.loads((tmp_path / name / "config.json").read_text())["config"] for name in ("inverter", "inverter-more")]
+    assert saved[0]["noise_variance"] == 0 and saved[1] == saved[0]  # --init kept the inverter's settings
 
 
 @pytest.mark.slow(seconds=11)
