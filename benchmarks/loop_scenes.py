@@ -60,11 +60,11 @@ INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
 RESTARTS = ((21600, "5e-4"), (10800, "2.5e-4"))
+CORRECTED_INVERTER = 2400
 
 
 def restart_options(steps: int, lr: str, seed: int) -> list[str]:
     return ["--max-steps", str(steps), "--batch-size", "64", "--lr", lr, "--warmup-steps", "100", "--seed", str(seed)]
-CORRECTED_INVERTER = 2400
 
 
 def corrector_steps(name: str, corrector: Path) -> dict:
@@ -157,10 +157,11 @@ def main() -> None:
     for seed, (steps, lr) in enumerate(RESTARTS, start=1):
         label = f"{label} + {steps}"
         inverters[label] = path = work / f"inverter-{label.replace(' ', '')}"
-        continued.append(f"unembed train capdec --init {init.name} " + " ".join(restart_options(steps, lr, seed)))
+        options = restart_options(steps, lr, seed)
+        continued.append(f"unembed train capdec --init {init.name} " + " ".join(options))
         if not (path / "config.json").is_file():
             unembed("train", "capdec", "--data", str(data), "--embedder", str(BUNDLE / "embedder"), "--out", str(path),
-                    "--init", str(init), *restart_options(steps, lr, seed))
+                    "--init", str(init), *options)
         init = path
     corrected_inverter = work / f"corrector-inverter-{CORRECTED_INVERTER}"
     if not (corrected_inverter / "config.json").is_file():

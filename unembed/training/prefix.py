@@ -129,8 +129,11 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     check_sources(kind, data_dir, caption_files)
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
-    # Text-only methods never see the training images; only mean shift needs their mean.
-    needs_images = not cls.text_only or decoder_options.get("mean_shift", cls.config_class.mean_shift)
+    # A saved decoder is loaded (or refused) before any caption or image is embedded.
+    decoder = None if init is None else _saved_decoder(kind, init, embedder, decoder_options)
+    # Text-only methods never see the training images; only fitting mean shift needs their mean.
+    needs_images = not cls.text_only or (decoder is None and decoder_options.get("mean_shift",
+                                                                                cls.config_class.mean_shift))
     images = _split_images(embedder, data_dir, "train") if needs_images else None
     if cls.text_only:
         captions, _ = caption_corpus(caption_files, data_dir)
@@ -149,10 +152,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         vectors = images.vectors
         unique = None
 
-    if init is None:
+    if decoder is None:
         decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
-    else:
-        decoder = _saved_decoder(kind, init, embedder, decoder_options)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
                       _validation_set(embedder, data_dir))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
