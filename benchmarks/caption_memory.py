@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from machine_load import load_average, load_record
 
 
 def _anonymous_kb(pid: int) -> int:
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/caption_memory_cpu.json")
     args = parser.parse_args()
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     sizes = [int(s) for s in args.sizes.split(",")]
     vector_sizes = [int(s) for s in args.vector_sizes.split(",")]
 
@@ -123,15 +123,11 @@ def main() -> None:
         peaks = [r[key] for r in runs if r["input"] == label and r["format"] == fmt]
         return round(peaks[-1] - peaks[0], 1)
 
-    load_end = [round(x, 2) for x in os.getloadavg()]
     result = {"benchmark": "caption_memory", "machine": platform.processor() or platform.machine(),
               "cpu_count": psutil.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
               "checked": "every run exits 0 and captions every input (distinct ids); JSON Lines and COCO give every "
                          "image of a folder the same caption; the smaller folder's images get the larger run's "
-                         "captions", "load_average_start": load_start, "load_average_end": load_end,
-              **({"load_note": f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
-                               f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one"}
-                 if max(load_start[0], load_end[0]) > 1.5 else {}),
+                         "captions", **load_record(load_start, load_average(), interleaved=False),
               "runs": runs, "peak_growth_mb": {"images jsonl": growth("images", "jsonl"),
                                                "images coco": growth("images", "coco"),
                                                "embeddings": growth("embeddings", "jsonl"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import load_average, load_record
 
 
 def _status_kb(field: str) -> int:
@@ -76,7 +76,7 @@ def main() -> None:
         return
     from unembed.memory import PROJECTION_BUDGET
 
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     rows, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="decap_projection-") as scratch:
         for variant in ("chunked", "whole matrix"):
@@ -90,17 +90,13 @@ def main() -> None:
     assert a.shape == b.shape == (args.n, args.d), f"projected shapes {tuple(a.shape)} and {tuple(b.shape)}"
     difference = float((a - b).abs().max())
     assert difference < 1e-4, f"chunked and whole projections differ by {difference}"
-    load_end = [round(x, 2) for x in os.getloadavg()]
     result = {"device": args.device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "memory_vectors": args.m, "dim": args.d, "queries": args.n,
               "chunk_queries": max(1, PROJECTION_BUDGET // args.m), "max_abs_difference": difference,
               "checked": f"all {args.n} projected vectors, every element within 1e-4 of the whole matrix's"
                          + (" (here bit for bit equal)" if difference == 0 else " (not bit for bit: the products have "
                             "other shapes, so their sums may run in other orders)"),
-              "load_average_start": load_start, "load_average_end": load_end,
-              **({"load_note": f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
-                               f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one"}
-                 if max(load_start[0], load_end[0]) > 1.5 else {}),
+              **load_record(load_start, load_average(), interleaved=False),
               "memory_vectors_mb": round(args.m * args.d * 4 / 2 ** 20), "runs": rows,
               "time_ratio_whole_over_chunked": round(rows[1]["seconds"] / rows[0]["seconds"], 2),
               "extra_memory_ratio_whole_over_chunked": round(rows[1]["extra_rss_mb_during_projection"]

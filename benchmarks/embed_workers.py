@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from machine_load import load_average, load_record
 
 
 def photos(folder: Path, n: int) -> list[str]:
@@ -84,7 +84,7 @@ def main() -> None:
         write_scenes(scenes, n=8, n_eval=args.scenes, seed=1)
     scene_files = sorted(str(p) for p in (scenes / "test" / "images").glob("*.png"))[:args.scenes]
     bundle = Path(__file__).resolve().parents[1] / "unembed" / "bundle" / "embedder"
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     result = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
               "torch": torch.__version__,
               "checked": "every image of every timed pass: --workers 2 and the model alone give vectors equal "
@@ -95,11 +95,7 @@ def main() -> None:
     result["runs"]["ViT-B-32 (random weights), 640x480 JPEG"] = measure(
         Embedder.from_spec("ViT-B-32", "cpu"), photos(work / "photos", args.photos), 64)
     print(json.dumps(result["runs"]), flush=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    result.update(load_average_start=load_start, load_average_end=load_end)
-    if max(load_start[0], load_end[0]) > 1.5:
-        result["load_note"] = (f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
-                               f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one")
+    result.update(load_record(load_start, load_average(), interleaved=False))
     from unembed.io import write_json
 
     write_json(args.out, result)

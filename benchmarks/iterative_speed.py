@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from unembed import text_tower
 from unembed.decoders.iterative import IterativeDecoder
 from unembed.embedders import Embedder
+from machine_load import load_average, load_record
 
 GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}  # transformers' GPT2Config()
 
@@ -141,7 +141,7 @@ def main() -> None:
 
 
 def run(args) -> None:
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     torch.manual_seed(0)
     embedder = Embedder.from_spec(args.embedder, device=args.device)
     decoder = IterativeDecoder.build(embedder, lm="scratch", tokenizer="clip-bpe", lm_config=json.loads(args.lm_config),
@@ -185,11 +185,7 @@ def run(args) -> None:
     results["example_caption"] = decoder.caption_text(magic[0], "")
     results["checked"] = ("every timed caption, as token ids: unembed's search at each batch and the naive loop's "
                           "images against MAGIC's design, which decodes every image")
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    results.update(load_average_start=load_start, load_average_end=load_end)
-    if max(load_start[0], load_end[0]) > 1.5:
-        results["load_note"] = (f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
-                                f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one")
+    results.update(load_record(load_start, load_average(), interleaved=False))
     from unembed.io import write_json
 
     write_json(args.out, results)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from machine_load import load_average, load_record
 from result_paths import recorded_path
 
 BUNDLE = Path(__file__).resolve().parents[1] / "unembed" / "bundle"
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=500)
     parser.add_argument("--out", default="benchmarks/results/precision_cpu.json")
     args = parser.parse_args()
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     names = json.loads((BUNDLE / "bundle.json").read_text())["decoders"]
     decoders = ",".join(f"{n}={BUNDLE / n}" for n in names)
     runs = {}
@@ -75,11 +75,7 @@ def main() -> None:
                           "speed vs fp32": round(other["captions_per_second"] / base["captions_per_second"], 2)}
         result["decoders"][name] = row
         print(name, json.dumps(row), flush=True)
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    result.update(load_average_start=load_start, load_average_end=load_end)
-    if max(load_start[0], load_end[0]) > 1.5:
-        result["load_note"] = (f"1-minute load average above 1.5 on this {os.cpu_count()}-core machine (start "
-                               f"{load_start[0]}, end {load_end[0]}): other jobs ran beside this one")
+    result.update(load_record(load_start, load_average(), interleaved=False))
     from unembed.io import write_json
 
     write_json(args.out, result)
