@@ -23,13 +23,17 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    inversion needs. Rerank 8 at the captioning weight and at 100 (the cosine decides: the target is a
    text embedding, so the exact caption's cosine is 1), the same from the best 8 of 16 beams (still 8
    embedder calls), and a corrector over the 2,400-step inverter (the budget above). The 21,600-step
-   inverter is then trained further (`--init`, see RESTARTS): 43,200 and 54,000 steps in all.
+   inverter is then trained further (`--init`, see RESTARTS): 43,200, 54,000 and 64,800 steps in all.
+   The longest is also read with rerank_stop (rerank 8, 16 and 32, stopping at cosine 0.9999): the
+   mean embedder calls then fall, and at most N are made for a caption.
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
    600-step 4 x 256 scratch-LM recipe, a corrector over capdec with the budget above): test and
-   compositional CIDEr and held-out pairs for base / rerank 8 / corrector K=4 / both. A loop that
-   trusts an unsure embedder shows here.
+   compositional CIDEr and held-out pairs for base / rerank 8 / corrector K=4 / both, on 1,000 images
+   a split (--images; the training scenes do not depend on it), and the rerank weight swept on this
+   world's val split by part 1's rule, with its test and compositional scores. A loop that trusts an
+   unsure embedder shows here.
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
@@ -59,8 +63,9 @@ INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
-RESTARTS = ((21600, "5e-4"), (10800, "2.5e-4"))
+RESTARTS = ((21600, "5e-4"), (10800, "2.5e-4"), (10800, "1.25e-4"))
 CORRECTED_INVERTER = 2400
+STOP = 0.9999  # rerank_stop for inversion: the target's own text has cosine 1
 
 
 def restart_options(steps: int, lr: str, seed: int) -> list[str]:
@@ -87,6 +92,11 @@ def inversion_rows(bases, correctors: dict, inverters: dict, corrected_inverter:
         rows.update({name: (path, {}), f"{name} rerank 8": (path, {"rerank": 8}),
                      f"{name} rerank 8, weight 100": (path, inverse),
                      f"{name} rerank 8 of 16 beams, weight 100": (path, {**inverse, "num_beams": 16})})
+    # The longest inverter with rerank_stop: candidates embedded best first until one has the target's
+    # own embedding (cosine 0.9999), so most captions cost one call and N can grow past 8.
+    for n in (8, 16, 32):
+        rows[f"{name} rerank {n}, weight 100, stop at cosine 0.9999"] = (
+            path, {"rerank": n, "rerank_weight": 100.0, "rerank_stop": STOP})
     rows.update(corrector_steps(f"inverter ({CORRECTED_INVERTER} steps)", corrected_inverter))
     return groups
 
@@ -111,6 +121,32 @@ def caption_scores(decoder, embedder, embedded, references, in_image=None, **gen
     if in_image is not None:
         row.update(heldout_counts(predictions, in_image))
     return row
+
+
+def weight_sweep(decoder, embedder, embedded, references) -> dict:
+    """CIDEr of the decoder alone, then of rerank 8 at each of WEIGHTS: its 8 candidates and their
+    cosines computed once, then picked at every weight."""
+    import torch
+
+    from unembed.decoders.rerank import dedupe, embedding_cosines, logit_scale, pick
+    from unembed.eval.metrics import coco_caption_metrics
+
+    rows = [dedupe(r) for s in range(0, len(embedded), 100)
+            for r in decoder.candidates(embedded.select(slice(s, s + 100)), 8)]
+    targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
+    cosines = embedding_cosines(embedder, [c for r in rows for c, _ in r], targets).tolist()
+    sweep = {"base (its default beams, no rerank)": round(caption_scores(decoder, embedder, embedded, references)["CIDEr"], 4)}
+    for weight in WEIGHTS:
+        picked = dict(zip(embedded.ids, pick(rows, cosines, weight, logit_scale(embedder))))
+        sweep[f"rerank 8, weight {weight:g}"] = round(coco_caption_metrics(picked, references, spice=False,
+                                                                           meteor=False)["CIDEr"], 4)
+    return sweep
+
+
+def chosen_weight(sweeps: dict) -> dict:
+    """The weight with the best mean val CIDEr over the swept decoders, and those means."""
+    means = {w: sum(s[f"rerank 8, weight {w:g}"] for s in sweeps.values()) / len(sweeps) for w in WEIGHTS}
+    return {"weight": max(means, key=means.get), "mean_val_CIDEr": {f"{w:g}": round(m, 4) for w, m in means.items()}}
 
 
 def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
@@ -209,32 +245,16 @@ def main() -> None:
             result.setdefault(group, {})[path.name] = {k: metrics.get(k) for k in
                                                        ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
 
-    # 1. the rerank weight on val: each decoder's 8 candidates and their cosines once, picked at every weight
-    from unembed.decoders.rerank import dedupe, embedding_cosines, logit_scale, pick
-    from unembed.eval.metrics import coco_caption_metrics
-
+    # 1. the rerank weight on val
     embedded, references = splits["val"]
     for base in ("clipcap", "capdec", "viecap"):
         kept = earlier.get("weight_sweep", {}).get(base, {})
         if all(f"rerank 8, weight {w:g}" in kept for w in WEIGHTS):
             result["weight_sweep"][base] = kept
             continue
-        decoder = decoder_at(BUNDLE / base)
-        rows = [dedupe(r) for s in range(0, len(embedded), 100)
-                for r in decoder.candidates(embedded.select(slice(s, s + 100)), 8)]
-        targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-        cosines = embedding_cosines(embedder, [c for r in rows for c, _ in r], targets).tolist()
-        sweep = result["weight_sweep"][base] = {
-            "base (its default beams, no rerank)": round(caption_scores(decoder, embedder, embedded, references)["CIDEr"], 4)}
-        for weight in WEIGHTS:
-            picked = dict(zip(embedded.ids, pick(rows, cosines, weight, logit_scale(embedder))))
-            sweep[f"rerank 8, weight {weight:g}"] = round(coco_caption_metrics(picked, references, spice=False,
-                                                                               meteor=False)["CIDEr"], 4)
+        sweep = result["weight_sweep"][base] = weight_sweep(decoder_at(BUNDLE / base), embedder, embedded, references)
         print("val", base, json.dumps(sweep), flush=True)
-    means = {w: sum(result["weight_sweep"][b][f"rerank 8, weight {w:g}"] for b in result["weight_sweep"]) / 3
-             for w in WEIGHTS}
-    result["weight_chosen"] = {"weight": max(means, key=means.get), "mean_val_CIDEr": {f"{w:g}": round(m, 4)
-                                                                                         for w, m in means.items()}}
+    result["weight_chosen"] = chosen_weight(result["weight_sweep"])
 
     # 2. captioning
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
@@ -269,10 +289,17 @@ def main() -> None:
     print(table(result))
 
 
+def split_images(split_dir: Path) -> int:
+    """Images in a written split (0 before one is written: captions.json is written last)."""
+    path = split_dir / "captions.json"
+    return len(json.loads(path.read_text())["images"]) if path.is_file() else 0
+
 def small_world(work: Path, out: str, images: int) -> None:
     data, models = work / "scenes", work / "compare" / "models"
-    if not (data / "train" / "captions.json").is_file():
-        unembed("data", "scenes", "--out", str(data), "--n", "3000", "--seed", "7")
+    if split_images(data / "test") < images:
+        # Each scene is drawn from (seed, split, index), so the 3,000 training scenes are the same at any
+        # --n-eval, and a larger eval split starts with the smaller one's scenes.
+        unembed("data", "scenes", "--out", str(data), "--n", "3000", "--n-eval", str(images), "--seed", "7")
     if not (work / "embedder" / "config.json").is_file():
         unembed("train", "clip", "--data", str(data), "--out", str(work / "embedder"), "--epochs", "5")
     if not all((models / k / "config.json").is_file() for k in ("clipcap", "capdec", "viecap")):
@@ -289,25 +316,38 @@ def small_world(work: Path, out: str, images: int) -> None:
     from unembed.pipeline import embed_split
 
     embedder = load_embedder(str(work / "embedder"), "cpu")
-    rows = {"clipcap (paired)": (models / "clipcap", {}), "viecap": (models / "viecap", {}),
-            "viecap rerank 8": (models / "viecap", {"rerank": 8}),
-            **{name: (models / "capdec" if path == BUNDLE / "capdec" else corrector, options)
-               for name, (path, options) in variants("capdec", corrector, (4,)).items()}}
-    in_image = pairs_in_images(data / "compositional")
-    result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
-    small = result["small_world"] = {"data": "scenes world, 3000 training images, seed 7",
-                                     "embedder": "unembed train clip --epochs 5", "rows": {}}
-    loaded = {}
-    for name, (path, options) in rows.items():
+    loaded, splits = {}, {}
+    for split in ("val", "test", "compositional"):
+        embedded = embed_split(embedder, data / split)
+        _, captions, ids = load_split(data / split)
+        splits[split] = (embedded.select(range(min(images, len(embedded)))), {str(i): c for i, c in zip(ids, captions)})
+
+    def decoder_at(path: Path):
         if path not in loaded:
             loaded[path] = load_decoder(path, device="cpu", embedder=embedder)
+        return loaded[path]
+
+    result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+    small = result["small_world"] = {"data": f"scenes world, 3000 training images, seed 7, {images} images per eval split",
+                                     "embedder": "unembed train clip --epochs 5", "weight_sweep": {}, "rows": {}}
+    # This world's own rerank weight, chosen on its val split by part 1's rule: does the weight that
+    # the sure embedder chose hold for an unsure one, and does a weight chosen here?
+    for kind in ("clipcap", "capdec", "viecap"):
+        small["weight_sweep"][kind] = weight_sweep(decoder_at(models / kind), embedder, *splits["val"])
+        print("small val", kind, json.dumps(small["weight_sweep"][kind]), flush=True)
+    small["weight_chosen"] = chosen_weight(small["weight_sweep"])
+    own = small["weight_chosen"]["weight"]
+    rows = {"clipcap (paired)": (models / "clipcap", {}), "viecap": (models / "viecap", {}),
+            "viecap rerank 8": (models / "viecap", {"rerank": 8}),
+            f"viecap rerank 8, weight {own:g} (this world's val)": (models / "viecap", {"rerank": 8, "rerank_weight": own}),
+            **{name: (models / "capdec" if path == BUNDLE / "capdec" else corrector, options)
+               for name, (path, options) in variants("capdec", corrector, (4,)).items()},
+            f"capdec rerank 8, weight {own:g} (this world's val)": (models / "capdec", {"rerank": 8, "rerank_weight": own})}
+    in_image = pairs_in_images(data / "compositional")
+    for name, (path, options) in rows.items():
         small["rows"][name] = {"options": options}
         for split in ("test", "compositional"):
-            embedded = embed_split(embedder, data / split)
-            embedded = embedded.select(range(min(images, len(embedded))))
-            _, captions, ids = load_split(data / split)
-            references = {str(i): c for i, c in zip(ids, captions)}
-            row = caption_scores(loaded[path], embedder, embedded, references,
+            row = caption_scores(decoder_at(path), embedder, *splits[split],
                                  in_image if split == "compositional" else None, **options)
             small["rows"][name][split] = row
             print("small", split, name, json.dumps(row), flush=True)

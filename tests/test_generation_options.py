@@ -33,7 +33,7 @@ def test_every_kind_declares_only_known_options():
         takes = decoder_class(kind).takes()
         assert set(takes) <= set(GENERATION_OPTIONS), kind
     assert decoder_class("retrieval").generation_options == ()
-    assert decoder_class("retrieval").takes() == ("rerank", "rerank_weight")  # every kind reranks
+    assert decoder_class("retrieval").takes() == ("rerank", "rerank_weight", "rerank_stop")  # every kind reranks
     assert "do_sample" not in decoder_class("iterative").generation_options  # it re-ranks deterministically
 
 

@@ -198,6 +198,35 @@ def test_invert_scores_exact_matches_bleu_cosine_and_calls(embedder, retrieval_d
     assert len(held_out) == 5 and set(held_out) <= set(split_captions(scenes_dir / "test"))
 
 
+
+def test_rerank_stop_embeds_candidates_best_first_until_one_reaches_it(embedder, retrieval_dir, scenes_dir):
+    """rerank_stop: each row's candidates are embedded one per round, in the decoder's order, until one's
+    cosine reaches the stop; the pick is rerank's over those embedded."""
+    from unembed.data.vectors import Embedded
+
+    decoder = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
+    memorised = [c for c in dict.fromkeys(split_captions(scenes_dir / "train"))][:6]
+    targets = Embedded(embedder.embed_texts(memorised), [str(i) for i in range(6)], embedder.id, embedder.spec, "text")
+    assert [row[0][0] for row in decoder.candidates(targets, 3)] == memorised  # the nearest is the text itself
+    before = embedder.texts_embedded
+    assert decoder.decode(targets, rerank=3, rerank_weight=100.0, rerank_stop=0.9999) == memorised
+    assert embedder.texts_embedded - before == 6  # one call each, not 3
+    embedded = images(scenes_dir, embedder, n=4)
+    candidates = [[(c, max(s for t, s in row if t == c)) for c in dict.fromkeys(t for t, _ in row)]
+                  for row in decoder.candidates(embedded, 3)]  # each text once, at its best score
+    cosines = [[float(F.normalize(embedder.embed_texts([c]).float(), dim=-1)[0] @ F.normalize(v.float(), dim=-1))
+                for c, _ in row] for row, v in zip(candidates, embedded.vectors)]
+    firsts = sorted(row[0] for row in cosines)
+    for stop in (0.9999, (firsts[1] + firsts[2]) / 2):  # none stops; then two rows stop at their first
+        kept = [row[:next((k + 1 for k, c in enumerate(cos) if c >= stop), len(row))]
+                for row, cos in zip(candidates, cosines)]
+        rounds = [{row[k][0] for row in kept if k < len(row)} for k in range(3)]  # a round embeds each text once
+        expected, before = by_hand(embedder, embedded, kept, 0.5), embedder.texts_embedded
+        assert decoder.decode(embedded, rerank=3, rerank_weight=0.5, rerank_stop=stop) == expected
+        assert embedder.texts_embedded - before == sum(len(r) for r in rounds)
+    assert sum(len(row) for row in kept) < sum(len(row) for row in candidates)
+
+
 def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tmp_path):
     from tests.test_zoo import unembed as run
 
@@ -209,6 +238,9 @@ def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tm
     missing = run("eval", "--invert", "--decoder", retrieval_dir, "--data", tmp_path / "none")
     assert missing.code == 2 and missing.stderr.strip().splitlines()[-1] == (
         f"unembed: {tmp_path / 'none' / 'test'}: no captions.json: not a split of a data directory")
+    loose = run("eval", "--invert", "--decoder", retrieval_dir, "--data", scenes_dir, "--rerank-stop", "0.9999")
+    assert loose.code == 2 and loose.stderr.strip().splitlines()[-1] == (
+        "unembed: option rerank_stop: the retrieval decoder uses it only with rerank above 1 (--rerank N; rerank=N)")
     neither = run("eval")
     assert neither.code == 2 and "needs --results FILE and --refs FILE" in neither.stderr
 
@@ -234,7 +266,8 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
     bad = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},x=@plain", "--out",
               tmp_path / "bad", "--config", json.dumps({"x": {"num_beams": 2}}), "--embedder", embedder_dir)
     assert bad.code == 2 and bad.stderr.strip().splitlines()[-1] == (
-        "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight)")
+        "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight, "
+        "rerank_stop)")
     assert not (tmp_path / "bad").exists()  # refused before any work
     orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr

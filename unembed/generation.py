@@ -78,13 +78,17 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05, chosen for "
                      "images; 100 lets the cosine decide, for inverting a text embedding)", 0, 100,
                      needs_rerank=True),
+    GenerationOption("rerank_stop", float, "with --rerank: embed each input's candidates one at a time, in the decoder's "
+                     "order, and stop at the first whose cosine with the input reaches this (for inverting a text "
+                     "embedding, 0.9999: no caption beats one with the input's own embedding); the pick is made among "
+                     "those embedded", 0, 1, low_open=True, needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
     GenerationOption("margin", float, "a corrector keeps a new caption only if the embedder's log-odds for it beat "
                      "the kept one's by more than this", 0, 100),
     GenerationOption("edits", int, "rounds of a corrector's single-word substitutions", 0, 8),
 )}
 # Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
-LOOP_OPTIONS = ("rerank", "rerank_weight")
+LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop")
 RERANK_WEIGHT = 0.05  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")
 

@@ -14,6 +14,10 @@ is not trusted. weight 0 is the decoder alone (its own best of the N); a large w
 alone. The default (generation.RERANK_WEIGHT) was chosen on the scenes val split, where standardising
 both scores instead (one z-score each) did worse: it amplifies cosine differences the embedder does
 not mean (benchmarks/loop_scenes.py records the sweep).
+
+With `stop` (rerank_stop), the candidates are embedded one per round, best first, and a row stops at
+the first whose cosine reaches it. A text target's own text has cosine 1, which no caption beats, so
+an inverter whose first beam is right spends one embedder call on it and its N on the hard ones.
 """
 from __future__ import annotations
 
@@ -33,12 +37,33 @@ def embedding_cosines(embedder, texts: list[str], targets: torch.Tensor) -> torc
     return (vectors[index] * F.normalize(targets.float(), dim=-1).to(vectors.device)).sum(-1).cpu()
 
 
-def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight: float | None = None) -> list[str]:
-    """The best caption of each row's candidates (see the module docstring); `weight` None: the default."""
+def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight: float | None = None,
+           stop: float | None = None) -> list[str]:
+    """The best caption of each row's candidates (see the module docstring); `weight` None: the default.
+    `stop`: embed in rounds instead (`cosines_until`), and pick among the candidates embedded."""
     rows = [dedupe(row) for row in candidates]
+    if stop is not None:
+        cosines = cosines_until(embedder, rows, embedded.unit(), stop)
+        rows = [row[:len(c)] for row, c in zip(rows, cosines)]
+        return pick(rows, [c for row in cosines for c in row], weight, logit_scale(embedder))
     texts = [c for row in rows for c, _ in row]
     targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
     return pick(rows, embedding_cosines(embedder, texts, targets).tolist(), weight, logit_scale(embedder))
+
+
+def cosines_until(embedder, rows: list[list[tuple[str, float]]], targets: torch.Tensor, stop: float) -> list[list[float]]:
+    """Each row's cosines with its target, its candidates embedded one per round in the decoder's
+    order until one reaches `stop` (one batch a round over the rows still open). An inversion whose
+    first beam is already the target's own text costs one embedder call, not N."""
+    cosines: list[list[float]] = [[] for _ in rows]
+    for turn in range(max((len(row) for row in rows), default=0)):
+        open_rows = [i for i, row in enumerate(rows) if turn < len(row) and not (cosines[i] and max(cosines[i]) >= stop)]
+        if not open_rows:
+            break
+        got = embedding_cosines(embedder, [rows[i][turn][0] for i in open_rows], targets[open_rows])
+        for i, cosine in zip(open_rows, got.tolist()):
+            cosines[i].append(cosine)
+    return cosines
 
 
 def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: float | None = None,
