@@ -313,6 +313,7 @@ def small_world(work: Path, out: str, images: int) -> None:
     from unembed.data.splits import load_split
     from unembed.decoders import load_decoder
     from unembed.embedders import load_embedder
+    from unembed.generation import RERANK_WEIGHT
     from unembed.pipeline import embed_split
 
     embedder = load_embedder(str(work / "embedder"), "cpu")
@@ -339,10 +340,11 @@ def small_world(work: Path, out: str, images: int) -> None:
     own = small["weight_chosen"]["weight"]
     rows = {"clipcap (paired)": (models / "clipcap", {}), "viecap": (models / "viecap", {}),
             "viecap rerank 8": (models / "viecap", {"rerank": 8}),
-            f"viecap rerank 8, weight {own:g} (this world's val)": (models / "viecap", {"rerank": 8, "rerank_weight": own}),
             **{name: (models / "capdec" if path == BUNDLE / "capdec" else corrector, options)
-               for name, (path, options) in variants("capdec", corrector, (4,)).items()},
-            f"capdec rerank 8, weight {own:g} (this world's val)": (models / "capdec", {"rerank": 8, "rerank_weight": own})}
+               for name, (path, options) in variants("capdec", corrector, (4,)).items()}}
+    if own != RERANK_WEIGHT:  # the same weight would repeat the rerank 8 rows
+        for kind in ("viecap", "capdec"):
+            rows[f"{kind} rerank 8, weight {own:g} (this world's val)"] = (models / kind, {"rerank": 8, "rerank_weight": own})
     in_image = pairs_in_images(data / "compositional")
     for name, (path, options) in rows.items():
         small["rows"][name] = {"options": options}
