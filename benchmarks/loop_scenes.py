@@ -25,7 +25,9 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    embedder calls), and a corrector over the 2,400-step inverter (the budget above). The 21,600-step
    inverter is then trained further (`--init`, see RESTARTS): 43,200, 54,000 and 64,800 steps in all.
    The longest is also read with rerank_stop (rerank 8, 16 and 32, stopping at cosine 0.9999): the
-   mean embedder calls then fall, and at most N are made for a caption.
+   mean embedder calls then fall, and at most N are made for a caption. And with at most 8 calls for
+   every caption from 16 or 32 beams (rerank_calls 8), chosen in turns by rerank_guide, whose default
+   is the best of GUIDES on the val split's captions (`guide_sweep` in the JSON).
 
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
@@ -66,6 +68,7 @@ INVERTER_STEPS = (600, 2400, 7200, 21600)
 RESTARTS = ((21600, "5e-4"), (10800, "2.5e-4"), (10800, "1.25e-4"))
 CORRECTED_INVERTER = 2400
 STOP = 0.9999  # rerank_stop for inversion: the target's own text has cosine 1
+GUIDES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 def restart_options(steps: int, lr: str, seed: int) -> list[str]:
@@ -96,7 +99,13 @@ def inversion_rows(bases, correctors: dict, inverters: dict, corrected_inverter:
     # own embedding (cosine 0.9999), so most captions cost one call and N can grow past 8.
     for n in (8, 16, 32):
         rows[f"{name} rerank {n}, weight 100, stop at cosine 0.9999"] = (
-            path, {"rerank": n, "rerank_weight": 100.0, "rerank_stop": STOP})
+            path, {"rerank": n, "rerank_weight": 100.0, "rerank_stop": STOP, "rerank_guide": 0.0})
+    # at most 8 calls for every caption, from 16 or 32 beams: the guide picks which 8 (its default, then off)
+    for n in (16, 32):
+        rows[f"{name} rerank {n}, weight 100, stop at 0.9999, at most 8 calls"] = (
+            path, {"rerank": n, "rerank_weight": 100.0, "rerank_stop": STOP, "rerank_calls": 8})
+    rows[f"{name} rerank 32, weight 100, stop at 0.9999, at most 8 calls, guide 0"] = (
+        path, {"rerank": 32, "rerank_weight": 100.0, "rerank_stop": STOP, "rerank_calls": 8, "rerank_guide": 0.0})
     rows.update(corrector_steps(f"inverter ({CORRECTED_INVERTER} steps)", corrected_inverter))
     return groups
 
@@ -148,6 +157,27 @@ def chosen_weight(sweeps: dict) -> dict:
     means = {w: sum(s[f"rerank 8, weight {w:g}"] for s in sweeps.values()) / len(sweeps) for w in WEIGHTS}
     return {"weight": max(means, key=means.get), "mean_val_CIDEr": {f"{w:g}": round(m, 4) for w, m in means.items()}}
 
+
+def guide_sweep(decoder, embedder, captions: list[str]) -> dict:
+    """Exact inversions of `captions` (%) and embedder calls per caption at each of GUIDES, from the
+    decoder's 32 beams with rerank_calls 8 and rerank_stop STOP: the beams once, then embedded in turns."""
+    import torch.nn.functional as F
+
+    from unembed.data.vectors import Embedded
+    from unembed.decoders.rerank import rerank
+    from unembed.eval.inversion import normalised
+
+    targets = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
+    embedded = Embedded(targets, [str(i) for i in range(len(captions))], embedder.id, embedder.spec, "text")
+    beams = [row for s in range(0, len(captions), 100) for row in decoder.candidates(embedded.select(slice(s, s + 100)), 32)]
+    sweep = {"captions": len(captions), "rerank": 32, "rerank_calls": 8, "rerank_stop": STOP}
+    for guide in GUIDES:
+        before = embedder.texts_embedded
+        got = rerank(embedder, embedded, beams, 100.0, STOP, 8, guide)
+        sweep[f"guide {guide:g}"] = {"exact_match": round(sum(normalised(a) == normalised(b) for a, b in zip(got, captions))
+                                                          / len(captions), 4),
+                                     "embedder_calls_per_caption": round((embedder.texts_embedded - before) / len(captions), 2)}
+    return sweep
 
 def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
     """name -> (decoder directory, generation options): the issue's ablations, and the corrector's parts."""
@@ -274,7 +304,15 @@ def main() -> None:
             print(split, name, json.dumps(row), flush=True)
         write(args.out, result)
 
-    # 3. inversion
+    # 3. inversion. First rerank_guide, chosen on val: the longest inverter's 32 beams once, then 8 of
+    # them embedded at most (stop at the target), in the order each guide gives.
+    longest = list(inverters.values())[-1]
+    if earlier.get("guide_sweep", {}).get("inverter") == longest.name:
+        result["guide_sweep"] = earlier["guide_sweep"]
+    else:
+        result["guide_sweep"] = guide_sweep(decoder_at(longest), embedder, held_out_captions(data / "val", args.images))
+        result["guide_sweep"]["inverter"] = longest.name
+        print("val guide", json.dumps(result["guide_sweep"]), flush=True)
     captions = held_out_captions(data / "test", args.images)
     for rows in inversion_rows(bases, correctors, inverters, corrected_inverter).values():
         for name, (path, options) in rows.items():

@@ -7,7 +7,7 @@ import pytest
 from unembed.bundle import manifest
 from unembed.decoders import decoder_class, list_decoders
 from unembed.errors import BadInputError
-from unembed.generation import GENERATION_OPTIONS, check_generation
+from unembed.generation import GENERATION_OPTIONS, LOOP_OPTIONS, check_generation
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "scene-0.png")
 
@@ -33,7 +33,7 @@ def test_every_kind_declares_only_known_options():
         takes = decoder_class(kind).takes()
         assert set(takes) <= set(GENERATION_OPTIONS), kind
     assert decoder_class("retrieval").generation_options == ()
-    assert decoder_class("retrieval").takes() == ("rerank", "rerank_weight", "rerank_stop")  # every kind reranks
+    assert decoder_class("retrieval").takes() == LOOP_OPTIONS  # every kind reranks
     assert "do_sample" not in decoder_class("iterative").generation_options  # it re-ranks deterministically
 
 

@@ -222,9 +222,70 @@ def test_rerank_stop_embeds_candidates_best_first_until_one_reaches_it(embedder,
                 for row, cos in zip(candidates, cosines)]
         rounds = [{row[k][0] for row in kept if k < len(row)} for k in range(3)]  # a round embeds each text once
         expected, before = by_hand(embedder, embedded, kept, 0.5), embedder.texts_embedded
-        assert decoder.decode(embedded, rerank=3, rerank_weight=0.5, rerank_stop=stop) == expected
+        assert decoder.decode(embedded, rerank=3, rerank_weight=0.5, rerank_stop=stop, rerank_guide=0.0) == expected
         assert embedder.texts_embedded - before == sum(len(r) for r in rounds)
     assert sum(len(row) for row in kept) < sum(len(row) for row in candidates)
+
+
+
+def ridge_by_hand(texts: list[str], seen: dict[int, float], ridge: float) -> list[float]:
+    """Each text's cosine predicted from the seen ones: ridge regression on word and word-pair
+    indicators (with start and end marks), the seen mean as an unpenalised intercept, solved in the
+    primal (one weight per word or pair)."""
+    def grams(text):
+        words = ["<s>", *text.lower().replace(",", " ,").split(), "</s>"]
+        return set(words) | {a + " " + b for a, b in zip(words, words[1:])}
+
+    vocab = sorted(set().union(*(grams(t) for t in texts)))
+    X = torch.tensor([[float(g in grams(t)) for g in vocab] for t in texts], dtype=torch.float64)
+    index, y = list(seen), torch.tensor(list(seen.values()), dtype=torch.float64)
+    w = torch.linalg.solve(X[index].T @ X[index] + ridge * torch.eye(len(vocab), dtype=torch.float64),
+                           X[index].T @ (y - y.mean()))
+    return (X @ w + y.mean()).tolist()
+
+
+def test_rerank_guide_embeds_next_the_candidate_the_seen_cosines_point_to():
+    from unembed.decoders.rerank import RIDGE, next_candidate, predicted_cosines, shared_grams
+
+    row = [("a red circle above a blue square", -0.10), ("a red circle below a blue square", -0.20),
+           ("a green circle below a blue square", -0.30), ("a green circle above a blue square", -0.35)]
+    texts, seen = [t for t, _ in row], {0: 0.90, 1: 0.80}  # "above" brought the embedding nearer
+    shared = shared_grams(texts)
+    predicted = predicted_cosines(shared, list(seen), list(seen.values())).tolist()
+    assert predicted == pytest.approx(ridge_by_hand(texts, seen, RIDGE), abs=1e-9)
+    assert predicted[3] > predicted[2]
+    assert next_candidate(row, seen, shared, 0.0) == 2  # no guide: the decoder's order
+    assert next_candidate(row, seen, shared, 100.0) == 3  # the guide: the "above" one
+    assert next_candidate(row, {0: 0.90}, shared, 100.0) == 1  # one cosine seen predicts all alike
+
+
+def test_rerank_calls_embed_at_most_that_many_in_the_guided_order(embedder, retrieval_dir, scenes_dir):
+    from unembed.decoders.rerank import RIDGE
+    from unembed.generation import RERANK_GUIDE
+
+    decoder = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
+    embedded = images(scenes_dir, embedder, n=4)
+    scale = float(embedder.model.logit_scale.detach().exp())
+    candidates = decoder.candidates(embedded, 4)
+    assert all(len(dict(row)) == 4 for row in candidates)
+    for guide in (0.0, RERANK_GUIDE):
+        kept, turns = [], []
+        for row, vector in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
+            def cosine(j):
+                return float(F.normalize(embedder.embed_texts([row[j][0]]).float(), dim=-1)[0] @ vector)
+            seen = {0: cosine(0)}
+            while len(seen) < 3:
+                predicted = ridge_by_hand([t for t, _ in row], seen, RIDGE)
+                rest = [j for j in range(4) if j not in seen]
+                j = max(rest, key=lambda j: row[j][1] + guide * scale * predicted[j])
+                seen[j] = cosine(j)
+            kept.append([row[j] for j in sorted(seen)])
+            turns.append([row[j][0] for j in seen])  # in the order embedded
+        options = {} if guide == RERANK_GUIDE else {"rerank_guide": guide}
+        expected, before = by_hand(embedder, embedded, kept, 0.5), embedder.texts_embedded
+        assert decoder.decode(embedded, rerank=4, rerank_weight=0.5, rerank_calls=3, **options) == expected
+        # each turn embeds one candidate of each open row, each distinct text once: at most 3 per row
+        assert embedder.texts_embedded - before == sum(len({texts[k] for texts in turns}) for k in range(3))
 
 
 def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tmp_path):
@@ -267,7 +328,7 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
               tmp_path / "bad", "--config", json.dumps({"x": {"num_beams": 2}}), "--embedder", embedder_dir)
     assert bad.code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight, "
-        "rerank_stop)")
+        "rerank_stop, rerank_calls, rerank_guide)")
     assert not (tmp_path / "bad").exists()  # refused before any work
     orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr

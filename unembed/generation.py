@@ -82,14 +82,21 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "order, and stop at the first whose cosine with the input reaches this (for inverting a text "
                      "embedding, 0.9999: no caption beats one with the input's own embedding); the pick is made among "
                      "those embedded", 0, 1, low_open=True, needs_rerank=True),
+    GenerationOption("rerank_calls", int, "with --rerank: embed at most this many of each input's candidates, one at "
+                     "a time as --rerank-stop does (default: all of them)", 1, 64, needs_rerank=True),
+    GenerationOption("rerank_guide", float, "with --rerank-stop or --rerank-calls: after the decoder's best, embed "
+                     "next the candidate with the best decoder score + this x the embedder's logit scale x the cosine "
+                     "predicted from those already embedded (0 = the decoder's order; default 5, chosen on the scenes "
+                     "val split)", 0, 100, needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
     GenerationOption("margin", float, "a corrector keeps a new caption only if the embedder's log-odds for it beat "
                      "the kept one's by more than this", 0, 100),
     GenerationOption("edits", int, "rounds of a corrector's single-word substitutions", 0, 8),
 )}
 # Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
-LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop")
+LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop", "rerank_calls", "rerank_guide")
 RERANK_WEIGHT = 0.05  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
+RERANK_GUIDE = 5.0  # chosen on the scenes val split, inverting with 8 of 32 beams (loop_scenes.py)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")
 
 

@@ -73,17 +73,19 @@ class Decoder(torch.nn.Module):
 
     def decode(self, embedded, **generation) -> list[str]:
         """N captions for an `Embedded` of N rows; `generation`: options among `generation_options`
-        (and rerank / rerank_weight / rerank_stop, which every kind takes), checked by `check_generation` first.
+        (and the rerank ones, LOOP_OPTIONS, which every kind takes), checked by `check_generation` first.
         With rerank N > 1, each row's N candidates from the kind's own search are re-scored against
         the input by the embedder (unembed/decoders/rerank.py)."""
         options = self.check_generation(generation)
-        n, weight, stop = options.pop("rerank", 1), options.pop("rerank_weight", None), options.pop("rerank_stop", None)
+        n = options.pop("rerank", 1)
+        weight, stop, calls, guide = (options.pop(f"rerank_{k}", None) for k in ("weight", "stop", "calls", "guide"))
         self.check_embedded(embedded)
         if n <= 1:
             return self.write(embedded, **options)
         from unembed.decoders.rerank import rerank
 
-        return rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight, stop)
+        return rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight, stop,
+                      calls, guide)
 
     def write(self, embedded, **options) -> list[str]:
         """The kind's own decoding: N captions for N rows, `options` already checked."""

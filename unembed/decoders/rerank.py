@@ -15,9 +15,12 @@ alone. The default (generation.RERANK_WEIGHT) was chosen on the scenes val split
 both scores instead (one z-score each) did worse: it amplifies cosine differences the embedder does
 not mean (benchmarks/loop_scenes.py records the sweep).
 
-With `stop` (rerank_stop), the candidates are embedded one per round, best first, and a row stops at
-the first whose cosine reaches it. A text target's own text has cosine 1, which no caption beats, so
-an inverter whose first beam is right spends one embedder call on it and its N on the hard ones.
+With `stop` (rerank_stop) or `calls` (rerank_calls), the candidates are embedded in turns: the
+decoder's best first, then each next one chosen by the decoder's score plus `guide` (rerank_guide) x
+the logit scale x a cosine predicted from those already embedded. A row stops at the first cosine
+that reaches `stop`, or after `calls` candidates. A text target's own text has cosine 1, which no
+caption beats, so an inverter whose first beam is right spends one embedder call on it, and a hard
+one spends its calls on the beams the cosines seen point to.
 """
 from __future__ import annotations
 
@@ -38,32 +41,78 @@ def embedding_cosines(embedder, texts: list[str], targets: torch.Tensor) -> torc
 
 
 def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight: float | None = None,
-           stop: float | None = None) -> list[str]:
+           stop: float | None = None, calls: int | None = None, guide: float | None = None) -> list[str]:
     """The best caption of each row's candidates (see the module docstring); `weight` None: the default.
-    `stop`: embed in rounds instead (`cosines_until`), and pick among the candidates embedded."""
+    With `stop` or `calls`, the candidates are embedded in turns (`embed_in_turns`) and the pick is
+    made among those embedded."""
     rows = [dedupe(row) for row in candidates]
-    if stop is not None:
-        cosines = cosines_until(embedder, rows, embedded.unit(), stop)
-        rows = [row[:len(c)] for row, c in zip(rows, cosines)]
-        return pick(rows, [c for row in cosines for c in row], weight, logit_scale(embedder))
+    scale = logit_scale(embedder)
+    if stop is not None or calls is not None:
+        from unembed.generation import RERANK_GUIDE
+
+        guide = RERANK_GUIDE if guide is None else guide
+        seen = embed_in_turns(embedder, rows, embedded.unit(), stop, calls, guide * scale)
+        kept = [[row[j] for j in sorted(cosines)] for row, cosines in zip(rows, seen)]
+        return pick(kept, [cosines[j] for cosines in seen for j in sorted(cosines)], weight, scale)
     texts = [c for row in rows for c, _ in row]
     targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-    return pick(rows, embedding_cosines(embedder, texts, targets).tolist(), weight, logit_scale(embedder))
+    return pick(rows, embedding_cosines(embedder, texts, targets).tolist(), weight, scale)
 
 
-def cosines_until(embedder, rows: list[list[tuple[str, float]]], targets: torch.Tensor, stop: float) -> list[list[float]]:
-    """Each row's cosines with its target, its candidates embedded one per round in the decoder's
-    order until one reaches `stop` (one batch a round over the rows still open). An inversion whose
-    first beam is already the target's own text costs one embedder call, not N."""
-    cosines: list[list[float]] = [[] for _ in rows]
-    for turn in range(max((len(row) for row in rows), default=0)):
-        open_rows = [i for i, row in enumerate(rows) if turn < len(row) and not (cosines[i] and max(cosines[i]) >= stop)]
-        if not open_rows:
-            break
-        got = embedding_cosines(embedder, [rows[i][turn][0] for i in open_rows], targets[open_rows])
-        for i, cosine in zip(open_rows, got.tolist()):
-            cosines[i].append(cosine)
-    return cosines
+def embed_in_turns(embedder, rows: list[list[tuple[str, float]]], targets: torch.Tensor, stop: float | None,
+                   calls: int | None, strength: float) -> list[dict[int, float]]:
+    """Each row's {candidate index: cosine with its target}: one candidate of each open row embedded per
+    turn (one batch), the decoder's best first, then the one `next_candidate` chooses. A row closes
+    when a cosine reaches `stop` or `calls` of its candidates are embedded. For a text target, whose
+    own text has cosine 1, an easy input costs one embedder call instead of N."""
+    seen: list[dict[int, float]] = [{} for _ in rows]
+    shared = [shared_grams([text for text, _ in row]) for row in rows] if strength else [None] * len(rows)
+    while True:
+        turn = [(i, next_candidate(row, seen[i], shared[i], strength)) for i, row in enumerate(rows)
+                if len(seen[i]) < min(len(row), calls or len(row))
+                and not (seen[i] and stop is not None and max(seen[i].values()) >= stop)]
+        if not turn:
+            return seen
+        got = embedding_cosines(embedder, [rows[i][j][0] for i, j in turn], targets[[i for i, _ in turn]])
+        for (i, j), cosine in zip(turn, got.tolist()):
+            seen[i][j] = cosine
+
+
+def next_candidate(row: list[tuple[str, float]], seen: dict[int, float], shared: torch.Tensor | None,
+                   strength: float) -> int:
+    """The candidate to embed next: the decoder's best first; then the highest decoder score plus
+    `strength` x the cosine predicted from those embedded (`predicted_cosines`). Candidates differ in a
+    few words, and the cosines seen tell which words move the embedding toward the target: a wrong
+    relation in the first beams steers the search to a later beam that has another one."""
+    rest = [j for j in range(len(row)) if j not in seen]
+    if not seen or not strength:
+        return rest[0]
+    predicted = predicted_cosines(shared, list(seen), list(seen.values()))
+    return max(rest, key=lambda j: row[j][1] + strength * float(predicted[j]))  # ties: the decoder's order
+
+
+RIDGE = 0.1  # the ridge of predicted_cosines, chosen with the guide on the scenes val split
+
+
+def word_grams(text: str) -> set[str]:
+    words = ["<s>", *text.lower().replace(",", " ,").split(), "</s>"]
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+
+
+def shared_grams(texts: list[str]) -> torch.Tensor:
+    """[n, n]: how many words and word pairs (with start and end marks) each two texts share."""
+    grams = [word_grams(t) for t in texts]
+    return torch.tensor([[float(len(a & b)) for b in grams] for a in grams], dtype=torch.float64)
+
+
+def predicted_cosines(shared: torch.Tensor, seen: list[int], cosines: list[float]) -> torch.Tensor:
+    """Every candidate's cosine predicted by a ridge regression (ridge RIDGE) of the seen cosines on
+    word and word-pair indicators, in its kernel form: the shared-gram counts are the indicators' inner
+    products, so no vocabulary is built. The mean of the seen is the intercept, not penalised."""
+    y = torch.tensor(cosines, dtype=torch.float64)
+    index = torch.tensor(seen)
+    inner = shared[index][:, index] + RIDGE * torch.eye(len(seen), dtype=torch.float64)
+    return y.mean() + shared[:, index] @ torch.linalg.solve(inner, y - y.mean())
 
 
 def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: float | None = None,
