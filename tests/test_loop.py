@@ -1,7 +1,7 @@
 """Closing the loop (issue 27): rerank for every decoder kind, the corrector, and inversion as a task.
 
 Rerank is checked against a hand computation from the same candidates: each candidate embedded alone,
-its cosine with the input, the decoder's own score, both standardised, mixed. Every registered kind
+its cosine with the input, and the decoder's own score plus weight x logit scale x cosine. Every registered kind
 is run from its own `example`; the CLI path goes from an image file."""
 import json
 from pathlib import Path
@@ -220,10 +220,10 @@ def test_rerank_stop_embeds_candidates_best_first_until_one_reaches_it(embedder,
     for stop in (0.9999, (firsts[1] + firsts[2]) / 2):  # none stops; then two rows stop at their first
         kept = [row[:next((k + 1 for k, c in enumerate(cos) if c >= stop), len(row))]
                 for row, cos in zip(candidates, cosines)]
-        rounds = [{row[k][0] for row in kept if k < len(row)} for k in range(3)]  # a round embeds each text once
+        embedded_texts = {c for row in kept for c, _ in row}  # each text once, in whichever turn first
         expected, before = by_hand(embedder, embedded, kept, 0.5), embedder.texts_embedded
         assert decoder.decode(embedded, rerank=3, rerank_weight=0.5, rerank_stop=stop, rerank_guide=0.0) == expected
-        assert embedder.texts_embedded - before == sum(len(r) for r in rounds)
+        assert embedder.texts_embedded - before == len(embedded_texts)
     assert sum(len(row) for row in kept) < sum(len(row) for row in candidates)
 
 
@@ -260,7 +260,7 @@ def test_rerank_guide_embeds_next_the_candidate_the_seen_cosines_point_to():
 
 
 def test_rerank_calls_embed_at_most_that_many_in_the_guided_order(embedder, retrieval_dir, scenes_dir):
-    from unembed.decoders.rerank import RIDGE
+    from unembed.decoders.rerank import RIDGE, dedupe, embed_in_turns
     from unembed.generation import RERANK_GUIDE
 
     decoder = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
@@ -268,6 +268,7 @@ def test_rerank_calls_embed_at_most_that_many_in_the_guided_order(embedder, retr
     scale = float(embedder.model.logit_scale.detach().exp())
     candidates = decoder.candidates(embedded, 4)
     assert all(len(dict(row)) == 4 for row in candidates)
+    sets = []
     for guide in (0.0, RERANK_GUIDE):
         kept, turns = [], []
         for row, vector in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
@@ -284,8 +285,18 @@ def test_rerank_calls_embed_at_most_that_many_in_the_guided_order(embedder, retr
         options = {} if guide == RERANK_GUIDE else {"rerank_guide": guide}
         expected, before = by_hand(embedder, embedded, kept, 0.5), embedder.texts_embedded
         assert decoder.decode(embedded, rerank=4, rerank_weight=0.5, rerank_calls=3, **options) == expected
-        # each turn embeds one candidate of each open row, each distinct text once: at most 3 per row
-        assert embedder.texts_embedded - before == sum(len({texts[k] for texts in turns}) for k in range(3))
+        # each turn embeds one candidate of each open row; a text is embedded once in all the turns
+        assert embedder.texts_embedded - before == len({t for texts in turns for t in texts})
+        chosen = embed_in_turns(embedder, [dedupe(row) for row in candidates], embedded.unit(), None, 3,
+                                guide * scale)
+        assert [sorted(c) for c in chosen] == [[j for j in range(4) if row[j][0] in texts]
+                                             for row, texts in zip(candidates, turns)]
+        sets.append([sorted(c) for c in chosen])
+    assert sets[0] != sets[1]  # here the guide embeds another third candidate than the decoder's order
+    with pytest.raises(BadInputError) as caught:
+        decoder.decode(embedded, rerank=4, rerank_guide=5.0)
+    assert str(caught.value) == ("option rerank_guide: the retrieval decoder uses it only with rerank_stop or "
+                                 "rerank_calls (--rerank-stop C, --rerank-calls K)")
 
 
 def test_eval_invert_through_the_cli(retrieval_dir, scenes_dir, embedder_dir, tmp_path):

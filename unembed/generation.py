@@ -78,10 +78,11 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05, chosen for "
                      "images; 100 lets the cosine decide, for inverting a text embedding)", 0, 100,
                      needs_rerank=True),
-    GenerationOption("rerank_stop", float, "with --rerank: embed each input's candidates one at a time, in the decoder's "
-                     "order, and stop at the first whose cosine with the input reaches this (for inverting a text "
-                     "embedding, 0.9999: no caption beats one with the input's own embedding); the pick is made among "
-                     "those embedded", 0, 1, low_open=True, needs_rerank=True),
+    GenerationOption("rerank_stop", float, "with --rerank: embed each input's candidates one at a time (the "
+                     "decoder's best first, then as --rerank-guide orders them) and stop at the first whose cosine "
+                     "with the input reaches this (for inverting a text embedding, 0.9999: no caption beats one with "
+                     "the input's own embedding); the pick is made among those embedded", 0, 1, low_open=True,
+                     needs_rerank=True),
     GenerationOption("rerank_calls", int, "with --rerank: embed at most this many of each input's candidates, one at "
                      "a time as --rerank-stop does (default: all of them)", 1, 64, needs_rerank=True),
     GenerationOption("rerank_guide", float, "with --rerank-stop or --rerank-calls: after the decoder's best, embed "
@@ -119,4 +120,7 @@ def check_generation(kind: str, takes: tuple[str, ...], options: dict) -> dict:
         if loose:
             raise BadInputError(f"option {loose[0]}", f"the {kind} decoder uses it only with rerank above 1 "
                                                       "(--rerank N; rerank=N)")
+    if "rerank_guide" in options and "rerank_stop" not in options and "rerank_calls" not in options:
+        raise BadInputError("option rerank_guide", f"the {kind} decoder uses it only with rerank_stop or rerank_calls "
+                                                   "(--rerank-stop C, --rerank-calls K)")
     return options
