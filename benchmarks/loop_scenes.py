@@ -161,23 +161,45 @@ def chosen_weight(sweeps: dict) -> dict:
 def guide_sweep(decoder, embedder, captions: list[str]) -> dict:
     """Exact inversions of `captions` (%) and embedder calls per caption at each of GUIDES, from the
     decoder's 32 beams with rerank_calls 8 and rerank_stop STOP: the beams once, then embedded in turns."""
-    import torch.nn.functional as F
-
-    from unembed.data.vectors import Embedded
     from unembed.decoders.rerank import rerank
-    from unembed.eval.inversion import normalised
+    from unembed.eval.inversion import exact_matches, text_targets
 
-    targets = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
-    embedded = Embedded(targets, [str(i) for i in range(len(captions))], embedder.id, embedder.spec, "text")
+    embedded = text_targets(embedder, captions)
     beams = [row for s in range(0, len(captions), 100) for row in decoder.candidates(embedded.select(slice(s, s + 100)), 32)]
     sweep = {"captions": len(captions), "rerank": 32, "rerank_calls": 8, "rerank_stop": STOP}
     for guide in GUIDES:
         before = embedder.texts_embedded
         got = rerank(embedder, embedded, beams, 100.0, STOP, 8, guide)
-        sweep[f"guide {guide:g}"] = {"exact_match": round(sum(normalised(a) == normalised(b) for a, b in zip(got, captions))
-                                                          / len(captions), 4),
+        sweep[f"guide {guide:g}"] = {"exact_match": round(sum(exact_matches(got, captions)) / len(captions), 4),
                                      "embedder_calls_per_caption": round((embedder.texts_embedded - before) / len(captions), 2)}
     return sweep
+
+
+def eval_splits(embedder, data: Path, images: dict[str, int]) -> dict:
+    """split -> (its first `images[split]` image embeddings, {image id: references})."""
+    from unembed.data.splits import load_split
+    from unembed.pipeline import embed_split
+
+    splits = {}
+    for split, limit in images.items():
+        embedded = embed_split(embedder, data / split)
+        _, captions, ids = load_split(data / split)
+        splits[split] = (embedded.select(range(min(limit, len(embedded)))), {str(i): c for i, c in zip(ids, captions)})
+    return splits
+
+
+def decoder_loader(embedder):
+    """decoder_at(path): the decoder at `path` on the CPU with `embedder`, each loaded once."""
+    from unembed.decoders import load_decoder
+
+    loaded = {}
+
+    def decoder_at(path: Path):
+        if path not in loaded:
+            loaded[path] = load_decoder(path, device="cpu", embedder=embedder)
+        return loaded[path]
+    return decoder_at
+
 
 def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
     """name -> (decoder directory, generation options): the issue's ablations, and the corrector's parts."""
@@ -236,28 +258,14 @@ def main() -> None:
 
     import torch
 
-    from unembed.data.splits import load_split
-    from unembed.decoders import load_decoder
     from unembed.embedders import load_embedder
     from unembed.eval.inversion import held_out_captions, invert
-    from unembed.pipeline import embed_split
 
     torch.manual_seed(0)
     embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
-    splits = {}
-    for split in ("val", "test", "compositional"):
-        embedded = embed_split(embedder, data / split)
-        _, captions, ids = load_split(data / split)
-        limit = 500 if split == "val" else args.images
-        splits[split] = (embedded.select(range(min(limit, len(embedded)))), {str(i): c for i, c in zip(ids, captions)})
+    splits = eval_splits(embedder, data, {"val": 500, "test": args.images, "compositional": args.images})
     in_image = pairs_in_images(data / "compositional")
-    loaded = {}
-
-    def decoder_at(path: Path):
-        if path not in loaded:
-            loaded[path] = load_decoder(path, device="cpu", embedder=embedder)
-        return loaded[path]
-
+    decoder_at = decoder_loader(embedder)
     earlier = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if earlier.get("embedder_id") != embedder.id:
         earlier = {}  # rows measured with another embedder are not kept
@@ -332,6 +340,7 @@ def split_images(split_dir: Path) -> int:
     path = split_dir / "captions.json"
     return len(json.loads(path.read_text())["images"]) if path.is_file() else 0
 
+
 def small_world(work: Path, out: str, images: int) -> None:
     data, models = work / "scenes", work / "compare" / "models"
     if split_images(data / "test") < images:
@@ -348,24 +357,12 @@ def small_world(work: Path, out: str, images: int) -> None:
         unembed("train", "corrector", "--base", str(models / "capdec"), "--data", str(data), "--out", str(corrector),
                 *CORRECTOR)
 
-    from unembed.data.splits import load_split
-    from unembed.decoders import load_decoder
     from unembed.embedders import load_embedder
     from unembed.generation import RERANK_WEIGHT
-    from unembed.pipeline import embed_split
 
     embedder = load_embedder(str(work / "embedder"), "cpu")
-    loaded, splits = {}, {}
-    for split in ("val", "test", "compositional"):
-        embedded = embed_split(embedder, data / split)
-        _, captions, ids = load_split(data / split)
-        splits[split] = (embedded.select(range(min(images, len(embedded)))), {str(i): c for i, c in zip(ids, captions)})
-
-    def decoder_at(path: Path):
-        if path not in loaded:
-            loaded[path] = load_decoder(path, device="cpu", embedder=embedder)
-        return loaded[path]
-
+    splits = eval_splits(embedder, data, {"val": images, "test": images, "compositional": images})
+    decoder_at = decoder_loader(embedder)
     result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
     small = result["small_world"] = {"data": f"scenes world, 3000 training images, seed 7, {images} images per eval split",
                                      "embedder": "unembed train clip --epochs 5", "weight_sweep": {}, "rows": {}}

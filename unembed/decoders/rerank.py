@@ -69,7 +69,7 @@ def embed_in_turns(embedder, rows: list[list[tuple[str, float]]], targets: torch
     seen: list[dict[int, float]] = [{} for _ in rows]
     shared: list[torch.Tensor | None] = [None] * len(rows)  # built at a row's second turn: most stop at the first
     vectors: dict[str, torch.Tensor] = {}
-    targets = F.normalize(targets.float(), dim=-1)
+    targets = F.normalize(targets.float(), dim=-1).cpu()  # the cached vectors are on the CPU
     while True:
         turn = []
         for i, row in enumerate(rows):
@@ -85,7 +85,7 @@ def embed_in_turns(embedder, rows: list[list[tuple[str, float]]], targets: torch
         if new:
             vectors.update(zip(new, F.normalize(embedder.embed_texts(new).float(), dim=-1).cpu()))
         for i, j in turn:
-            seen[i][j] = float(vectors[rows[i][j][0]] @ targets[i].cpu())
+            seen[i][j] = float(vectors[rows[i][j][0]] @ targets[i])
 
 
 def next_candidate(row: list[tuple[str, float]], seen: dict[int, float], shared: torch.Tensor | None,

@@ -38,10 +38,20 @@ def bleu4(decoded: list[str], targets: list[str]) -> float:
     return float(score[3])
 
 
+def text_targets(embedder, captions: list[str]) -> Embedded:
+    """The captions' own unit text embeddings, ids "0".."N-1": what an inverter decodes."""
+    targets = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
+    return Embedded(targets, [str(i) for i in range(len(captions))], embedder.id, embedder.spec, "text")
+
+
+def exact_matches(decoded: list[str], captions: list[str]) -> list[bool]:
+    return [normalised(d) == normalised(c) for d, c in zip(decoded, captions)]
+
+
 def invert(decoder, embedder, captions: list[str], batch_size: int = 64, **generation) -> dict:
     """Inversion scores of `decoder` over `captions` (see the module docstring), with examples."""
-    targets = F.normalize(embedder.embed_texts(captions).float(), dim=-1)
-    embedded = Embedded(targets, [str(i) for i in range(len(captions))], embedder.id, embedder.spec, "text")
+    embedded = text_targets(embedder, captions)
+    targets = embedded.vectors
     decoder.check_generation(generation)
     calls_before, start = embedder.texts_embedded, time.perf_counter()
     decoded = [c for s in range(0, len(captions), batch_size)
@@ -49,7 +59,7 @@ def invert(decoder, embedder, captions: list[str], batch_size: int = 64, **gener
     seconds, calls = time.perf_counter() - start, embedder.texts_embedded - calls_before
     achieved = F.normalize(embedder.embed_texts(decoded).float(), dim=-1) if decoded else targets
     cosines = (achieved * targets).sum(-1)
-    exact = [normalised(d) == normalised(c) for d, c in zip(decoded, captions)]
+    exact = exact_matches(decoded, captions)
     n = max(1, len(captions))
     misses = [{"target": c, "decoded": d} for c, d, ok in zip(captions, decoded, exact) if not ok][:5]
     return {"captions": len(captions), "exact_match": round(sum(exact) / n, 4), "BLEU-4": round(bleu4(decoded, captions), 4),
