@@ -67,6 +67,10 @@ class PrefixConfig(DecoderConfig):
     mean_shift: bool = option(False, "subtract each modality's mean embedding (needs some images in --data)")
     projection_size: int = option(0, "DeCap memory size (0 = no projection)")
     projection_tau: float = option(0.01, "DeCap projection temperature")
+    recombine: str = option("", "word classes whose words trade places in recombined copies of the training "
+                            "captions (colours, JSON files of word lists, or inline JSON), so the decoder writes "
+                            "pairings its captions never have (data/recombine.py); saved as the word lists")
+    recombine_rate: float = option(1.0, "recombined copies per training caption (--recombine)")
     num_beams: int = 5              # generation defaults
     max_length: int = 30
     stop: str = ""                  # a caption also ends with (and keeps) this token, e.g. ClipCap's "."
@@ -77,6 +81,7 @@ MODEL_OPTIONS = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full
                  "mapper_length", "mapper_layers", "label_smoothing")
 BRIDGE_OPTIONS = ("noise_variance", "noise_kind", "noise_reference_dim", "mean_shift", "projection_size",
                   "projection_tau")
+TEXT_OPTIONS = ("recombine", "recombine_rate")  # what a text-only kind's training captions are
 
 
 # --- mappers ------------------------------------------------------------------------------------
@@ -127,9 +132,9 @@ class PrefixDecoder(LMWeights, Decoder):
 
     config_class = PrefixConfig
     # The options `unembed train KIND` takes, and refuses on a kind that leaves them out: a text-only
-    # kind bridges its training text to images; a paired kind (ClipCap) never calls the bridge in
-    # training, so it declares MODEL_OPTIONS only.
-    cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS
+    # kind bridges its training text to images and may recombine that text; a paired kind (ClipCap)
+    # does neither in training, so it declares MODEL_OPTIONS only.
+    cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS + TEXT_OPTIONS
     generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed")
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},

@@ -3,11 +3,13 @@ which vectors feed the prefix and how they are bridged.
 
 - clipcap: image embeddings paired with their captions (each image once per caption);
 - capdec / decap: the caption's own text embedding (text-only), passed through the decoder's bridge
-  (noise for capdec; mean shift when asked), images embedded only when mean shift needs their mean.
+  (noise for capdec; mean shift when asked), images embedded only when mean shift needs their mean;
+  with `recombine`, recombined copies of the captions join them (data/recombine.py).
 All embeddings are computed once before training (and cached), never per epoch.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -135,10 +137,13 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     needs_images = not cls.text_only or (decoder is None and decoder_options.get("mean_shift",
                                                                                 cls.config_class.mean_shift))
     images = _split_images(embedder, data_dir, "train") if needs_images else None
+    copies = []
     if cls.text_only:
         captions, _ = caption_corpus(caption_files, data_dir)
         if not captions:
             raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
+        copies = _recombined(decoder.config if decoder else None, decoder_options, captions, config.seed)
+        captions += copies
         unique = list(dict.fromkeys(captions))
         vectors = embedder.embed_texts(unique)
         index = {c: i for i, c in enumerate(unique)}
@@ -159,6 +164,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
             "final_loss": round(result.final_loss, 4), **({} if init is None else {"init": str(init)}),
+            **({"recombined_captions": len(copies)} if copies else {}),
             **result.metrics}
 
 
@@ -177,6 +183,24 @@ def _new_decoder(cls, embedder, seed: int, captions, unique, vectors, images, de
         decoder.bridge.fit(vectors, None if images is None else images.unit(),  # the means of unit vectors
                            [unique[i] for i in memory.tolist()], vectors[memory])
     return decoder
+
+
+def _recombined(saved, decoder_options: dict, captions: list[str], seed: int) -> list[str]:
+    """The recombined copies of the captions a text-only decoder trains on (data/recombine.py), from the
+    saved decoder's settings or the options; a new decoder records its word lists as inline JSON, so
+    its config names no file of this machine."""
+    from unembed.data.recombine import recombined, word_classes
+
+    spec = saved.recombine if saved else decoder_options.get("recombine", "")
+    if not spec:
+        return []
+    rate = saved.recombine_rate if saved else decoder_options.get("recombine_rate", 1.0)
+    if not rate > 0:
+        raise BadInputError("--recombine-rate", f"must be above 0 (got {rate})")
+    classes = word_classes(spec)
+    if not saved:
+        decoder_options["recombine"] = json.dumps([list(c) for c in classes])
+    return recombined(captions, classes, rate, seed)
 
 
 def _saved_decoder(kind: str, init, embedder, decoder_options: dict):
