@@ -37,6 +37,13 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    world's val split by part 1's rule, with its test and compositional scores. A loop that trusts an
    unsure embedder shows here.
 
+5. Recombined captions (`unembed train KIND --recombine colours`): the bundle's recipes for capdec,
+   viecap and decap trained again on the training captions plus a copy of each with its colour words
+   drawn anew, so the held-out pairs are written in training text (as every other pairing is), and
+   read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
+   seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. In the small world too (its
+   own compare recipe; its seed 0 without is the compare run's capdec).
+
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
 """
@@ -59,9 +66,18 @@ CORRECTOR = ["--lm-config", '{"n_layer": 3, "n_embd": 128}', "--max-steps", "600
              "--max-captions", "20000"]
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 100.0)
 STEPS = (1, 2, 4, 8)
-# The inverter: the bundle's capdec (scripts/bundle.json and the prefix kinds' compare recipe) without noise.
-INVERTER = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
-            "--mapper", "mlp", "--noise-variance", "0", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
+# The bundle's text-only recipe (scripts/bundle.json over the prefix kinds' compare recipe), less its steps.
+BUNDLE_RECIPE = ["--lm", "scratch", "--lm-config", '{"n_layer": 3, "n_embd": 128}', "--tokenizer", "corpus:4000",
+                 "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
+KIND_RECIPE = {"capdec": [], "viecap": ["--mapper", "mlp"], "decap": ["--projection-size", "5000"]}
+# The inverter: the bundle's capdec without noise.
+INVERTER = BUNDLE_RECIPE + ["--mapper", "mlp", "--noise-variance", "0"]
+# The small world's: `unembed compare`'s recipe for the prefix kinds (unembed/decoders/prefix.py), less its steps.
+SMALL_RECIPE = ["--lm", "scratch", "--lm-config", '{"n_layer": 4, "n_embd": 256}', "--tokenizer", "corpus:4000",
+                "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "100"]
+# Part 5: the bundle's recipes again on the same captions plus a recombined copy of each (colours traded).
+RECOMBINE = ["--recombine", "colours"]
+SEEDS = (0, 1, 2)  # capdec with and without recombined captions: is a difference larger than a seed's?
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -201,6 +217,40 @@ def decoder_loader(embedder):
     return decoder_at
 
 
+def recombined_models(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
+                      plain_seeds=SEEDS) -> dict:
+    """Part 5's decoders, trained when missing: name -> directory. capdec without recombined captions at
+    `plain_seeds` and with them at SEEDS; the other kinds of `kind_recipe` recombined at the first seed;
+    a corrector over the recombined capdec and viecap."""
+    plan = {f"capdec, seed {s}": ("capdec", [], s) for s in plain_seeds}
+    plan.update({f"capdec recombined, seed {s}": ("capdec", RECOMBINE, s) for s in SEEDS})
+    plan.update({f"{k} recombined": (k, RECOMBINE, SEEDS[0]) for k in kind_recipe if k != "capdec"})
+    models = {}
+    for name, (kind, extra, seed) in plan.items():
+        path = models[name] = work / name.replace(", ", "-").replace(" ", "-")
+        if not (path / "config.json").is_file():
+            unembed("train", kind, "--data", str(data), "--embedder", embedder, "--out", str(path), *recipe,
+                    "--max-steps", "600", *kind_recipe.get(kind, []), *extra, "--seed", str(seed))
+    for kind in ("capdec", "viecap"):
+        base = models.get(f"{kind} recombined" if kind != "capdec" else f"capdec recombined, seed {SEEDS[0]}")
+        if base is None:
+            continue
+        path = models[f"corrector over {kind} recombined"] = work / f"corrector-{base.name}"
+        if not (path / "config.json").is_file():
+            unembed("train", "corrector", "--base", str(base), "--data", str(data), "--out", str(path), *CORRECTOR)
+    return models
+
+
+def recombined_rows(models: dict) -> dict:
+    """Part 5's captioning rows: name -> (directory, options)."""
+    rows = {}
+    for name, path in models.items():
+        rows[name] = (path, {})
+        if name.endswith(("recombined", "recombined, seed 0")) and not name.startswith("corrector"):
+            rows[f"{name.removesuffix(', seed 0')} rerank 8"] = (path, {"rerank": 8})
+    return rows
+
+
 def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
     """name -> (decoder directory, generation options): the issue's ablations, and the corrector's parts."""
     out = {f"{base}": (BUNDLE / base, {}), f"{base} rerank 8": (BUNDLE / base, {"rerank": 8})}
@@ -255,6 +305,7 @@ def main() -> None:
     if not (corrected_inverter / "config.json").is_file():
         unembed("train", "corrector", "--base", str(inverters[CORRECTED_INVERTER]), "--data", str(data), "--out",
                 str(corrected_inverter), *CORRECTOR)
+    recombined = recombined_models(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE)
 
     import torch
 
@@ -277,7 +328,9 @@ def main() -> None:
         result["small_world"] = earlier["small_world"]  # --small-world's rows: their own embedder, kept
     result["inverter_training"] = "unembed train capdec " + " ".join(INVERTER)
     result["inverter_continued"] = continued
-    for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values())):
+    result["recombined_training"] = " ".join(BUNDLE_RECIPE + ["--max-steps", "600"] + RECOMBINE)
+    for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values()),
+                         ("recombined", recombined.values())):
         for path in paths:
             metrics = json.loads((path / "metrics.json").read_text())
             result.setdefault(group, {})[path.name] = {k: metrics.get(k) for k in
@@ -298,6 +351,7 @@ def main() -> None:
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
+    rows.update(recombined_rows(recombined))
     for name, (path, options) in rows.items():
         done = earlier.get("captioning", {}).get(name, {})
         if done.get("options") == options and "compositional" in done:
@@ -356,6 +410,9 @@ def small_world(work: Path, out: str, images: int) -> None:
     if not (corrector / "config.json").is_file():
         unembed("train", "corrector", "--base", str(models / "capdec"), "--data", str(data), "--out", str(corrector),
                 *CORRECTOR)
+    # seed 0 of plain capdec is the compare run's (models/capdec); viecap as that run trained it
+    recombined = recombined_models(work, data, str(work / "embedder"), SMALL_RECIPE, {"capdec": [], "viecap": []},
+                                   plain_seeds=SEEDS[1:])
 
     from unembed.embedders import load_embedder
     from unembed.generation import RERANK_WEIGHT
@@ -364,12 +421,16 @@ def small_world(work: Path, out: str, images: int) -> None:
     splits = eval_splits(embedder, data, {"val": images, "test": images, "compositional": images})
     decoder_at = decoder_loader(embedder)
     result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
-    small = result["small_world"] = {"data": f"scenes world, 3000 training images, seed 7, {images} images per eval split",
-                                     "embedder": "unembed train clip --epochs 5", "weight_sweep": {}, "rows": {}}
+    described = f"scenes world, 3000 training images, seed 7, {images} images per eval split"
+    earlier = result.get("small_world", {}) if result.get("small_world", {}).get("data") == described else {}
+    small = result["small_world"] = {"data": described, "embedder": "unembed train clip --epochs 5",
+                                     "recombined_training": " ".join(SMALL_RECIPE + ["--max-steps", "600"] + RECOMBINE),
+                                     "weight_sweep": {}, "rows": {}}
     # This world's own rerank weight, chosen on its val split by part 1's rule: does the weight that
     # the sure embedder chose hold for an unsure one, and does a weight chosen here?
     for kind in ("clipcap", "capdec", "viecap"):
-        small["weight_sweep"][kind] = weight_sweep(decoder_at(models / kind), embedder, *splits["val"])
+        small["weight_sweep"][kind] = (earlier.get("weight_sweep", {}).get(kind)
+                                       or weight_sweep(decoder_at(models / kind), embedder, *splits["val"]))
         print("small val", kind, json.dumps(small["weight_sweep"][kind]), flush=True)
     small["weight_chosen"] = chosen_weight(small["weight_sweep"])
     own = small["weight_chosen"]["weight"]
@@ -380,8 +441,13 @@ def small_world(work: Path, out: str, images: int) -> None:
     if own != RERANK_WEIGHT:  # the same weight would repeat the rerank 8 rows
         for kind in ("viecap", "capdec"):
             rows[f"{kind} rerank 8, weight {own:g} (this world's val)"] = (models / kind, {"rerank": 8, "rerank_weight": own})
+    rows.update(recombined_rows(recombined))
     in_image = pairs_in_images(data / "compositional")
     for name, (path, options) in rows.items():
+        done = earlier.get("rows", {}).get(name, {})
+        if done.get("options") == options and "compositional" in done:
+            small["rows"][name] = done  # measured by an earlier run: kept
+            continue
         small["rows"][name] = {"options": options}
         for split in ("test", "compositional"):
             row = caption_scores(decoder_at(path), embedder, *splits[split],
