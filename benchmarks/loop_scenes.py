@@ -217,6 +217,54 @@ def decoder_loader(embedder):
     return decoder_at
 
 
+def phrase_variants(caption: str) -> list[str]:
+    """Every caption one colour-shape phrase away from `caption`: each "<colour> <shape>" in it replaced
+    by each of the 8 x 8 colours and shapes (singular or plural as it was, "a"/"an" fitted)."""
+    from unembed.data.scenes import COLOUR_WORDS, COLOURS, SHAPE_WORDS, SHAPES, _plural
+
+    colours = {w for ws in COLOUR_WORDS.values() for w in ws}
+    shapes = {w: False for ws in SHAPE_WORDS.values() for w in ws}
+    shapes |= {_plural(w): True for w in list(shapes)}
+    words, out = caption.split(), []
+    for i in range(len(words) - 1):
+        for n in (1, 2) if words[i] in colours else ():  # "plus sign" is two words
+            phrase = " ".join(words[i + 1:i + 1 + n])
+            if phrase.rstrip(",") not in shapes:
+                continue
+            plural, tail = shapes[phrase.rstrip(",")], "," if phrase.endswith(",") else ""
+            before = words[:i]
+            for colour in COLOURS:
+                if before and before[-1] in ("a", "an"):
+                    before = before[:-1] + ["an" if colour[0] in "aeiou" else "a"]
+                for shape in SHAPES:
+                    name = _plural(SHAPE_WORDS[shape][0]) if plural else SHAPE_WORDS[shape][0]
+                    out.append(" ".join(before + [colour, name + tail] + words[i + 1 + n:]))
+    return [v for v in dict.fromkeys(out) if v != caption]
+
+
+def heldout_ceiling(embedder, split_dir: Path, images: int) -> dict:
+    """How many held-out pairs the embedder itself would name: for each compositional image, its
+    reference captions and every caption one colour-shape phrase away from them, the embedder picking
+    the closest to the image. What a decoder that wrote the references' other words exactly could
+    reach by asking the embedder which colour and shape they hold."""
+    import torch.nn.functional as F
+
+    from unembed.data.scenes import HELDOUT_PAIRS, named_pairs
+    from unembed.data.splits import load_split
+    from unembed.pipeline import embed_split
+
+    targets = embed_split(embedder, split_dir).unit()[:images]
+    _, references, _ = load_split(split_dir)
+    closest_reference = closest_of_all = 0
+    for target, refs in zip(targets, references):
+        candidates = list(dict.fromkeys(refs + [v for r in refs for v in phrase_variants(r)]))
+        cosines = F.normalize(embedder.embed_texts(candidates).float(), dim=-1) @ target.float()
+        closest_of_all += bool(named_pairs(candidates[int(cosines.argmax())]) & HELDOUT_PAIRS)
+        closest_reference += bool(named_pairs(refs[int(cosines[:len(refs)].argmax())]) & HELDOUT_PAIRS)
+    return {"images": len(targets), "closest_reference_names_heldout": closest_reference,
+            "closest_of_references_and_phrase_variants_names_heldout": closest_of_all}
+
+
 def recombined_models(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
                       plain_seeds=SEEDS) -> dict:
     """Part 5's decoders, trained when missing: name -> directory. capdec without recombined captions at
@@ -347,6 +395,10 @@ def main() -> None:
         print("val", base, json.dumps(sweep), flush=True)
     result["weight_chosen"] = chosen_weight(result["weight_sweep"])
 
+    # what the embedder itself would name (the references' own words, every colour and shape tried)
+    ceiling = earlier.get("heldout_ceiling", {})
+    result["heldout_ceiling"] = (ceiling if ceiling.get("images") == args.images
+                                 else heldout_ceiling(embedder, data / "compositional", args.images))
     # 2. captioning
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
     for base in bases:
@@ -433,6 +485,8 @@ def small_world(work: Path, out: str, images: int) -> None:
                                        or weight_sweep(decoder_at(models / kind), embedder, *splits["val"]))
         print("small val", kind, json.dumps(small["weight_sweep"][kind]), flush=True)
     small["weight_chosen"] = chosen_weight(small["weight_sweep"])
+    small["heldout_ceiling"] = (earlier["heldout_ceiling"] if "heldout_ceiling" in earlier
+                                else heldout_ceiling(embedder, data / "compositional", images))
     own = small["weight_chosen"]["weight"]
     rows = {"clipcap (paired)": (models / "clipcap", {}), "viecap": (models / "viecap", {}),
             "viecap rerank 8": (models / "viecap", {"rerank": 8}),
