@@ -289,14 +289,22 @@ def recombined_models(work: Path, data: Path, embedder: str, recipe: list[str], 
     return models
 
 
-def recombined_rows(models: dict) -> dict:
-    """Part 5's captioning rows: name -> (directory, options)."""
+def recombined_rows(models: dict, more=()) -> dict:
+    """Part 5's captioning rows: name -> (directory, options); the decoders named in `more` also with
+    rerank 16 and 32."""
     rows = {}
     for name, path in models.items():
         rows[name] = (path, {})
         if name.endswith(("recombined", "recombined, seed 0")) and not name.startswith("corrector"):
-            rows[f"{name.removesuffix(', seed 0')} rerank 8"] = (path, {"rerank": 8})
+            for n in (8, 16, 32) if name in more else (8,):
+                rows[f"{name.removesuffix(', seed 0')} rerank {n}"] = (path, {"rerank": n})
     return rows
+
+
+def rerank_n_sweep(decoder, embedder, embedded, references) -> dict:
+    """Val CIDEr of the decoder with rerank N for N in 1 (none), 8, 16 and 32 at the default weight."""
+    return {f"rerank {n}": round(caption_scores(decoder, embedder, embedded, references,
+                                                **({"rerank": n} if n > 1 else {}))["CIDEr"], 4) for n in (1, 8, 16, 32)}
 
 
 def variants(base: str, corrector: Path | None, steps=STEPS) -> dict:
@@ -395,6 +403,9 @@ def main() -> None:
         print("val", base, json.dumps(sweep), flush=True)
     result["weight_chosen"] = chosen_weight(result["weight_sweep"])
 
+    # is more candidates better on val too? (N was not chosen on test)
+    result["rerank_n_val"] = earlier.get("rerank_n_val") or {
+        "decoder": "decap recombined", **rerank_n_sweep(decoder_at(recombined["decap recombined"]), embedder, *splits["val"])}
     # what the embedder itself would name (the references' own words, every colour and shape tried)
     ceiling = earlier.get("heldout_ceiling", {})
     result["heldout_ceiling"] = (ceiling if ceiling.get("images") == args.images
@@ -403,7 +414,9 @@ def main() -> None:
     rows = {"clipcap (paired)": (BUNDLE / "clipcap", {}), "clipcap (paired) rerank 8": (BUNDLE / "clipcap", {"rerank": 8})}
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
-    rows.update(recombined_rows(recombined))
+    # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
+    rows.update(recombined_rows(recombined, more=("decap recombined", "viecap recombined")))
+    rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
     for name, (path, options) in rows.items():
         done = earlier.get("captioning", {}).get(name, {})
         if done.get("options") == options and "compositional" in done:
