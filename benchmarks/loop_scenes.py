@@ -258,6 +258,7 @@ def heldout_ceiling(embedder, split_dir: Path, images: int) -> dict:
     _, references, _ = load_split(split_dir)
     closest_reference = closest_of_all = 0
     for target, refs in zip(targets, references):
+        refs = list(dict.fromkeys(refs))  # the candidates below start with them, each once
         candidates = list(dict.fromkeys(refs + [v for r in refs for v in phrase_variants(r)]))
         cosines = F.normalize(embedder.embed_texts(candidates).float(), dim=-1) @ target.float()
         closest_of_all += bool(named_pairs(candidates[int(cosines.argmax())]) & HELDOUT_PAIRS)

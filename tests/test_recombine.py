@@ -16,6 +16,7 @@ CAPTIONS = ["a red star beside a blue circle", "An orange heart.", "two green sq
 def test_every_colour_word_is_drawn_from_the_colours_the_captions_use():
     copies = recombined(CAPTIONS, word_classes("colours"), 1.0, seed=0)
     assert len(copies) == 3  # one per caption with a colour word; "a plain background" has none
+    assert copies != CAPTIONS[:3]  # (a copy may keep its colour: each is drawn from the whole class)
     used = {"red", "blue", "orange", "green"}
     for original, copy in zip(CAPTIONS, copies):
         before, after = original.split(), copy.split()
@@ -105,9 +106,14 @@ def test_train_recombine_records_its_word_lists_and_init_needs_no_file(scenes_di
     assert json.loads(capsys.readouterr().out)["recombined_captions"] == report["recombined_captions"]
 
 
-@pytest.mark.parametrize("argv, says", [(["--recombine", "nosuch"], "unembed: nosuch: is neither a word class"),
-                                        (["--recombine", "colours", "--recombine-rate", "0"],
-                                         "unembed: --recombine-rate: must be above 0 (got 0.0)")])
+@pytest.mark.parametrize("argv, says", [
+    (["--recombine", "nosuch"], "unembed: nosuch: is neither a word class"),
+    (["--recombine", "colours", "--recombine-rate", "0"], "unembed: --recombine-rate: must be above 0 and at most 100 (got 0)"),
+    (["--recombine", "colours", "--recombine-rate", "inf"], "unembed: --recombine-rate: must be above 0 and at most 100 (got inf)"),
+    (["--recombine-rate", "2"], "unembed: --recombine-rate: needs --recombine"),
+    (["--recombine", ","], "unembed: --recombine: names no word class (',')"),
+    (["--recombine", "[[\"light blue\", \"red\"]]"], "unembed: --recombine: has 'light blue': a class member must be one word"),
+    (["--recombine", "[[\"red\""], "unembed: --recombine: is not JSON")])
 def test_a_bad_recombine_option_is_one_line_and_exit_2(argv, says, scenes_dir, embedder_dir, tmp_path, capsys):
     code = main(["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--device", "cpu",
                  "--max-steps", "1", "--out", str(tmp_path / "out"), *argv])
@@ -115,3 +121,27 @@ def test_a_bad_recombine_option_is_one_line_and_exit_2(argv, says, scenes_dir, e
     [line] = _lines(capsys.readouterr().err)
     assert line.startswith(says)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_word_in_two_classes_trades_in_the_first():
+    copies = recombined(["an orange apple", "a red pear"], [("orange", "red"), ("orange", "apple", "pear")], 20.0,
+                        seed=0)
+    assert {c.split()[1] for c in copies} == {"orange", "red"}  # the word "orange" trades as a colour, never a fruit
+
+
+def test_a_capitalised_class_word_stays_capitalised():
+    copies = recombined(["Red star.", "a blue circle"], word_classes("colours"), 10.0, seed=0)[:10]
+    assert {c for c in copies} == {"Red star.", "Blue star."}
+
+
+def test_the_copies_reach_training(scenes_dir, embedder_dir, tmp_path):
+    """DeCap's memory, drawn from every caption it trains on, holds captions the training split does not."""
+    from unembed.data.splits import split_captions
+
+    out = tmp_path / "decap"
+    assert main(["train", "decap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--device", "cpu",
+                 "--max-steps", "1", "--batch-size", "8", "--out", str(out), "--recombine", "colours",
+                 "--projection-size", "100000", "--lm-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}']) == EXIT_OK
+    memory = set(json.loads((out / "memory_captions.json").read_text()))
+    train = set(split_captions(scenes_dir / "train"))
+    assert train <= memory and memory - train

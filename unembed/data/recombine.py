@@ -26,6 +26,7 @@ BUILTIN_CLASSES = {
 }
 BUILTIN_CLASSES["colors"] = BUILTIN_CLASSES["colours"]
 PUNCTUATION = ",.;:!?"
+MAX_RATE = 100  # copies per caption: more would only repeat the same draws, at a memory cost
 
 
 def word_classes(spec: str) -> list[tuple[str, ...]]:
@@ -57,19 +58,39 @@ def _classes(data, where) -> list[tuple[str, ...]]:
     if not isinstance(groups, list) or not groups or not all(
             isinstance(g, list) and g and all(isinstance(w, str) and w.strip() for w in g) for g in groups):
         raise BadInputError(where, "must hold word classes: a list (or an object) of lists of words")
+    spaced = next((w for g in groups for w in g if len(w.split()) > 1), None)
+    if spaced is not None:  # captions are matched word by word
+        raise BadInputError(where, f"has {spaced!r}: a class member must be one word")
     return [tuple(w.strip().lower() for w in g) for g in groups]
+
+
+def check_recombine(spec: str, rate: float | None) -> list[tuple[str, ...]]:
+    """The word classes of a `recombine` spec, refused in one line when they or the rate cannot work:
+    checked before any model loads."""
+    if rate is not None and not spec:
+        raise BadInputError("--recombine-rate", "needs --recombine (the word classes to recombine)")
+    if rate is not None and not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
+        raise BadInputError("--recombine-rate", f"must be above 0 and at most {MAX_RATE:g} (got {rate:g})")
+    classes = word_classes(spec)
+    if not classes:
+        raise BadInputError("--recombine", f"names no word class ({spec!r})")
+    return classes
 
 
 def recombined(captions: list[str], classes: list[tuple[str, ...]], rate: float, seed: int) -> list[str]:
     """New captions: for each caption with a class word, `rate` copies on average (its whole part for
     every caption, its fraction as a chance of one more), each class word replaced by a member of its
-    class drawn uniformly among those the captions use ("a"/"an" before it made to fit)."""
+    class drawn uniformly among those the captions use, itself included ("a"/"an" before it made to fit
+    by the new word's first letter). A word matches whole, in any case, less trailing punctuation."""
     used = {w.strip(PUNCTUATION).lower() for c in captions for w in c.split()}
     members = [tuple(w for w in dict.fromkeys(c) if w in used) for c in classes]
-    class_of = {w: m for m in members if len(m) > 1 for w in m}  # first class a word is in wins
+    class_of = {}
+    for m in (m for m in members if len(m) > 1):
+        for w in m:
+            class_of.setdefault(w, m)  # the first class a word is in wins
     if not class_of:
-        raise BadInputError(", ".join(sorted({w for c in classes for w in c})[:8]),
-                            "no word class has two members in the training captions: nothing to recombine")
+        raise BadInputError("--recombine", "no word class has two members in the training captions "
+                            f"({', '.join(sorted({w for c in classes for w in c})[:8])}...): nothing to recombine")
     rng = random.Random(seed)
     whole, fraction = math.floor(rate), rate - math.floor(rate)
     out = []

@@ -128,6 +128,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     cls = decoder_class(kind)
     if cls.wraps_base:  # its prompts are a base decoder's hypotheses, made by train_corrector
         raise BadInputError(kind, f"is trained over a base decoder: unembed train {kind} --base DIR")
+    if not cls.text_only and {"recombine", "recombine_rate"} & set(decoder_options):
+        raise BadInputError("recombine", f"does nothing for {kind}: only text-only kinds train on recombined captions")
     check_sources(kind, data_dir, caption_files)
     data_dir = Path(data_dir) if data_dir else None
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
@@ -189,15 +191,16 @@ def _recombined(saved, decoder_options: dict, captions: list[str], seed: int) ->
     """The recombined copies of the captions a text-only decoder trains on (data/recombine.py), from the
     saved decoder's settings or the options; a new decoder records its word lists as inline JSON, so
     its config names no file of this machine."""
-    from unembed.data.recombine import recombined, word_classes
+    from unembed.data.recombine import check_recombine, recombined
 
-    spec = saved.recombine if saved else decoder_options.get("recombine", "")
-    if not spec:
+    if saved:
+        spec, rate = saved.recombine, saved.recombine_rate
+    else:
+        spec, rate = decoder_options.get("recombine", ""), decoder_options.get("recombine_rate")
+    if not spec and (saved or rate is None):
         return []
-    rate = saved.recombine_rate if saved else decoder_options.get("recombine_rate", 1.0)
-    if not rate > 0:
-        raise BadInputError("--recombine-rate", f"must be above 0 (got {rate})")
-    classes = word_classes(spec)
+    classes = check_recombine(spec, rate)
+    rate = 1.0 if rate is None else rate
     if not saved:
         decoder_options["recombine"] = json.dumps([list(c) for c in classes])
     return recombined(captions, classes, rate, seed)
