@@ -31,6 +31,7 @@ def cmd_train_clip(args) -> int:
 def cmd_train_prefix(args) -> int:
     from unembed.data.recombine import check_recombine
     from unembed.decoders import decoder_class
+    from unembed.decoders.prefix import TEXT_OPTIONS
     from unembed.embedders import load_embedder
     from unembed.errors import BadInputError
     from unembed.training.prefix import check_sources, train_prefix
@@ -43,7 +44,7 @@ def cmd_train_prefix(args) -> int:
     if args.init and options:  # the decoder being trained further has its settings
         raise BadInputError(option_flag(cls.config_class, next(iter(options))),
                             f"is set by the decoder {args.init} that --init trains further; drop it")
-    if {"recombine", "recombine_rate"} & set(options):  # refused before the embedder loads
+    if set(TEXT_OPTIONS) & set(options):  # refused before the embedder loads
         check_recombine(options.get("recombine", ""), options.get("recombine_rate"))
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,

@@ -124,11 +124,12 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     this kind and embedder), train that one further instead of a new one."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
+    from unembed.decoders.prefix import TEXT_OPTIONS
 
     cls = decoder_class(kind)
     if cls.wraps_base:  # its prompts are a base decoder's hypotheses, made by train_corrector
         raise BadInputError(kind, f"is trained over a base decoder: unembed train {kind} --base DIR")
-    if not cls.text_only and {"recombine", "recombine_rate"} & set(decoder_options):
+    if not cls.text_only and set(TEXT_OPTIONS) & set(decoder_options):
         raise BadInputError("recombine", f"does nothing for {kind}: only text-only kinds train on recombined captions")
     check_sources(kind, data_dir, caption_files)
     data_dir = Path(data_dir) if data_dir else None
