@@ -221,6 +221,7 @@ def decoder_loader(embedder):
 def phrase_variants(caption: str) -> list[str]:
     """Every caption one colour-shape phrase away from `caption`: each "<colour> <shape>" in it replaced
     by each of the 8 x 8 colours and shapes (singular or plural as it was, "a"/"an" fitted)."""
+    from unembed.data.captions import indefinite_article
     from unembed.data.scenes import COLOUR_WORDS, COLOURS, SHAPE_WORDS, SHAPES, _plural
 
     colours = {w for ws in COLOUR_WORDS.values() for w in ws}
@@ -236,7 +237,7 @@ def phrase_variants(caption: str) -> list[str]:
             before = words[:i]
             for colour in COLOURS:
                 if before and before[-1] in ("a", "an"):
-                    before = before[:-1] + ["an" if colour[0] in "aeiou" else "a"]
+                    before = before[:-1] + [indefinite_article(colour)]
                 for shape in SHAPES:
                     name = _plural(SHAPE_WORDS[shape][0]) if plural else SHAPE_WORDS[shape][0]
                     out.append(" ".join(before + [colour, name + tail] + words[i + 1 + n:]))

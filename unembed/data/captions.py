@@ -12,6 +12,12 @@ from unembed.io import read_json
 TEXT_FIELDS = ("caption", "text")
 
 
+def indefinite_article(word: str) -> str:
+    """"an" before a word that starts with a vowel letter, else "a" (by spelling: scene and colour words
+    have no "an hour" or "a unicorn")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _record_text(record, where: str) -> str:
     if isinstance(record, str):
         return record

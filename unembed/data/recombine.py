@@ -16,6 +16,7 @@ import math
 import random
 from pathlib import Path
 
+from unembed.data.captions import indefinite_article
 from unembed.errors import BadInputError
 
 # Word classes by name; a class keeps only the members the training captions use, so a copy never
@@ -113,7 +114,7 @@ def _recombine(words: list[str], class_of: dict[str, tuple[str, ...]], rng: rand
             new = new.capitalize() if core[:1].isupper() else new
             word = word.replace(core, new, 1)
             if out and out[-1].lower() in ("a", "an"):
-                article = "an" if new[0].lower() in "aeiou" else "a"
+                article = indefinite_article(new)
                 out[-1] = article.capitalize() if out[-1][0].isupper() else article
         out.append(word)
     return " ".join(out)

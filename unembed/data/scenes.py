@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unembed.data.captions import indefinite_article
 from unembed.errors import BadInputError
 from unembed.data.splits import split_file
 from unembed.io import write_json, write_text
@@ -248,7 +249,7 @@ def _noun_phrase(rng, alt: bool, obj: SceneObject, with_size: bool, count: int |
     words.append(COLOUR_WORDS[obj.colour][-1 if alt else 0])
     noun = SHAPE_WORDS[obj.shape][-1 if alt else 0]
     words.append(_plural(noun) if count and count > 1 else noun)
-    det = NUMBER_WORDS[count] if count else ("an" if words[0][0] in "aeiou" else "a")
+    det = NUMBER_WORDS[count] if count else indefinite_article(words[0])
     return " ".join([det, *words])
 
 
