@@ -35,18 +35,20 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    compositional CIDEr and held-out pairs for base / rerank 8 / corrector K=4 / both, on 1,000 images
    a split (--images; the training scenes do not depend on it), and the rerank weight swept on this
    world's val split by part 1's rule, with its test and compositional scores. A loop that trusts an
-   unsure embedder shows here.
+   unsure embedder shows here. Only the decoders of rows the JSON lacks (for this embedder) are trained.
 
 5. Recombined captions (`unembed train KIND --recombine colours`): the bundle's recipes for capdec,
    viecap and decap trained again on the training captions plus a copy of each with its colour words
    drawn anew, so the held-out pairs are written in training text (as every other pairing is), and
    read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
-   seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. In the small world too (its
-   own compare recipe, seeds 0 and 1, a corrector over capdec only; its seed 0 without is the compare
+   seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. viecap and decap also with 2
+   and 4 recombined copies per caption (RATES, `--recombine-rate`). In the small world too (its own
+   compare recipe, seeds 0 and 1, a corrector over capdec only; its seed 0 without is the compare
    run's capdec).
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
+    python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # part 5's new rows alone
 """
 from __future__ import annotations
 
@@ -79,6 +81,12 @@ SMALL_RECIPE = ["--lm", "scratch", "--lm-config", '{"n_layer": 4, "n_embd": 256}
 # Part 5: the bundle's recipes again on the same captions plus a recombined copy of each (colours traded).
 RECOMBINE = ["--recombine", "colours"]
 SEEDS = (0, 1, 2)  # capdec with and without recombined captions: is a difference larger than a seed's?
+# More recombined copies per caption for the kinds nearest the goals (viecap on held-out pairs, decap on
+# CIDEr): kind -> {copies per caption: seeds}.
+RATES = {"viecap": {2: (0, 1), 4: (0,)}, "decap": {2: (0,), 4: (0,)}}
+# The decoders nearest the goals, read with rerank 16 and 32 too.
+MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
+        "viecap recombined, rate 2, seed 1")
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -268,37 +276,90 @@ def heldout_ceiling(embedder, split_dir: Path, images: int) -> dict:
             "closest_of_references_and_phrase_variants_names_heldout": closest_of_all}
 
 
-def recombined_models(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
-                      plain_seeds=SEEDS, seeds=SEEDS, corrected=("capdec", "viecap")) -> dict:
-    """Part 5's decoders, trained when missing: name -> directory. capdec without recombined captions at
-    `plain_seeds` and with them at `seeds`; the other kinds of `kind_recipe` recombined at seed 0; a
-    corrector over the recombined kinds in `corrected`."""
-    plan = {f"capdec, seed {s}": ("capdec", [], s) for s in plain_seeds}
-    plan.update({f"capdec recombined, seed {s}": ("capdec", RECOMBINE, s) for s in seeds})
-    plan.update({f"{k} recombined": (k, RECOMBINE, 0) for k in kind_recipe if k != "capdec"})
-    models = {}
-    for name, (kind, extra, seed) in plan.items():
-        path = models[name] = work / name.replace(", ", "-").replace(" ", "-")
-        if not (path / "config.json").is_file():
-            unembed("train", kind, "--data", str(data), "--embedder", embedder, "--out", str(path), *recipe,
-                    "--max-steps", "600", *kind_recipe.get(kind, []), *extra, "--seed", str(seed))
+def recombined_plan(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
+                    plain_seeds=SEEDS, seeds=SEEDS, corrected=("capdec", "viecap"), rates=None) -> dict:
+    """Part 5's decoders: name -> (directory, the `unembed` arguments that train it, the plan's name of
+    the decoder it needs first or None). capdec without recombined captions at `plain_seeds` and with
+    them at `seeds`; the other kinds of `kind_recipe` recombined at seed 0, and at the copies per
+    caption of `rates` (kind -> {rate: seeds}); a corrector over the recombined kinds in `corrected`."""
+    runs = {f"capdec, seed {s}": ("capdec", [], s) for s in plain_seeds}
+    runs.update({f"capdec recombined, seed {s}": ("capdec", RECOMBINE, s) for s in seeds})
+    runs.update({f"{k} recombined": (k, RECOMBINE, 0) for k in kind_recipe if k != "capdec"})
+    runs.update({f"{k} recombined, rate {r:g}" + (f", seed {s}" if s else ""): (k, RECOMBINE + ["--recombine-rate", f"{r:g}"], s)
+                 for k, rs in (rates or {}).items() for r, seeds in rs.items() for s in seeds})
+    plan = {}
+    for name, (kind, extra, seed) in runs.items():
+        path = work / name.replace(", ", "-").replace(" ", "-")
+        plan[name] = (path, ["train", kind, "--data", str(data), "--embedder", embedder, "--out", str(path), *recipe,
+                             "--max-steps", "600", *kind_recipe.get(kind, []), *extra, "--seed", str(seed)], None)
     for kind in corrected:
-        base = models.get(f"{kind} recombined" if kind != "capdec" else "capdec recombined, seed 0")
-        if base is None:
-            continue
-        path = models[f"corrector over {kind} recombined"] = work / f"corrector-{base.name}"
+        base = f"{kind} recombined" if kind != "capdec" else "capdec recombined, seed 0"
+        if base in plan:
+            path = work / f"corrector-{plan[base][0].name}"
+            plan[f"corrector over {kind} recombined"] = (
+                path, ["train", "corrector", "--base", str(plan[base][0]), "--data", str(data), "--out", str(path),
+                       *CORRECTOR], base)
+    return plan
+
+
+def trained(plan: dict, names=None) -> dict:
+    """name -> directory for the plan's decoders in `names` (all by default), each trained first when
+    missing, and the decoder it needs before it."""
+    names = set(plan if names is None else names)
+    names |= {plan[n][2] for n in names if plan[n][2]}
+    models = {}
+    for name in (n for n in plan if n in names):  # the plan's order: a base before its corrector
+        path, args, _ = plan[name]
         if not (path / "config.json").is_file():
-            unembed("train", "corrector", "--base", str(base), "--data", str(data), "--out", str(path), *CORRECTOR)
+            unembed(*args)
+        models[name] = path
     return models
 
 
+def training_summary(path: Path) -> dict:
+    """What the JSON keeps of a decoder's training (its metrics.json)."""
+    metrics = json.loads((path / "metrics.json").read_text())
+    return {k: metrics.get(k) for k in ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
+
+
+def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
+    """measure(path, split, options) for measure_rows: caption_scores of the decoder at `path` on a split
+    of `splits` (eval_splits), with the held-out counts on the compositional one."""
+    def measure(path: Path, split: str, options: dict) -> dict:
+        return caption_scores(decoder_at(path), embedder, *splits[split],
+                              in_image if split == "compositional" else None, **options)
+    return measure
+
+
+def main_world_plan(work: Path, data: Path) -> dict:
+    """Part 5's decoders in the main world (recombined_plan)."""
+    return recombined_plan(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE, rates=RATES)
+
+
+def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: str) -> None:
+    """Each row (name -> (decoder directory, options)) on the test and compositional splits into
+    `into[name]`, by measure(path, split, options); a row `earlier` holds with the same options is kept,
+    not measured again; save() after each row measured."""
+    for name, (path, options) in rows.items():
+        done = earlier.get(name, {})
+        if done.get("options") == options and "compositional" in done:
+            into[name] = done
+            continue
+        into[name] = {"options": options}
+        for split in ("test", "compositional"):
+            into[name][split] = measure(path, split, options)
+            print(label, split, name, json.dumps(into[name][split]), flush=True)
+        save()
+
+
 def recombined_rows(models: dict, more=()) -> dict:
-    """Part 5's captioning rows: name -> (directory, options); the decoders named in `more` also with
-    rerank 16 and 32."""
+    """Part 5's captioning rows: name -> (directory, options). Each recombined decoder at seed 0 also with
+    rerank 8, and those named in `more` with rerank 8, 16 and 32."""
     rows = {}
     for name, path in models.items():
         rows[name] = (path, {})
-        if name.endswith(("recombined", "recombined, seed 0")) and not name.startswith("corrector"):
+        seed_0 = "recombined" in name and not name.startswith("corrector") and "seed" not in name.removesuffix(", seed 0")
+        if seed_0 or name in more:
             for n in (8, 16, 32) if name in more else (8,):
                 rows[f"{name.removesuffix(', seed 0')} rerank {n}"] = (path, {"rerank": n})
     return rows
@@ -331,6 +392,8 @@ def main() -> None:
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--images", type=int, default=1000, help="images per split (test, compositional)")
     parser.add_argument("--small-world", action="store_true", help="only part 4 (added to --out's JSON)")
+    parser.add_argument("--recombined-only", action="store_true",
+                        help="only part 5's rows not yet in --out's JSON, training only the decoders they need")
     args = parser.parse_args()
     if args.small_world:
         return small_world(Path(args.work) / "small", args.out, args.images)
@@ -338,6 +401,8 @@ def main() -> None:
     data = work / "scenes"
     if not (data / "train" / "captions.json").is_file():
         unembed("data", "scenes", "--out", str(data), "--n", "20000", "--seed", "0")
+    if args.recombined_only:
+        return recombined_only(work, data, args.out, args.images)
     bases = [b for b in args.bases.split(",") if b]
     correctors = {}
     for base in [b for b in bases if b in CORRECTED]:
@@ -364,7 +429,7 @@ def main() -> None:
     if not (corrected_inverter / "config.json").is_file():
         unembed("train", "corrector", "--base", str(inverters[CORRECTED_INVERTER]), "--data", str(data), "--out",
                 str(corrected_inverter), *CORRECTOR)
-    recombined = recombined_models(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE)
+    recombined = trained(main_world_plan(work, data))
 
     import torch
 
@@ -391,9 +456,7 @@ def main() -> None:
     for group, paths in (("correctors", [*correctors.values(), corrected_inverter]), ("inverters", inverters.values()),
                          ("recombined", recombined.values())):
         for path in paths:
-            metrics = json.loads((path / "metrics.json").read_text())
-            result.setdefault(group, {})[path.name] = {k: metrics.get(k) for k in
-                                                       ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
+            result.setdefault(group, {})[path.name] = training_summary(path)
 
     # 1. the rerank weight on val
     embedded, references = splits["val"]
@@ -418,21 +481,10 @@ def main() -> None:
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
-    rows.update(recombined_rows(recombined, more=("decap recombined", "viecap recombined")))
+    rows.update(recombined_rows(recombined, more=MORE))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
-    for name, (path, options) in rows.items():
-        done = earlier.get("captioning", {}).get(name, {})
-        if done.get("options") == options and "compositional" in done:
-            result["captioning"][name] = done  # measured by an earlier run of this script: kept
-            continue
-        result["captioning"][name] = {"options": options}
-        for split in ("test", "compositional"):
-            embedded, references = splits[split]
-            row = caption_scores(decoder_at(path), embedder, embedded, references,
-                                 in_image if split == "compositional" else None, **options)
-            result["captioning"][name][split] = row
-            print(split, name, json.dumps(row), flush=True)
-        write(args.out, result)
+    measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
+                 split_scorer(decoder_at, embedder, splits, in_image), lambda: write(args.out, result), "")
 
     # 3. inversion. First rerank_guide, chosen on val: the longest inverter's 32 beams once, then 8 of
     # them embedded at most (stop at the target), in the order each guide gives.
@@ -457,6 +509,34 @@ def main() -> None:
     print(table(result))
 
 
+def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
+    """Part 5 alone (--recombined-only): the captioning rows of part 5 that --out's JSON lacks are
+    measured, training only the decoders they need; every other row is kept. Adds a part 5 decoder
+    without retraining part 3's inverters (hours); a full run measures the same rows the same way."""
+    result = json.loads(Path(out).read_text())
+    plan = main_world_plan(work, data)
+    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE)
+    earlier = result["captioning"]
+    missing = {name for name, (path, options) in rows.items()
+               if earlier.get(name, {}).get("options") != options or "compositional" not in earlier[name]}
+    named = {path: name for name, (path, _, _) in plan.items()}
+    models = trained(plan, {named[rows[name][0]] for name in missing})
+
+    from unembed.embedders import load_embedder
+
+    embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
+    if result.get("embedder_id") != embedder.id:
+        raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
+                         "run the whole benchmark")
+    for path in models.values():
+        result.setdefault("recombined", {})[path.name] = training_summary(path)
+    splits = eval_splits(embedder, data, {"test": images, "compositional": images})
+    measure_rows({name: rows[name] for name in rows if name in missing}, {}, earlier,
+                 split_scorer(decoder_loader(embedder), embedder, splits, pairs_in_images(data / "compositional")),
+                 lambda: write(out, result), "")
+    print(table(result))
+
+
 def split_images(split_dir: Path) -> int:
     """Images in a written split (0 before one is written: captions.json is written last)."""
     path = split_dir / "captions.json"
@@ -471,17 +551,19 @@ def small_world(work: Path, out: str, images: int) -> None:
         unembed("data", "scenes", "--out", str(data), "--n", "3000", "--n-eval", str(images), "--seed", "7")
     if not (work / "embedder" / "config.json").is_file():
         unembed("train", "clip", "--data", str(data), "--out", str(work / "embedder"), "--epochs", "5")
-    if not all((models / k / "config.json").is_file() for k in ("clipcap", "capdec", "viecap")):
-        unembed("compare", "--data", str(data), "--decoders", "clipcap,capdec,viecap", "--embedder",
-                str(work / "embedder"), "--out", str(work / "compare"), "--no-spice", "--no-gap", "--no-meteor")
+    # Decoders are trained only for the rows (and the weight sweep) that --out's JSON lacks, so a new row
+    # costs its own decoder, not the whole world's. The compare run trains clipcap, capdec and viecap
+    # at once (capdec there is seed 0 of plain capdec). Fewer seeds and one corrector for the recombined:
+    # this world's 4 x 256 models take twice the main world's time.
+    compare = ["compare", "--data", str(data), "--decoders", "clipcap,capdec,viecap", "--embedder",
+               str(work / "embedder"), "--out", str(work / "compare"), "--no-spice", "--no-gap", "--no-meteor"]
+    plan = {kind: (models / kind, compare, None) for kind in ("clipcap", "capdec", "viecap")}
     corrector = work / "corrector-capdec"
-    if not (corrector / "config.json").is_file():
-        unembed("train", "corrector", "--base", str(models / "capdec"), "--data", str(data), "--out", str(corrector),
-                *CORRECTOR)
-    # seed 0 of plain capdec is the compare run's (models/capdec); viecap as that run trained it. Fewer
-    # seeds and one corrector here: this world's 4 x 256 models take twice the main world's time.
-    recombined = recombined_models(work, data, str(work / "embedder"), SMALL_RECIPE, {"capdec": [], "viecap": []},
-                                   plain_seeds=(1,), seeds=(0, 1), corrected=("capdec",))
+    plan["corrector over capdec"] = (corrector, ["train", "corrector", "--base", str(models / "capdec"), "--data",
+                                                 str(data), "--out", str(corrector), *CORRECTOR], "capdec")
+    part5 = recombined_plan(work, data, str(work / "embedder"), SMALL_RECIPE, {"capdec": [], "viecap": []},
+                            plain_seeds=(1,), seeds=(0, 1), corrected=("capdec",))
+    plan.update(part5)
 
     from unembed.embedders import load_embedder
     from unembed.generation import RERANK_WEIGHT
@@ -491,15 +573,21 @@ def small_world(work: Path, out: str, images: int) -> None:
     decoder_at = decoder_loader(embedder)
     result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
     described = f"scenes world, 3000 training images, seed 7, {images} images per eval split"
-    earlier = result.get("small_world", {}) if result.get("small_world", {}).get("data") == described else {}
+    earlier = result.get("small_world", {})
+    # Rows of another world or embedder are not kept. `unembed train clip` is not bit-for-bit repeatable
+    # here (trained again on the same scenes, this world's held-out ceiling moved from 456 to 449), so
+    # rows without the id were measured with an embedder that may be gone.
+    if earlier.get("data") != described or earlier.get("embedder_id") != embedder.id:
+        earlier = {}
     small = result["small_world"] = {"data": described, "embedder": "unembed train clip --epochs 5",
+                                     "embedder_id": embedder.id,
                                      "recombined_training": " ".join(SMALL_RECIPE + ["--max-steps", "600"] + RECOMBINE),
                                      "weight_sweep": {}, "rows": {}}
     # This world's own rerank weight, chosen on its val split by part 1's rule: does the weight that
     # the sure embedder chose hold for an unsure one, and does a weight chosen here?
     for kind in ("clipcap", "capdec", "viecap"):
         small["weight_sweep"][kind] = (earlier.get("weight_sweep", {}).get(kind)
-                                       or weight_sweep(decoder_at(models / kind), embedder, *splits["val"]))
+                                       or weight_sweep(decoder_at(trained(plan, [kind])[kind]), embedder, *splits["val"]))
         print("small val", kind, json.dumps(small["weight_sweep"][kind]), flush=True)
     small["weight_chosen"] = chosen_weight(small["weight_sweep"])
     small["heldout_ceiling"] = (earlier["heldout_ceiling"] if "heldout_ceiling" in earlier
@@ -512,20 +600,14 @@ def small_world(work: Path, out: str, images: int) -> None:
     if own != RERANK_WEIGHT:  # the same weight would repeat the rerank 8 rows
         for kind in ("viecap", "capdec"):
             rows[f"{kind} rerank 8, weight {own:g} (this world's val)"] = (models / kind, {"rerank": 8, "rerank_weight": own})
-    rows.update(recombined_rows(recombined))
-    in_image = pairs_in_images(data / "compositional")
-    for name, (path, options) in rows.items():
-        done = earlier.get("rows", {}).get(name, {})
-        if done.get("options") == options and "compositional" in done:
-            small["rows"][name] = done  # measured by an earlier run: kept
-            continue
-        small["rows"][name] = {"options": options}
-        for split in ("test", "compositional"):
-            row = caption_scores(decoder_at(path), embedder, *splits[split],
-                                 in_image if split == "compositional" else None, **options)
-            small["rows"][name][split] = row
-            print("small", split, name, json.dumps(row), flush=True)
-        write(out, result)
+    rows.update(recombined_rows({name: path for name, (path, _, _) in part5.items()}))
+    named = {path: name for name, (path, _, _) in plan.items()}
+    kept = earlier.get("rows", {})
+    trained(plan, {named[path] for name, (path, options) in rows.items()
+                   if kept.get(name, {}).get("options") != options or "compositional" not in kept[name]})
+    measure_rows(rows, kept, small["rows"],
+                 split_scorer(decoder_at, embedder, splits, pairs_in_images(data / "compositional")),
+                 lambda: write(out, result), "small")
 
 
 def write(out: str, result: dict) -> None:
