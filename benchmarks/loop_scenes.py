@@ -574,9 +574,9 @@ def small_world(work: Path, out: str, images: int) -> None:
     result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
     described = f"scenes world, 3000 training images, seed 7, {images} images per eval split"
     earlier = result.get("small_world", {})
-    # Rows of another world or embedder are not kept. `unembed train clip` is not bit-for-bit repeatable
-    # here (trained again on the same scenes, this world's held-out ceiling moved from 456 to 449), so
-    # rows without the id were measured with an embedder that may be gone.
+    # Rows of another world or embedder are not kept. `unembed train clip` repeats to the bit on one
+    # machine, not across machines (trained again on another, this world's held-out ceiling moved from
+    # 456 to 449), so rows recorded without the id may come from an embedder that is gone.
     if earlier.get("data") != described or earlier.get("embedder_id") != embedder.id:
         earlier = {}
     small = result["small_world"] = {"data": described, "embedder": "unembed train clip --epochs 5",
