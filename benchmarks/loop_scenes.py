@@ -43,7 +43,7 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
    seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. viecap and decap also with 2
    and 4 recombined copies per caption (RATES, `--recombine-rate`; rate 2 at seeds 0 and 1, with
-   rerank 8, 16 and 32). In the small world too (its own compare recipe, seeds 0 and 1, a corrector
+   rerank 8, 16 and 32; rate 1 at seed 1 too). In the small world too (its own compare recipe, seeds 0 and 1, a corrector
    over capdec only; its seed 0 without is the compare run's capdec).
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
@@ -82,8 +82,9 @@ SMALL_RECIPE = ["--lm", "scratch", "--lm-config", '{"n_layer": 4, "n_embd": 256}
 RECOMBINE = ["--recombine", "colours"]
 SEEDS = (0, 1, 2)  # capdec with and without recombined captions: is a difference larger than a seed's?
 # More recombined copies per caption for the kinds nearest the goals (viecap on held-out pairs, decap on
-# CIDEr): kind -> {copies per caption: seeds}.
-RATES = {"viecap": {2: (0, 1), 4: (0,)}, "decap": {2: (0, 1), 4: (0,)}}
+# CIDEr): kind -> {copies per caption: seeds}. Rate 1 at seed 1 pairs with rate 2's seed 1 (rate 1 at
+# seed 0 is "{kind} recombined").
+RATES = {"viecap": {1: (1,), 2: (0, 1), 4: (0,)}, "decap": {1: (1,), 2: (0, 1), 4: (0,)}}
 # The decoders nearest the goals, read with rerank 16 and 32 too.
 MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
         "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1")
