@@ -43,8 +43,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
    seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. viecap and decap also with 2
    and 4 recombined copies per caption (RATES, `--recombine-rate`; rate 2 at seeds 0 and 1, with
-   rerank 8, 16 and 32; rate 1 at seed 1 too). In the small world too (its own compare recipe, seeds 0 and 1, a corrector
-   over capdec only; its seed 0 without is the compare run's capdec).
+   rerank 8, 16 and 32; rate 1 at seed 1 too). In the small world too (its own compare recipe, seeds 0
+   and 1, a corrector over capdec only; its seed 0 without is the compare run's capdec).
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
@@ -337,14 +337,25 @@ def main_world_plan(work: Path, data: Path) -> dict:
     return recombined_plan(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE, rates=RATES)
 
 
+def is_measured(done: dict | None, options: dict) -> bool:
+    """Whether a row of the JSON (`done`) was measured on both splits with these options."""
+    return bool(done) and done.get("options") == options and "compositional" in done
+
+
+def trained_for(plan: dict, rows: dict, kept: dict) -> dict:
+    """trained(): the plan's decoders that the rows (name -> (directory, options)) not measured in
+    `kept` need."""
+    named = {path: name for name, (path, _, _) in plan.items()}
+    return trained(plan, {named[path] for name, (path, options) in rows.items() if not is_measured(kept.get(name), options)})
+
+
 def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: str) -> None:
     """Each row (name -> (decoder directory, options)) on the test and compositional splits into
     `into[name]`, by measure(path, split, options); a row `earlier` holds with the same options is kept,
     not measured again; save() after each row measured."""
     for name, (path, options) in rows.items():
-        done = earlier.get(name, {})
-        if done.get("options") == options and "compositional" in done:
-            into[name] = done
+        if is_measured(earlier.get(name), options):
+            into[name] = earlier[name]
             continue
         into[name] = {"options": options}
         for split in ("test", "compositional"):
@@ -514,25 +525,20 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
     """Part 5 alone (--recombined-only): the captioning rows of part 5 that --out's JSON lacks are
     measured, training only the decoders they need; every other row is kept. Adds a part 5 decoder
     without retraining part 3's inverters (hours); a full run measures the same rows the same way."""
+    from unembed.embedders import load_embedder
+
     result = json.loads(Path(out).read_text())
+    embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
+    if result.get("embedder_id") != embedder.id:  # before any training
+        raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
+                         "run the whole benchmark")
     plan = main_world_plan(work, data)
     rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE)
     earlier = result["captioning"]
-    missing = {name for name, (path, options) in rows.items()
-               if earlier.get(name, {}).get("options") != options or "compositional" not in earlier[name]}
-    named = {path: name for name, (path, _, _) in plan.items()}
-    models = trained(plan, {named[rows[name][0]] for name in missing})
-
-    from unembed.embedders import load_embedder
-
-    embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
-    if result.get("embedder_id") != embedder.id:
-        raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
-                         "run the whole benchmark")
-    for path in models.values():
+    for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)
     splits = eval_splits(embedder, data, {"test": images, "compositional": images})
-    measure_rows({name: rows[name] for name in rows if name in missing}, {}, earlier,
+    measure_rows(rows, earlier, earlier,
                  split_scorer(decoder_loader(embedder), embedder, splits, pairs_in_images(data / "compositional")),
                  lambda: write(out, result), "")
     print(table(result))
@@ -602,10 +608,8 @@ def small_world(work: Path, out: str, images: int) -> None:
         for kind in ("viecap", "capdec"):
             rows[f"{kind} rerank 8, weight {own:g} (this world's val)"] = (models / kind, {"rerank": 8, "rerank_weight": own})
     rows.update(recombined_rows({name: path for name, (path, _, _) in part5.items()}))
-    named = {path: name for name, (path, _, _) in plan.items()}
     kept = earlier.get("rows", {})
-    trained(plan, {named[path] for name, (path, options) in rows.items()
-                   if kept.get(name, {}).get("options") != options or "compositional" not in kept[name]})
+    trained_for(plan, rows, kept)
     measure_rows(rows, kept, small["rows"],
                  split_scorer(decoder_at, embedder, splits, pairs_in_images(data / "compositional")),
                  lambda: write(out, result), "small")
