@@ -1,6 +1,7 @@
 """Options that do what they say: --device is honoured (and one clear line when the machine lacks
 it), and `unembed train KIND` refuses an option its kind does not take."""
 import argparse
+import json
 import dataclasses
 
 import pytest
@@ -151,3 +152,29 @@ def test_capdec_takes_noise_variance(embedder_dir, tmp_path, no_training, capsys
     assert main(["train", "capdec", "--noise-variance", "0.1", "--embedder", str(embedder_dir), "--out",
                  str(tmp_path / "out"), "--device", "cpu", "--captions", str(tmp_path / "caps.txt")]) == EXIT_OK
     assert [options["noise_variance"] for options in no_training] == [0.1]
+
+
+def test_a_word_class_file_reaches_training_as_its_word_lists(embedder_dir, tmp_path, no_training):
+    """The CLI reads a --recombine file once, to check it before the embedder loads, and hands training
+    the word lists: training never opens the file again."""
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"colours": ["Red", "green"], "sizes": ["big", "small"]}')
+    (tmp_path / "caps.txt").write_text("a red square\n")
+    assert main(["train", "capdec", "--recombine", f"{classes},colours", "--embedder", str(embedder_dir),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--captions", str(tmp_path / "caps.txt")]) == EXIT_OK
+    [options] = no_training
+    from unembed.data.recombine import BUILTIN_CLASSES
+    assert json.loads(options["recombine"]) == [["red", "green"], ["big", "small"], list(BUILTIN_CLASSES["colours"])]
+
+
+@pytest.mark.parametrize("content, says", [(b'{"n_layer": 2', "malformed JSON at line 1"),
+                                           (b"\x80\x04K\x01.", "looks like a pickle"), (b"[1, 2]", "must be a JSON object")])
+def test_a_bad_json_option_file_is_one_line_naming_it(content, says, embedder_dir, tmp_path, no_training, capsys):
+    config = tmp_path / "lm.json"
+    config.write_bytes(content)
+    (tmp_path / "caps.txt").write_text("a red square\n")
+    code = main(["train", "capdec", "--lm-config", str(config), "--embedder", str(embedder_dir),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--captions", str(tmp_path / "caps.txt")])
+    assert code == EXIT_FAILED and not no_training
+    [line] = _lines(capsys.readouterr().err)
+    assert str(config) in line and says in line

@@ -60,7 +60,7 @@ def test_word_classes_from_names_files_and_inline_json(tmp_path):
     assert word_classes('[["up", "down"]]') == [("up", "down")]
 
 
-@pytest.mark.parametrize("content, says", [("not json", "is not JSON"), ('[["cat"], "dog"]', "must hold word classes"),
+@pytest.mark.parametrize("content, says", [("not json", "malformed JSON"), ('[["cat"], "dog"]', "must hold word classes"),
                                            ("[]", "must hold word classes")])
 def test_a_bad_word_class_file_is_named(tmp_path, content, says):
     path = tmp_path / "classes.json"

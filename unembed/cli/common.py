@@ -49,11 +49,15 @@ def exit_code(done: int, failed: int) -> int:
 def json_arg(value: str) -> dict:
     """A JSON object given inline or as a file path."""
     from unembed.errors import BadInputError
+    from unembed.io import read_json
 
-    try:
-        parsed = json.loads(Path(value).read_text() if Path(value).is_file() else value)
-    except json.JSONDecodeError as e:
-        raise BadInputError(value, f"is neither a JSON object nor a JSON file ({e.msg})") from None
+    if Path(value).is_file():
+        parsed = read_json(value)
+    else:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadInputError(value, f"is neither a JSON object nor a JSON file ({e.msg})") from None
     if not isinstance(parsed, dict):
         raise BadInputError(value, "must be a JSON object")
     return parsed

@@ -29,7 +29,7 @@ def cmd_train_clip(args) -> int:
 
 
 def cmd_train_prefix(args) -> int:
-    from unembed.data.recombine import check_recombine
+    from unembed.data.recombine import check_recombine, inline_classes
     from unembed.decoders import decoder_class
     from unembed.decoders.prefix import TEXT_OPTIONS
     from unembed.embedders import load_embedder
@@ -45,7 +45,8 @@ def cmd_train_prefix(args) -> int:
         raise BadInputError(option_flag(cls.config_class, next(iter(options))),
                             f"is set by the decoder {args.init} that --init trains further; drop it")
     if set(TEXT_OPTIONS) & set(options):  # refused before the embedder loads
-        check_recombine(options.get("recombine", ""), options.get("recombine_rate"))
+        classes = check_recombine(options.get("recombine", ""), options.get("recombine_rate"))
+        options["recombine"] = inline_classes(classes)  # its files read once, here
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
                           caption_files=getattr(args, "captions", None) or (), resume=args.resume, init=args.init,

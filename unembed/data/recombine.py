@@ -18,6 +18,7 @@ from pathlib import Path
 
 from unembed.data.captions import indefinite_article
 from unembed.errors import BadInputError
+from unembed.io import read_json
 
 # Word classes by name; a class keeps only the members the training captions use, so a copy never
 # brings in a word the decoder's tokenizer or the embedder has not seen.
@@ -46,11 +47,7 @@ def word_classes(spec: str) -> list[tuple[str, ...]]:
         path = Path(item)
         if not path.is_file():
             raise BadInputError(item, f"is neither a word class ({', '.join(sorted(BUILTIN_CLASSES))}) nor a JSON file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadInputError(path, f"is not JSON ({e})") from None
-        classes += _classes(data, path)
+        classes += _classes(read_json(path), path)
     return classes
 
 
@@ -63,6 +60,12 @@ def _classes(data, where) -> list[tuple[str, ...]]:
     if spaced is not None:  # captions are matched word by word
         raise BadInputError(where, f"has {spaced!r}: a class member must be one word")
     return [tuple(w.strip().lower() for w in g) for g in groups]
+
+
+def inline_classes(classes: list[tuple[str, ...]]) -> str:
+    """Word classes as the inline JSON a spec may be: what a decoder's config keeps (no file of this
+    machine), and what training reads once the CLI has read a file."""
+    return json.dumps([list(c) for c in classes])
 
 
 def check_recombine(spec: str, rate: float | None) -> list[tuple[str, ...]]:

@@ -9,7 +9,6 @@ All embeddings are computed once before training (and cached), never per epoch.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -192,7 +191,7 @@ def _recombined(saved, decoder_options: dict, captions: list[str], seed: int) ->
     """The recombined copies of the captions a text-only decoder trains on (data/recombine.py), from the
     saved decoder's settings or the options; a new decoder records its word lists as inline JSON, so
     its config names no file of this machine."""
-    from unembed.data.recombine import check_recombine, recombined
+    from unembed.data.recombine import check_recombine, inline_classes, recombined
 
     if saved:
         spec, rate = saved.recombine, saved.recombine_rate
@@ -203,7 +202,7 @@ def _recombined(saved, decoder_options: dict, captions: list[str], seed: int) ->
     classes = check_recombine(spec, rate)
     rate = 1.0 if rate is None else rate
     if not saved:
-        decoder_options["recombine"] = json.dumps([list(c) for c in classes])
+        decoder_options["recombine"] = inline_classes(classes)
     return recombined(captions, classes, rate, seed)
 
 
