@@ -90,8 +90,8 @@ SMALL_SEEDS = (1, 2, 3)
 # seed 0 is "{kind} recombined").
 RATES = {"viecap": {1: (1,), 2: (0, 1), 4: (0,)}, "decap": {1: (1,), 2: (0, 1), 4: (0,)}}
 # The decoders nearest the goals, read with rerank 16 and 32 too.
-MORE = ("decap recombined", "viecap recombined",
-        *(f"{kind} recombined, rate 2{f', seed {s}' if s else ''}" for kind in ("decap", "viecap") for s in (0, 1)))
+MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
+        "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1")
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -162,18 +162,22 @@ def caption_scores(decoder, embedder, embedded, references, in_image=None, **gen
     return row
 
 
+def candidate_rows(decoder, embedded, n: int) -> list[list[tuple[str, float]]]:
+    """The decoder's n candidates for each input, 100 inputs a batch, each text once (rerank.dedupe)."""
+    from unembed.decoders.rerank import dedupe
+
+    return [dedupe(row) for s in range(0, len(embedded), 100)
+            for row in decoder.candidates(embedded.select(slice(s, s + 100)), n)]
+
+
 def weight_sweep(decoder, embedder, embedded, references) -> dict:
     """CIDEr of the decoder alone, then of rerank 8 at each of WEIGHTS: its 8 candidates and their
     cosines computed once, then picked at every weight."""
-    import torch
-
-    from unembed.decoders.rerank import dedupe, embedding_cosines, logit_scale, pick
+    from unembed.decoders.rerank import logit_scale, pick, row_cosines
     from unembed.eval.metrics import coco_caption_metrics
 
-    rows = [dedupe(r) for s in range(0, len(embedded), 100)
-            for r in decoder.candidates(embedded.select(slice(s, s + 100)), 8)]
-    targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-    cosines = embedding_cosines(embedder, [c for r in rows for c, _ in r], targets).tolist()
+    rows = candidate_rows(decoder, embedded, 8)
+    cosines = row_cosines(embedder, embedded, rows)
     sweep = {"base (its default beams, no rerank)": round(caption_scores(decoder, embedder, embedded, references)["CIDEr"], 4)}
     for weight in WEIGHTS:
         picked = dict(zip(embedded.ids, pick(rows, cosines, weight, logit_scale(embedder))))

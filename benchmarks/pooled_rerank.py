@@ -22,30 +22,20 @@ import time
 from pathlib import Path
 
 from entity_scenes import heldout_counts, pairs_in_images
-from loop_scenes import BUNDLE, decoder_loader, eval_splits, main_world_plan, write
+from loop_scenes import BUNDLE, candidate_rows, decoder_loader, eval_splits, main_world_plan, write
 
 KINDS = ("viecap", "decap")
 CANDIDATES = 16
 WEIGHTS = (0.05, 0.1, 0.2)
 
 
-def candidates(decoder, embedded) -> list[list[tuple[str, float]]]:
-    from unembed.decoders.rerank import dedupe
-
-    return [dedupe(row) for s in range(0, len(embedded), 100)
-            for row in decoder.candidates(embedded.select(slice(s, s + 100)), CANDIDATES)]
-
-
 def picks(embedder, embedded, rows, references, in_image) -> dict:
     """CIDEr (x100) of the rerank pick at each of WEIGHTS, and the held-out counts on the compositional split."""
-    import torch
-
-    from unembed.decoders.rerank import dedupe, embedding_cosines, logit_scale, pick
+    from unembed.decoders.rerank import dedupe, logit_scale, pick, row_cosines
     from unembed.eval.metrics import coco_caption_metrics
 
-    rows = [dedupe(row) for row in rows]
-    targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-    cosines = embedding_cosines(embedder, [c for r in rows for c, _ in r], targets).tolist()
+    rows = [dedupe(row) for row in rows]  # a text both decoders wrote, once
+    cosines = row_cosines(embedder, embedded, rows)
     out = {}
     for weight in WEIGHTS:
         picked = dict(zip(embedded.ids, pick(rows, cosines, weight, logit_scale(embedder))))
@@ -83,10 +73,10 @@ def main() -> None:
         for split, (embedded, references) in splits.items():
             start, written = time.perf_counter(), {}
             for kind, name in names.items():
-                written[kind] = candidates(decoder_at(plan[name][0]), embedded)
+                written[kind] = candidate_rows(decoder_at(plan[name][0]), embedded, CANDIDATES)
             held = in_image if split == "compositional" else None
-            for combo in ((kind,) for kind in KINDS):
-                rows.setdefault(" + ".join(combo), {})[split] = picks(embedder, embedded, written[combo[0]], references, held)
+            for kind in KINDS:
+                rows.setdefault(kind, {})[split] = picks(embedder, embedded, written[kind], references, held)
             pooled = [a + b for a, b in zip(*(written[kind] for kind in KINDS))]
             rows.setdefault(" + ".join(KINDS), {})[split] = picks(embedder, embedded, pooled, references, held)
             print(seed, split, json.dumps({k: v[split] for k, v in rows.items()}), f"{time.perf_counter() - start:.0f} s",

@@ -1,8 +1,8 @@
 """Options that do what they say: --device is honoured (and one clear line when the machine lacks
 it), and `unembed train KIND` refuses an option its kind does not take."""
 import argparse
-import json
 import dataclasses
+import json
 
 import pytest
 import torch

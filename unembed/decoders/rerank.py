@@ -54,9 +54,14 @@ def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight
         seen = embed_in_turns(embedder, rows, embedded.unit(), stop, calls, guide * scale)
         kept = [[row[j] for j in sorted(cosines)] for row, cosines in zip(rows, seen)]
         return pick(kept, [cosines[j] for cosines in seen for j in sorted(cosines)], weight, scale)
-    texts = [c for row in rows for c, _ in row]
+    return pick(rows, row_cosines(embedder, embedded, rows), weight, scale)
+
+
+def row_cosines(embedder, embedded, rows: list[list[tuple[str, float]]]) -> list[float]:
+    """Every candidate's cosine with its row's input embedding, row-major as `pick` takes them (one
+    batch; each distinct text embedded once)."""
     targets = embedded.unit().repeat_interleave(torch.tensor([len(r) for r in rows]), dim=0)
-    return pick(rows, embedding_cosines(embedder, texts, targets).tolist(), weight, scale)
+    return embedding_cosines(embedder, [c for row in rows for c, _ in row], targets).tolist()
 
 
 def embed_in_turns(embedder, rows: list[list[tuple[str, float]]], targets: torch.Tensor, stop: float | None,
