@@ -42,8 +42,9 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    drawn anew, so the held-out pairs are written in training text (as every other pairing is), and
    read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
    seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. viecap and decap also with 2
-   and 4 recombined copies per caption (RATES, `--recombine-rate`; rate 2 at seeds 0 and 1, with
-   rerank 8, 16 and 32; rate 1 at seed 1 too). In the small world too (its own compare recipe, seeds 0
+   and 4 recombined copies per caption (RATES, `--recombine-rate`; rate 2 at seeds 0, 1 and 2, with
+   rerank 8, 16 and 32, and with one round of word edits (`--edits 1`) alone and after rerank 32; rate 1
+   at seeds 1 and 2 too). In the small world too (its own compare recipe, seeds 0
    and 1, a corrector over capdec only; its seed 0 without is the compare run's capdec, and plain capdec
    at SMALL_SEEDS too, each with rerank 8).
 
@@ -86,12 +87,15 @@ SEEDS = (0, 1, 2)  # capdec with and without recombined captions: is a differenc
 # is "no worse than CapDec", and one seed's rerank change (-0.3 test CIDEr) is smaller than two seeds' gap.
 SMALL_SEEDS = (1, 2, 3)
 # More recombined copies per caption for the kinds nearest the goals (viecap on held-out pairs, decap on
-# CIDEr): kind -> {copies per caption: seeds}. Rate 1 at seed 1 pairs with rate 2's seed 1 (rate 1 at
+# CIDEr): kind -> {copies per caption: seeds}. Rate 1 at seeds 1 and 2 pairs with rate 2's (rate 1 at
 # seed 0 is "{kind} recombined").
-RATES = {"viecap": {1: (1,), 2: (0, 1), 4: (0,)}, "decap": {1: (1,), 2: (0, 1), 4: (0,)}}
-# The decoders nearest the goals, read with rerank 16 and 32 too.
+RATES = {"viecap": {1: (1, 2), 2: (0, 1, 2), 4: (0,)}, "decap": {1: (1, 2), 2: (0, 1, 2), 4: (0,)}}
+# The decoders nearest the goals, read with rerank 16 and 32 too, and with EDITS rounds of edits (the
+# corrector's default; its default margin), alone and after rerank 32.
+EDITS = 1
 MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
-        "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1")
+        "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1",
+        "viecap recombined, rate 2, seed 2", "decap recombined, rate 2, seed 2")
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -374,7 +378,8 @@ def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: st
 
 def recombined_rows(models: dict, more=()) -> dict:
     """Part 5's captioning rows: name -> (directory, options). Each recombined decoder at seed 0 also with
-    rerank 8, and those named in `more` with rerank 8, 16 and 32."""
+    rerank 8, and those named in `more` with rerank 8, 16 and 32, and with EDITS rounds of edits, alone
+    and after rerank 32."""
     rows = {}
     for name, path in models.items():
         rows[name] = (path, {})
@@ -382,7 +387,25 @@ def recombined_rows(models: dict, more=()) -> dict:
         if seed_0 or name in more:
             for n in (8, 16, 32) if name in more else (8,):
                 rows[f"{name.removesuffix(', seed 0')} rerank {n}"] = (path, {"rerank": n})
+        if name in more:
+            rows[f"{name} edits {EDITS}"] = (path, {"edits": EDITS})
+            rows[f"{name} rerank 32, edits {EDITS}"] = (path, {"rerank": 32, "edits": EDITS})
     return rows
+
+
+def with_substitutes(rows: dict, data: Path) -> None:
+    """Give the decoders of rows with edits that were trained before unembed saved substitutes.json the
+    table training now writes: `substitutes` of the training split's captions (train_prefix takes them
+    from the captions before any recombined copy), so the rows measure what a decoder trained today does."""
+    from unembed.data.splits import split_captions
+    from unembed.decoders.edits import FILE, substitutes
+    from unembed.io import write_json
+
+    missing = {path for path, options in rows.values() if options.get("edits") and not (path / FILE).is_file()}
+    if missing:
+        table = substitutes(split_captions(data / "train"))
+        for path in missing:
+            write_json(path / FILE, table)
 
 
 def rerank_n_sweep(decoder, embedder, embedded, references) -> dict:
@@ -503,6 +526,7 @@ def main() -> None:
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
     rows.update(recombined_rows(recombined, more=MORE))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
+    with_substitutes(rows, data)
     measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
                  split_scorer(decoder_at, embedder, splits, in_image), lambda: write(args.out, result), "")
 
@@ -545,6 +569,7 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
     earlier = result["captioning"]
     for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)
+    with_substitutes(rows, data)
     splits = eval_splits(embedder, data, {"test": images, "compositional": images})
     measure_rows(rows, earlier, earlier,
                  split_scorer(decoder_loader(embedder), embedder, splits, pairs_in_images(data / "compositional")),

@@ -140,7 +140,7 @@ def test_the_corrector_is_not_trained_like_a_plain_prefix_decoder(embedder, scen
 
 
 def test_substitutes_are_words_seen_in_the_same_places():
-    from unembed.decoders.corrector import substitutes
+    from unembed.decoders.edits import substitutes
 
     captions = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("star", "circle", "heart")
                 for p in ("left", "right")] + ["a red star and a blue heart"]
@@ -152,8 +152,8 @@ def test_substitutes_are_words_seen_in_the_same_places():
 
 def test_an_edit_is_kept_only_when_the_embedder_prefers_it_by_the_margin(embedder, scenes_dir, tmp_path):
     from unembed.decoders.corrector import CorrectorDecoder
+    from unembed.decoders.edits import substituted, substitutes
     from unembed.decoders.rerank import logit_scale
-    from unembed.decoders.corrector import substitutes
 
     torch.manual_seed(0)
     captions = split_captions(scenes_dir / "train")
@@ -170,7 +170,7 @@ def test_an_edit_is_kept_only_when_the_embedder_prefers_it_by_the_margin(embedde
     for margin in (0.0, 0.5):
         edited = corrector.decode(embedded, correct=0, edits=1, margin=margin)
         for i, (before, after) in enumerate(zip(base, edited)):
-            options = corrector.substituted(before)
+            options = substituted(before, corrector.substitutes)
             best = max(options, key=lambda c: cosine(c, i)) if options else before
             gain = scale * (cosine(best, i) - cosine(before, i)) if options else 0.0
             assert after == (best if gain > margin + 1e-6 else before), (margin, before, after)
@@ -339,7 +339,7 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
               tmp_path / "bad", "--config", json.dumps({"x": {"num_beams": 2}}), "--embedder", embedder_dir)
     assert bad.code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight, "
-        "rerank_stop, rerank_calls, rerank_guide)")
+        "rerank_stop, rerank_calls, rerank_guide, edits, margin)")
     assert not (tmp_path / "bad").exists()  # refused before any work
     orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr

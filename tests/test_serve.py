@@ -178,6 +178,8 @@ def png(width: int, height: int) -> bytes:
      "num_beams must be an integer"),
     ("option out of range", dict(params={"max_length": "100000"}, files={"file": ("a.png", png(2, 2), "image/png")}),
      422, "option max_length: the clipcap decoder takes an integer in [1, 128], got 100000"),
+    ("edits without substitutes", dict(params={"edits": "1"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
+     "option edits: this clipcap decoder has no word substitutes"),
     ("unknown option", dict(params={"foo": "1"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
      "unknown query parameter 'foo'"),
     ("a body of another type", dict(content=b"{}", headers={"content-type": "application/json"}), 415,

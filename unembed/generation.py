@@ -90,12 +90,13 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "predicted from those already embedded (0 = the decoder's order; default 5, chosen on the scenes "
                      "val split)", 0, 100, needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
-    GenerationOption("margin", float, "a corrector keeps a new caption only if the embedder's log-odds for it beat "
-                     "the kept one's by more than this", 0, 100),
-    GenerationOption("edits", int, "rounds of a corrector's single-word substitutions", 0, 8),
+    GenerationOption("margin", float, "a rewrite (an edit, a corrector's step) is kept only if the embedder's "
+                     "log-odds for it beat the kept caption's by more than this (default 1)", 0, 100),
+    GenerationOption("edits", int, "rounds of one-word rewrites checked by the embedder: each word in turn replaced "
+                     "by the words seen in its places in the training captions (0 = none)", 0, 8),
 )}
-# Every decoder takes these: reranking is done once, in Decoder.decode, over any kind's candidates.
-LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop", "rerank_calls", "rerank_guide")
+# Every decoder takes these: reranking and edits are done once, in Decoder.decode, over any kind's captions.
+LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop", "rerank_calls", "rerank_guide", "edits", "margin")
 RERANK_WEIGHT = 0.05  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
 RERANK_GUIDE = 5.0  # chosen on the scenes val split, inverting with 8 of 32 beams (loop_scenes.py)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")

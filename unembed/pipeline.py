@@ -96,7 +96,7 @@ def caption(images: Sequence[str], decoder=None, embedder=None, batch_size: int 
     elif embedder is None:
         embedder = load_embedder(decoder.config.embedder_spec, device)
 
-    decoder.check_generation(generation)  # a bad option is refused before any image is read
+    decoder.check_options(generation)  # a bad option is refused before any image is read
 
     def fail(e):
         raise e

@@ -132,7 +132,7 @@ def decoding_options(query, decoder) -> dict:
     if options.get("do_sample") is False:
         del options["do_sample"]  # sample=false is the default, said aloud
     try:
-        return decoder.check_generation(options)
+        return decoder.check_options(options)
     except BadInputError as e:
         raise RequestError(422, str(e)) from None
 

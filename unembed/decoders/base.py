@@ -58,6 +58,9 @@ class Decoder(torch.nn.Module):
         super().__init__()
         self.config = config
         self._embedder = None
+        # word -> words seen in the same places in the training captions (unembed/decoders/edits.py): set
+        # when a decoder is trained on captions, saved as substitutes.json; what `edits` rewrites with.
+        self.substitutes: dict[str, list[str]] = {}
 
     def attach_embedder(self, embedder) -> None:
         """Give a `needs_embedder` decoder the embedder it decodes with (kept outside the module:
@@ -76,16 +79,23 @@ class Decoder(torch.nn.Module):
         (and the rerank ones, LOOP_OPTIONS, which every kind takes), checked by `check_generation` first.
         With rerank N > 1, each row's N candidates from the kind's own search are re-scored against
         the input by the embedder (unembed/decoders/rerank.py)."""
-        options = self.check_generation(generation)
+        options = self.check_options(generation)
         n = options.pop("rerank", 1)
         weight, stop, calls, guide = (options.pop(f"rerank_{k}", None) for k in ("weight", "stop", "calls", "guide"))
+        rounds, margin = options.pop("edits", 0), options.pop("margin", None)
         self.check_embedded(embedded)
         if n <= 1:
-            return self.write(embedded, **options)
-        from unembed.decoders.rerank import rerank
+            captions = self.write(embedded, **options)
+        else:
+            from unembed.decoders.rerank import rerank
 
-        return rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight, stop,
-                      calls, guide)
+            captions = rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight,
+                              stop, calls, guide)
+        if not rounds:
+            return captions
+        from unembed.decoders.edits import edited
+
+        return edited(self.embedder_for_rerank(), embedded.unit(), captions, self.substitutes, rounds, margin)
 
     def write(self, embedded, **options) -> list[str]:
         """The kind's own decoding: N captions for N rows, `options` already checked."""
@@ -123,7 +133,20 @@ class Decoder(torch.nn.Module):
         bounds (unembed/generation.py): BadInputError naming the option, the decoder and what it takes."""
         from unembed.generation import check_generation
 
-        return check_generation(cls.kind, cls.takes(), generation)
+        options = check_generation(cls.kind, cls.takes(), generation)
+        if "margin" in options and not options.get("edits") and "margin" not in cls.generation_options:
+            raise BadInputError("option margin", f"the {cls.kind} decoder uses it only with edits above 0 "
+                                                 "(--edits N; edits=N)")
+        return options
+
+    def check_options(self, generation: dict) -> dict:
+        """`check_generation`, then what this decoder's own files decide: edits need the substitutes it
+        learned from its training captions."""
+        options = self.check_generation(generation)
+        if options.get("edits") and not self.substitutes and "edits" not in self.generation_options:
+            raise BadInputError("option edits", f"this {self.kind} decoder has no word substitutes (substitutes.json, "
+                                                "written when unembed trains a decoder on captions)")
+        return options
 
     @classmethod
     def takes(cls) -> tuple[str, ...]:
@@ -183,6 +206,10 @@ class Decoder(torch.nn.Module):
         with staged_dir(path, keep_others=not replace) as staging:
             self.save_weights(staging)
             self.save_extra(staging)
+            if self.substitutes:
+                from unembed.decoders.edits import FILE
+
+                write_json(staging / FILE, self.substitutes)
             write_text(staging / "README.md", model_card(self, metrics))
             # config.json last: a directory with a config is a complete decoder.
             write_json(staging / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
@@ -307,6 +334,9 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     except BadInputError as e:
         raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
+    from unembed.decoders.edits import read_substitutes
+
+    decoder.substitutes = read_substitutes(path)
     decoder.source_dir = Path(path)  # where a relative embedder spec (a bundle's "../embedder") is read from
     return decoder.to(device).eval()
 

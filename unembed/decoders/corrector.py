@@ -6,6 +6,7 @@ embeds it; the corrector, a prefix LM, reads (target t, hypothesis embedding e(h
 prefix and the hypothesis's tokens as its prompt, and writes a new caption. K steps (`correct`); after
 each, the candidate whose embedding is closest to the target is kept and fed to the next step, so a
 step can only help. With rerank N, the base and every step write N candidates and all are embedded.
+Then `edits` rounds of one-word rewrites (unembed/decoders/edits.py), as any decoder may run them.
 
 Trained from text only (training/corrector.py): a caption's embedding, with noise (so that image
 embeddings, which sit elsewhere, look like what it saw), goes to the base; the base's caption and its
@@ -25,35 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from unembed.decoders.base import register_decoder
+from unembed.decoders.edits import EDIT_MARGIN, closest, edit_rounds, keep_closer, substitutes
 from unembed.decoders.prefix import PrefixConfig, PrefixDecoder, make_mapper, option
 from unembed.errors import BadInputError, ModelLoadError
-
-
-SUBSTITUTES = 12      # per word, at most
-SHARED_CONTEXTS = 3   # a substitute shares at least this many (left, right) contexts with the word
-
-
-def substitutes(captions: list[str]) -> dict[str, list[str]]:
-    """word -> the words that stand in the same places in the captions: those sharing the most (previous
-    word, next word) contexts with it, most first (colours with colours, nouns with nouns). The corrector
-    tries them one word at a time, and the embedder decides; no caption needs to have paired them."""
-    from collections import Counter, defaultdict
-
-    contexts: dict[str, set] = defaultdict(set)
-    for caption in captions:
-        words = ["<s>"] + caption.lower().split() + ["</s>"]
-        for left, word, right in zip(words, words[1:], words[2:]):
-            contexts[word].add((left, right))
-    by_context: dict[tuple, list[str]] = defaultdict(list)
-    for word, seen in contexts.items():
-        for context in seen:
-            by_context[context].append(word)
-    out = {}
-    for word, seen in contexts.items():
-        shared = Counter(other for context in seen for other in by_context[context] if other != word)
-        out[word] = [other for other, n in shared.most_common(SUBSTITUTES) if n >= SHARED_CONTEXTS]
-    return {word: others for word, others in out.items() if others}
-
 
 
 @dataclass
@@ -71,7 +46,7 @@ class CorrectorConfig(PrefixConfig):
     normalize: bool = False         # the prefix input is built here: [t, e(h), t - e(h)] of unit vectors
     num_beams: int = 1
     hypothesis_tokens: int = 40     # the prompt: the hypothesis, cut to this many tokens
-    margin: float = option(1.0, "a candidate replaces the kept caption only if the embedder's log-odds for it "
+    margin: float = option(EDIT_MARGIN, "a candidate replaces the kept caption only if the embedder's log-odds for it "
                            "(logit scale x cosine) are higher by more than this")
     edits: int = option(1, "rounds of single-word substitution after the steps (words that share contexts in the "
                         "training captions), each kept only above the margin")
@@ -96,7 +71,6 @@ class CorrectorDecoder(PrefixDecoder):
         self.mapper = make_mapper(wide, self.lm.get_input_embeddings().embedding_dim)
         self.__dict__["base"] = base  # not a submodule: its weights are saved in base/, not in ours
         self.train_hypotheses: dict[str, list[int]] = {}
-        self.substitutes: dict[str, list[str]] = {}  # word -> words seen in the same contexts (training captions)
 
     @classmethod
     def takes(cls) -> tuple[str, ...]:
@@ -112,7 +86,7 @@ class CorrectorDecoder(PrefixDecoder):
                                  lm_config={"n_layer": 1, "n_head": 2, "n_embd": 32}, correct=2)
         decoder = cls(config, base.tokenizer, base=base)
         decoder.attach_embedder(embedder)
-        decoder.substitutes = substitutes(captions)
+        decoder.substitutes = substitutes(captions)  # as training sets them
         return decoder
 
     def attach_embedder(self, embedder) -> None:
@@ -164,43 +138,16 @@ class CorrectorDecoder(PrefixDecoder):
         targets = embedded.unit()
         pools = (self.base.candidates(embedded, rerank) if rerank > 1
                  else [[(c, 0.0)] for c in self.base.decode(embedded)])
-        best, best_cos, best_vectors = self.closest(targets, [[c for c, _ in row] for row in pools])
+        best, best_cos, best_vectors = closest(self.embedder, targets, [[c for c, _ in row] for row in pools])
         live = list(range(len(targets)))
         for _ in range(steps):
             if not live:
                 break
             hypotheses = [best[i] for i in live]
             new = self.rewrite(targets[live], hypotheses, best_vectors[live], options, rerank)
-            live = self.keep_closer(live, new, targets, best, best_cos, best_vectors, threshold)
-        live = list(range(len(targets)))
-        for _ in range(edits):
-            if not live:
-                break
-            live = self.keep_closer(live, [self.substituted(best[i]) for i in live], targets, best, best_cos,
-                                    best_vectors, threshold)
+            live = keep_closer(self.embedder, live, new, targets, best, best_cos, best_vectors, threshold)
+        edit_rounds(self.embedder, targets, best, best_cos, best_vectors, self.substitutes, edits, threshold)
         return best
-
-    def keep_closer(self, live: list[int], new: list[list[str]], targets, best, best_cos, best_vectors,
-                    threshold: float) -> list[int]:
-        """For each live row, its closest new candidate replaces the kept caption if closer by more than
-        `threshold` (a cosine); returns the rows that changed (the others have converged)."""
-        if not any(new):
-            return []
-        rows = [j for j, row in enumerate(new) if row]
-        found, found_cos, found_vectors = self.closest(targets[[live[j] for j in rows]], [new[j] for j in rows])
-        changed = []
-        for k, j in enumerate(rows):
-            i = live[j]
-            if found_cos[k] > best_cos[i] + threshold and found[k] != best[i]:
-                best[i], best_cos[i], best_vectors[i] = found[k], found_cos[k], found_vectors[k]
-                changed.append(i)
-        return changed
-
-    def substituted(self, caption: str) -> list[str]:
-        """Every caption that differs from `caption` in one word, replaced by one of its substitutes."""
-        words = caption.split()
-        return [" ".join(words[:i] + [other] + words[i + 1:])
-                for i, word in enumerate(words) for other in self.substitutes.get(word.lower(), ())]
 
     def rewrite(self, targets: torch.Tensor, hypotheses: list[str], vectors: torch.Tensor, options: dict,
                 n: int) -> list[list[str]]:
@@ -211,42 +158,17 @@ class CorrectorDecoder(PrefixDecoder):
         texts = [self.text_of(row) for row in rows]
         return [texts[i:i + n] for i in range(0, len(texts), n)]
 
-    def closest(self, targets: torch.Tensor, candidates: list[list[str]]):
-        """Each row's candidate whose embedding is closest to its target: (texts, cosines, embeddings
-        [N, D]); every distinct text is embedded once."""
-        flat = [c for row in candidates for c in row]
-        unique = list(dict.fromkeys(flat))
-        vectors = F.normalize(self.embedder.embed_texts(unique).float(), dim=-1)
-        position = {t: i for i, t in enumerate(unique)}
-        targets = F.normalize(targets.float(), dim=-1).to(vectors.device)
-        best, best_cos, best_vectors = [], [], []
-        for row, target in zip(candidates, targets):
-            index = torch.tensor([position[c] for c in row])
-            cosines = vectors[index] @ target
-            pick = int(cosines.argmax())
-            best.append(row[pick])
-            best_cos.append(float(cosines[pick]))
-            best_vectors.append(vectors[index[pick]])
-        return best, best_cos, torch.stack(best_vectors) if best_vectors else vectors[:0]
-
     def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
         raise BadInputError("option rerank", "a corrector reranks inside its steps (rerank=N: N candidates per step)")
 
     # saving: the base decoder inside, in base/
 
     def save_extra(self, path: Path) -> None:
-        from unembed.io import write_json
-
         super().save_extra(path)
-        write_json(path / "substitutes.json", self.substitutes)
         self.base.save(path / "base")
 
     def load_extra(self, path: Path) -> None:
-        from unembed.io import read_json
-
         super().load_extra(path)
-        if (path / "substitutes.json").is_file():
-            self.substitutes = read_json(path / "substitutes.json")
         if not (path / "base" / "config.json").is_file():
             raise ModelLoadError(f"{path}/base is missing: the corrector's base decoder")
         self.base_dir = path / "base"  # loaded when the embedder is attached: the base shares it

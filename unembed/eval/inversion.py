@@ -52,7 +52,7 @@ def invert(decoder, embedder, captions: list[str], batch_size: int = 64, **gener
     """Inversion scores of `decoder` over `captions` (see the module docstring), with examples."""
     embedded = text_targets(embedder, captions)
     targets = embedded.vectors
-    decoder.check_generation(generation)
+    decoder.check_options(generation)
     calls_before, start = embedder.texts_embedded, time.perf_counter()
     decoded = [c for s in range(0, len(captions), batch_size)
                for c in decoder.decode(embedded.select(slice(s, s + batch_size)), **generation)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from unembed.data.vectors import Embedded
 from unembed.decoders.bridges import add_noise
-from unembed.decoders.corrector import substitutes
+from unembed.decoders.edits import substitutes
 from unembed.errors import BadInputError
 from unembed.training.loop import TrainConfig, fit
 from unembed.training.prefix import PrefixTask, _validation_set, check_sources

@@ -123,6 +123,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     this kind and embedder), train that one further instead of a new one."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
+    from unembed.decoders.edits import substitutes
     from unembed.decoders.prefix import TEXT_OPTIONS
 
     cls = decoder_class(kind)
@@ -144,6 +145,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         captions, _ = caption_corpus(caption_files, data_dir)
         if not captions:
             raise BadInputError(kind, "needs captions: --captions FILE or --data DIR with train/captions.json")
+        written = list(captions)  # the substitutes come from these, not from recombined copies
         copies = _recombined(decoder.config if decoder else None, decoder_options, captions, config.seed)
         captions += copies
         unique = list(dict.fromkeys(captions))
@@ -157,10 +159,11 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         captions = [c for caps in per_image for c in caps]
         pair_vector = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
         vectors = images.vectors
-        unique = None
+        unique, written = None, captions
 
     if decoder is None:
         decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
+        decoder.substitutes = substitutes(written)  # what `edits` rewrites with (a saved decoder keeps its own)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
                       _validation_set(embedder, data_dir))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
