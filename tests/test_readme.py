@@ -175,7 +175,7 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     result = run_in_one_process(commands("loop"), tmp_path, small)
     captions = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"file"')]
-    assert len(captions) == 3 * len(list((ROOT / "examples").glob("*.png")))
+    assert len(captions) == 4 * len(list((ROOT / "examples").glob("*.png")))
     assert {c["decoder"] for c in captions} == {"capdec", "corrector"}
     assert (tmp_path / "corrector" / "base" / "config.json").is_file()
     assert result.stdout.count("| exact match | BLEU-4 | cosine | embedder calls / caption |") == 2
@@ -183,6 +183,7 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     assert saved[0]["noise_variance"] == 0 and saved[1] == saved[0]  # --init kept the inverter's settings
     recombined = json.loads((tmp_path / "capdec-recombined" / "config.json").read_text())["config"]
     assert "purple" in json.loads(recombined["recombine"])[0]  # the colour words, kept in the config
+    assert json.loads((tmp_path / "capdec-recombined" / "substitutes.json").read_text())["red"]  # what --edits uses
 
 
 @pytest.mark.slow(seconds=11)
