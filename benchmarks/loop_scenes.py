@@ -32,7 +32,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
 4. With --small-world: the same methods in a small world (3,000 scenes, seed 7, an embedder trained
    here by `unembed train clip --epochs 5`, clipcap / capdec / viecap by `unembed compare` with its
    600-step 4 x 256 scratch-LM recipe, a corrector over capdec with the budget above): test and
-   compositional CIDEr and held-out pairs for base / rerank 8 / corrector K=4 / both, on 1,000 images
+   compositional CIDEr and held-out pairs for base / rerank 8 / corrector K=4 / both / word edits
+   (`--edits 1`, alone and after rerank 8, over viecap and every plain capdec seed), on 1,000 images
    a split (--images; the training scenes do not depend on it), and the rerank weight swept on this
    world's val split by part 1's rule, with its test and compositional scores. A loop that trusts an
    unsure embedder shows here. Only the decoders of rows the JSON lacks (for this embedder) are trained.
@@ -644,8 +645,16 @@ def small_world(work: Path, out: str, images: int) -> None:
     # rerank 8 over each plain capdec seed too: is its change to capdec larger than a seed's?
     rows.update({f"{name} rerank 8": (part5[name][0], {"rerank": 8}) for name in part5
                  if name.startswith("capdec, seed")})
+    # word edits over viecap and each plain capdec seed, alone and after rerank 8: edits trust the
+    # embedder one word at a time, so does the margin keep an unsure one from changing the captions?
+    edited = {"viecap": models / "viecap", "capdec": models / "capdec",
+              **{name: part5[name][0] for name in part5 if name.startswith("capdec, seed")}}
+    for name, path in edited.items():
+        rows[f"{name} edits {EDITS}"] = (path, {"edits": EDITS})
+        rows[f"{name} rerank 8, edits {EDITS}"] = (path, {"rerank": 8, "edits": EDITS})
     kept = earlier.get("rows", {})
     trained_for(plan, rows, kept)
+    with_substitutes(rows, data)
     measure_rows(rows, kept, small["rows"],
                  split_scorer(decoder_at, embedder, splits, pairs_in_images(data / "compositional")),
                  lambda: write(out, result), "small")
