@@ -36,6 +36,22 @@ def edited_by_hand(embedder, embedded, captions, table, margin):
     return out
 
 
+def test_substitutes_rank_by_shared_places_then_by_word_and_need_three():
+    """The table is a function of the captions alone: equal counts go by the word (not by the hash order
+    of the sets they are counted in, which differs between processes), at most SUBSTITUTES a word, and
+    a word sharing fewer than SHARED_CONTEXTS places with another does not stand in for it."""
+    from unembed.decoders.edits import SHARED_CONTEXTS, SUBSTITUTES
+
+    colours = [f"c{i:02d}" for i in range(SUBSTITUTES + 4)][::-1]  # more than fit, given in reverse order
+    places = ["a {} ring", "the {} ring", "one {} disc"]
+    captions = [place.format(c) for c in colours for place in places] + ["a rare ring", "the rare ring"]
+    table = substitutes(captions)
+    assert len(places) >= SHARED_CONTEXTS == 3
+    assert table["c00"] == sorted(c for c in colours if c != "c00")[:SUBSTITUTES]
+    assert table["c15"] == sorted(c for c in colours if c != "c15")[:SUBSTITUTES]
+    assert "rare" not in table["c00"] and "rare" not in table  # two shared places: not a substitute
+
+
 @pytest.mark.parametrize("kind", [k for k in list_decoders() if k != "corrector"])
 def test_every_kind_edits_its_caption_as_the_embedder_prefers(kind, embedder, scenes_dir, tmp_path):
     cls = decoder_class(kind)

@@ -43,7 +43,10 @@ def substitutes(captions: list[str]) -> dict[str, list[str]]:
     out = {}
     for word, seen in contexts.items():
         shared = Counter(other for context in seen for other in by_context[context] if other != word)
-        out[word] = [other for other, n in shared.most_common(SUBSTITUTES) if n >= SHARED_CONTEXTS]
+        # Ties go by the word: the sets above iterate in hash order, which changes from one process to
+        # the next, and the table must not (training twice on the same captions writes the same file).
+        ranked = sorted(shared.items(), key=lambda item: (-item[1], item[0]))
+        out[word] = [other for other, n in ranked[:SUBSTITUTES] if n >= SHARED_CONTEXTS]
     return {word: others for word, others in out.items() if others}
 
 
