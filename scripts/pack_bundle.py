@@ -20,7 +20,8 @@ from unembed.bundle import BUNDLE_DIR, MANIFEST, MAX_BYTES
 from unembed.errors import UnembedError
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
-DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json")  # beside config and weights
+# Beside config and weights; substitutes.json is what `--edits` rewrites with (unembed/decoders/edits.py).
+DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json", "substitutes.json")
 SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
 # fp16 weights and the pruned embedder against the fp32 originals, on this many images of the split:
 CHECK_IMAGES = 200
@@ -138,18 +139,25 @@ def refuse_machine_paths(value, where: Path, key: str = "") -> None:
                            "machine that built it")
 
 
-def upgrade(bundle: Path = BUNDLE_DIR) -> list[str]:
+def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
     """Bring the bundle's decoder configs to this unembed's format without retraining: each config
     is read as a loader reads it (upgrade_config: where the LM's weights are, from the weights file)
-    and written back with what the current format records; weights and other files stay as they are."""
-    from unembed.decoders import decoder_class
+    and written back with what the current format records; weights and other files stay as they are.
+    With `data_dir` (the data the bundle was trained on), a decoder trained on captions that lacks the
+    substitutes training now writes gets them, from the same captions (`substitutes`)."""
+    from unembed.data.splits import split_captions
+    from unembed.decoders import decoder_class, prefix_kinds
     from unembed.decoders.base import FORMAT_VERSION, read_decoder_config
+    from unembed.decoders.edits import FILE, substitutes
     from unembed.lm import record_lm
 
+    table = substitutes(split_captions(Path(data_dir) / "train")) if data_dir else None
     done = []
     for name in read_json(bundle / MANIFEST)["decoders"]:
         path = bundle / name
         saved = read_decoder_config(path)
+        if table and saved["kind"] in prefix_kinds() and not (path / FILE).is_file():
+            write_json(path / FILE, table)
         cls = decoder_class(saved["kind"])
         config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
         if hasattr(config, "lm_weights"):
@@ -171,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default", help="the decoder `unembed caption` uses (default: best CIDEr)")
     u = sub.add_parser("upgrade", help="rewrite a bundle's decoder configs in the current format (no retraining)")
     u.add_argument("--out", default=str(BUNDLE_DIR), help="the bundle directory")
+    u.add_argument("--data", help="the data it was trained on: adds the substitutes `--edits` needs where missing")
     args = parser.parse_args(argv)
     try:
         if args.command == "upgrade":
-            print(f"upgraded {', '.join(upgrade(Path(args.out)))} in {args.out}")
+            print(f"upgraded {', '.join(upgrade(Path(args.out), args.data))} in {args.out}")
             return 0
         info = pack(args.compare, args.data, args.out, args.default)
     except UnembedError as e:

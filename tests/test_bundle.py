@@ -18,14 +18,18 @@ from unembed.pipeline import caption
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pack(*args, **kwargs):
+def pack_bundle():
     """The packer of `make bundle` (a build script, not part of the installed package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pack_bundle", REPO / "scripts" / "pack_bundle.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.pack(*args, **kwargs)
+    return module
+
+
+def pack(*args, **kwargs):
+    return pack_bundle().pack(*args, **kwargs)
 
 
 def test_pruned_vocabulary_gives_the_same_vectors_from_a_fraction_of_the_rows(embedder, scenes_dir, tmp_path):
@@ -83,6 +87,44 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
     packed = caption(images, str(out / "decap"), device="cpu")
     fp32 = caption(images, str(compare_dir[0] / "models" / "decap"), device="cpu")
     assert check["decoders"]["decap"]["agreement"] == round(sum(a == b for a, b in zip(packed, fp32)) / n, 4)
+    # what --edits rewrites with travels with the decoder trained on captions (retrieval has none)
+    trained = compare_dir[0] / "models" / "decap" / "substitutes.json"
+    assert (out / "decap" / "substitutes.json").read_bytes() == trained.read_bytes()
+    assert not (out / "retrieval" / "substitutes.json").exists()
+
+
+def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path):
+    """A bundle packed before training wrote substitutes.json gets, from the data it was trained on,
+    the table training writes today; the configs stay loadable and --edits then works from image files."""
+    import shutil
+
+    from unembed.decoders.edits import substitutes
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle[0], out)
+    (out / "decap" / "substitutes.json").unlink()
+    module = pack_bundle()
+    assert module.main(["upgrade", "--out", str(out)]) == 0
+    assert not (out / "decap" / "substitutes.json").exists()  # without --data it cannot know the captions
+    assert module.main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    assert json.loads((out / "decap" / "substitutes.json").read_text()) == substitutes(split_captions(scenes_dir / "train"))
+    assert not (out / "retrieval" / "substitutes.json").exists()
+    image = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:2]
+    assert main(["caption", *image, "--decoder", str(out / "decap"), "--edits", "1", "--device", "cpu"]) == EXIT_OK
+
+
+def test_the_shipped_bundle_keeps_substitutes_for_each_decoder_trained_on_captions():
+    """`--edits` works on the shipped text decoders: each has the table its training captions give
+    (colours stand in for colours), and no other decoder has one."""
+    from unembed.decoders import prefix_kinds
+    from unembed.decoders.base import read_decoder_config
+
+    for name in manifest(BUNDLE_DIR)["decoders"]:
+        kind = read_decoder_config(BUNDLE_DIR / name)["kind"]
+        table = BUNDLE_DIR / name / "substitutes.json"
+        assert table.is_file() == (kind in prefix_kinds()), name
+        if table.is_file():
+            assert {"blue", "green", "purple"} <= set(json.loads(table.read_text())["red"]), name
 
 
 def test_the_shipped_bundle_passed_its_fp16_check_for_every_decoder():
