@@ -44,8 +44,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    read with rerank 8 and a corrector over them (the budget above). CapDec with and without it at
    seeds 0, 1 and 2 (SEEDS), so a difference can be set against a seed's. viecap and decap also with 2
    and 4 recombined copies per caption (RATES, `--recombine-rate`; rate 2 at seeds 0, 1 and 2, with
-   rerank 8, 16 and 32, and with one round of word edits (`--edits 1`) alone and after rerank 32; rate 1
-   at seeds 1 and 2 too). In the small world too (its own compare recipe, seeds 0
+   rerank 8, 16 and 32, and with one round of word edits (`--edits 1`) alone and after rerank 32, and
+   two rounds after rerank 32; rate 1 at seeds 1 and 2 too). In the small world too (its own compare recipe, seeds 0
    and 1, a corrector over capdec only; its seed 0 without is the compare run's capdec, and plain capdec
    at SMALL_SEEDS too, each with rerank 8).
 
@@ -97,6 +97,9 @@ EDITS = 1
 MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
         "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1",
         "viecap recombined, rate 2, seed 2", "decap recombined, rate 2, seed 2")
+# The rate-2 decoders (every seed) also with two rounds after rerank 32: one round changes one word, and a
+# caption can need both the colour and the shape of a pair changed to name the held-out one.
+TWO_ROUNDS = tuple(name for name in MORE if "rate 2" in name)
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -377,10 +380,10 @@ def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: st
         save()
 
 
-def recombined_rows(models: dict, more=()) -> dict:
+def recombined_rows(models: dict, more=(), two_rounds=()) -> dict:
     """Part 5's captioning rows: name -> (directory, options). Each recombined decoder at seed 0 also with
-    rerank 8, and those named in `more` with rerank 8, 16 and 32, and with EDITS rounds of edits, alone
-    and after rerank 32."""
+    rerank 8, those named in `more` with rerank 8, 16 and 32, and with EDITS rounds of edits, alone
+    and after rerank 32, and those in `two_rounds` with 2 rounds after rerank 32."""
     rows = {}
     for name, path in models.items():
         rows[name] = (path, {})
@@ -391,6 +394,8 @@ def recombined_rows(models: dict, more=()) -> dict:
         if name in more:
             rows[f"{name} edits {EDITS}"] = (path, {"edits": EDITS})
             rows[f"{name} rerank 32, edits {EDITS}"] = (path, {"rerank": 32, "edits": EDITS})
+        if name in two_rounds:
+            rows[f"{name} rerank 32, edits 2"] = (path, {"rerank": 32, "edits": 2})
     return rows
 
 
@@ -525,7 +530,7 @@ def main() -> None:
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
-    rows.update(recombined_rows(recombined, more=MORE))
+    rows.update(recombined_rows(recombined, more=MORE, two_rounds=TWO_ROUNDS))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
     with_substitutes(rows, data)
     measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
@@ -566,7 +571,7 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
         raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
                          "run the whole benchmark")
     plan = main_world_plan(work, data)
-    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE)
+    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE, two_rounds=TWO_ROUNDS)
     earlier = result["captioning"]
     for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)
