@@ -124,6 +124,19 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_caption(server, i
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < len(jobs)
 
 
+def test_edits_over_serve_write_what_the_cli_writes(server, images, cli_captions, tmp_path):
+    """The bundled clipcap keeps its substitutes.json: `edits=1&margin=0` in the query gives the caption
+    `unembed caption --edits 1 --margin 0` gives for the same file (no margin, so some caption changes)."""
+    path = tmp_path / "edited.jsonl"
+    assert main(["caption", *map(str, images), "--decoder", "clipcap", "--edits", "1", "--margin", "0", "--out",
+                 str(path), "--device", "cpu"]) == EXIT_OK
+    expected = {Path(r["file"]).name: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
+    assert expected != cli_captions["clipcap"]  # the edits changed something, so ignoring them would show
+    for image in images:
+        response = post_image(server.url, image, "clipcap", edits="1", margin="0")
+        assert response.status_code == 200 and response.json()[0]["caption"] == expected[image.name], response.text
+
+
 def test_multipart_with_several_images_and_a_raw_body(server, images, cli_captions):
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in images[:3]]
     records = httpx.post(f"{server.url}/caption", files=files, timeout=60).json()
@@ -178,8 +191,9 @@ def png(width: int, height: int) -> bytes:
      "num_beams must be an integer"),
     ("option out of range", dict(params={"max_length": "100000"}, files={"file": ("a.png", png(2, 2), "image/png")}),
      422, "option max_length: the clipcap decoder takes an integer in [1, 128], got 100000"),
-    ("edits without substitutes", dict(params={"edits": "1"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
-     "option edits: this clipcap decoder has no word substitutes"),
+    ("edits without substitutes", dict(params={"edits": "1", "decoder": "retrieval"},
+                                       files={"file": ("a.png", png(2, 2), "image/png")}), 422,
+     "option edits: this retrieval decoder has no word substitutes"),
     ("unknown option", dict(params={"foo": "1"}, files={"file": ("a.png", png(2, 2), "image/png")}), 422,
      "unknown query parameter 'foo'"),
     ("a body of another type", dict(content=b"{}", headers={"content-type": "application/json"}), 415,
