@@ -97,7 +97,7 @@ def test_edits_need_substitutes_and_a_margin_needs_edits(embedder, scenes_dir, t
     with pytest.raises(BadInputError) as caught:
         decoder.decode(embedded, edits=1)
     assert str(caught.value) == ("option edits: this capdec decoder has no word substitutes (substitutes.json, "
-                                 "written when unembed trains a decoder on captions)")
+                                 "which unembed writes when it trains capdec, clipcap, decap, viecap on captions)")
     decoder.substitutes = {"red": ["blue"]}
     with pytest.raises(BadInputError) as caught:
         decoder.decode(embedded, margin=0.5)
@@ -125,6 +125,14 @@ def test_a_trained_decoder_keeps_its_substitutes_and_edits_from_an_image_file(sc
 
     embedded = embedder.embed([Image.open(image).convert("RGB")], [image.stem])
     assert json.loads(got.stdout.splitlines()[0])["caption"] == decoder.decode(embedded, edits=2, margin=0.0)[0]
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text("kept\n")
+    (out / "substitutes.json").unlink()  # refused before any image is read or --out is touched
+    missing = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1", "--out", earlier)
+    assert missing.code == EXIT_FAILED and missing.stderr.strip().splitlines()[-1] == (
+        "unembed: option edits: this capdec decoder has no word substitutes (substitutes.json, which unembed "
+        "writes when it trains capdec, clipcap, decap, viecap on captions)")
+    assert earlier.read_text() == "kept\n"
     (out / "substitutes.json").write_text('{"red": "blue"}')
     damaged = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1")
     assert damaged.code == EXIT_FAILED and damaged.stderr.strip().splitlines()[-1] == (

@@ -341,6 +341,12 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
         "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight, "
         "rerank_stop, rerank_calls, rerank_guide, edits, margin)")
     assert not (tmp_path / "bad").exists()  # refused before any work
+    unedited = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},x=@plain", "--out",
+                   tmp_path / "unedited", "--config", json.dumps({"x": {"edits": 1}}), "--embedder", embedder_dir)
+    assert unedited.code == 2 and unedited.stderr.strip().splitlines()[-1] == (
+        "unembed: --config x: option edits: x (a retrieval decoder) has no word substitutes (substitutes.json, "
+        "which unembed writes when it trains capdec, clipcap, decap, viecap on captions)")
+    assert not (tmp_path / "unedited").exists()
     orphan = run("compare", "--data", scenes_dir, "--decoders", "x=@plain", "--out", tmp_path / "orphan")
     assert orphan.code == 2 and "x=@plain: is a variant of 'plain', which no earlier entry names" in orphan.stderr
 

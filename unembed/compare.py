@@ -96,16 +96,33 @@ def training_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in GENERATION_OPTIONS}
 
 
-def decoding_options(entry: Entry, overrides: dict) -> dict:
-    """A decoder's decoding options from --config (rerank, num_beams...), checked against its kind."""
+def decoding_options(entry: Entry, overrides: dict, entries: list[Entry]) -> dict:
+    """A decoder's decoding options from --config (rerank, num_beams...), checked against its kind and,
+    for edits, against whether the model will have the substitutes they need."""
     from unembed.decoders import decoder_class
+    from unembed.decoders.edits import no_substitutes
     from unembed.generation import GENERATION_OPTIONS
 
     given = {k: v for k, v in overrides.get(entry.name, {}).items() if k in GENERATION_OPTIONS}
     try:
-        return decoder_class(entry.kind).check_generation(given)
+        options = decoder_class(entry.kind).check_generation(given)
+        if options.get("edits") and not _will_have_substitutes(entry, entries):
+            raise no_substitutes(f"{entry.name} (a {entry.kind} decoder)")
+        return options
     except BadInputError as e:
         raise BadInputError(f"--config {entry.name}", str(e)) from None
+
+
+def _will_have_substitutes(entry: Entry, entries: list[Entry]) -> bool:
+    """Whether the model an entry decodes will have its substitutes table (what `edits` rewrites with):
+    trained here, when its kind learns one from its captions; given, when its directory holds one."""
+    from unembed.decoders import decoder_class, prefix_kinds
+    from unembed.decoders.edits import FILE
+
+    model = next(e for e in entries if e.name == entry.variant_of) if entry.variant_of else entry
+    if "edits" in decoder_class(model.kind).generation_options:  # the corrector: edits are its own option
+        return True
+    return (model.path / FILE).is_file() if model.given else model.kind in prefix_kinds()
 
 
 # --- work done in fresh processes -----------------------------------------------------------------
@@ -256,7 +273,7 @@ def compare(data_dir, decoders: str, out_dir, embedder: str | None = None, split
         raise BadInputError(split_dir, "has no captions.json to compare on")
     overrides = config or {}
     entries = parse_decoders(decoders, out / "models")
-    generation = {e.name: decoding_options(e, overrides) for e in entries}  # refused before anything trains
+    generation = {e.name: decoding_options(e, overrides, entries) for e in entries}  # refused before anything trains
     device = str(resolve_device(device))
     embedder_spec, embedder_minutes = _embedder(embedder, data, out, overrides, max_steps, device, log)
     rows = {e.name: {"name": e.name, "kind": e.kind, "path": str(e.path), "metrics": {}, "train_minutes": None,

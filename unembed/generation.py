@@ -93,7 +93,7 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("margin", float, "a rewrite (an edit, a corrector's step) is kept only if the embedder's "
                      "log-odds for it beat the kept caption's by more than this (default 1)", 0, 100),
     GenerationOption("edits", int, "rounds of one-word rewrites checked by the embedder: each word in turn replaced "
-                     "by the words seen in its places in the training captions (0 = none)", 0, 8),
+                     "by the words seen in its places in the training captions (default 0, none; a corrector's: 1)", 0, 8),
 )}
 # Every decoder takes these: reranking and edits are done once, in Decoder.decode, over any kind's captions.
 LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop", "rerank_calls", "rerank_guide", "edits", "margin")

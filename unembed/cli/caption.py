@@ -128,7 +128,9 @@ def _load_decoder_and_embedder(args):
     spec = args.embedder or resolve_embedder_spec(saved["config"], args.decoder)
     device = str(resolve_device(args.device))  # --embeddings are decoded where --device says too
     embedder = load_embedder(spec, device) if not args.embeddings else None
-    return load_decoder(args.decoder, device=device, embedder=embedder), embedder, device
+    decoder = load_decoder(args.decoder, device=device, embedder=embedder)
+    decoder.check_options(generation_args(args))  # what its own files decide (edits need substitutes.json)
+    return decoder, embedder, device
 
 
 def _merge_caption_parts(out: str, fmt: str):

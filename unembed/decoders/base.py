@@ -76,7 +76,7 @@ class Decoder(torch.nn.Module):
 
     def decode(self, embedded, **generation) -> list[str]:
         """N captions for an `Embedded` of N rows; `generation`: options among `generation_options`
-        (and the rerank ones, LOOP_OPTIONS, which every kind takes), checked by `check_generation` first.
+        (and LOOP_OPTIONS, rerank and edits, which every kind takes), checked by `check_options` first.
         With rerank N > 1, each row's N candidates from the kind's own search are re-scored against
         the input by the embedder (unembed/decoders/rerank.py)."""
         options = self.check_options(generation)
@@ -144,8 +144,9 @@ class Decoder(torch.nn.Module):
         learned from its training captions."""
         options = self.check_generation(generation)
         if options.get("edits") and not self.substitutes and "edits" not in self.generation_options:
-            raise BadInputError("option edits", f"this {self.kind} decoder has no word substitutes (substitutes.json, "
-                                                "written when unembed trains a decoder on captions)")
+            from unembed.decoders.edits import no_substitutes
+
+            raise no_substitutes(f"this {self.kind} decoder")
         return options
 
     @classmethod

@@ -20,12 +20,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unembed.errors import ModelLoadError
+from unembed.errors import BadInputError, ModelLoadError
 
 SUBSTITUTES = 12      # per word, at most
 SHARED_CONTEXTS = 3   # a substitute shares at least this many (left, right) contexts with the word
 EDIT_MARGIN = 1.0     # log-odds; the corrector's default margin too (without one, edits hurt: loop_scenes.py)
 FILE = "substitutes.json"
+
+
+def no_substitutes(decoder: str) -> BadInputError:
+    """The one-line refusal of `edits` for a decoder without a table."""
+    from unembed.decoders import prefix_kinds
+
+    return BadInputError("option edits", f"{decoder} has no word substitutes ({FILE}, which unembed writes when "
+                                         f"it trains {', '.join(sorted(prefix_kinds()))} on captions)")
 
 
 def substitutes(captions: list[str]) -> dict[str, list[str]]:

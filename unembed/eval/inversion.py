@@ -50,9 +50,9 @@ def exact_matches(decoded: list[str], captions: list[str]) -> list[bool]:
 
 def invert(decoder, embedder, captions: list[str], batch_size: int = 64, **generation) -> dict:
     """Inversion scores of `decoder` over `captions` (see the module docstring), with examples."""
+    decoder.check_options(generation)  # before the captions are embedded
     embedded = text_targets(embedder, captions)
     targets = embedded.vectors
-    decoder.check_options(generation)
     calls_before, start = embedder.texts_embedded, time.perf_counter()
     decoded = [c for s in range(0, len(captions), batch_size)
                for c in decoder.decode(embedded.select(slice(s, s + batch_size)), **generation)]
