@@ -98,12 +98,13 @@ EDITS = 1
 MORE = ("decap recombined", "viecap recombined", "decap recombined, rate 2", "viecap recombined, rate 2",
         "viecap recombined, rate 2, seed 1", "decap recombined, rate 2, seed 1",
         "viecap recombined, rate 2, seed 2", "decap recombined, rate 2, seed 2")
-# The rate-2 decoders (every seed) also with two rounds after rerank 32: one round changes one word, and a
-# caption can need both the colour and the shape of a pair changed to name the held-out one.
-TWO_ROUNDS = tuple(name for name in MORE if "rate 2" in name)
-# Larger margins for one round of edits, in both worlds (the rate-2 decoders; every small-world capdec
-# seed): edits lose small-world test CIDEr at the default margin; does a larger one keep the main world's
-# gains without those losses?
+# The rate-2 decoders (every seed) also with two rounds after rerank 32 (one round changes one word, and a
+# caption can need both the colour and the shape of a pair changed to name the held-out one), and with one
+# round at each of MARGINS.
+RATE_TWO = tuple(name for name in MORE if "rate 2" in name)
+# Larger margins for one round of edits, in both worlds (RATE_TWO; every small-world capdec seed): edits
+# lose small-world test CIDEr at the default margin; does a larger one keep the main world's gains
+# without those losses?
 MARGINS = (2.0, 3.0)
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
@@ -385,10 +386,11 @@ def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: st
         save()
 
 
-def recombined_rows(models: dict, more=(), two_rounds=()) -> dict:
+def recombined_rows(models: dict, more=(), rate_two=()) -> dict:
     """Part 5's captioning rows: name -> (directory, options). Each recombined decoder at seed 0 also with
     rerank 8, those named in `more` with rerank 8, 16 and 32, and with EDITS rounds of edits, alone
-    and after rerank 32, and those in `two_rounds` with 2 rounds after rerank 32."""
+    and after rerank 32, and those in `rate_two` with 2 rounds after rerank 32 and EDITS rounds at
+    each of MARGINS (margin_rows)."""
     rows = {}
     for name, path in models.items():
         rows[name] = (path, {})
@@ -399,7 +401,7 @@ def recombined_rows(models: dict, more=(), two_rounds=()) -> dict:
         if name in more:
             rows[f"{name} edits {EDITS}"] = (path, {"edits": EDITS})
             rows[f"{name} rerank 32, edits {EDITS}"] = (path, {"rerank": 32, "edits": EDITS})
-        if name in two_rounds:
+        if name in rate_two:
             rows[f"{name} rerank 32, edits 2"] = (path, {"rerank": 32, "edits": 2})
             rows.update(margin_rows(name, path))
     return rows
@@ -541,7 +543,7 @@ def main() -> None:
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
-    rows.update(recombined_rows(recombined, more=MORE, two_rounds=TWO_ROUNDS))
+    rows.update(recombined_rows(recombined, more=MORE, rate_two=RATE_TWO))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
     with_substitutes(rows, data)
     measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
@@ -582,7 +584,7 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
         raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
                          "run the whole benchmark")
     plan = main_world_plan(work, data)
-    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE, two_rounds=TWO_ROUNDS)
+    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE, rate_two=RATE_TWO)
     earlier = result["captioning"]
     for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)
