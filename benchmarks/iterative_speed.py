@@ -159,29 +159,40 @@ def run(args) -> None:
 
     # Each design runs once untimed at the size it is timed at: the first pass through large tensors
     # pays for growing the heap (measured: the first batch-16 search took twice as long as the next).
+    strict = args.device == "cpu"
+
+    def check(ok: bool, message: str) -> None:
+        """On the CPU a mismatch stops the run; on a GPU (its minutes are few) it is recorded: its
+        kernels round a batch of candidates and one image's differently, and random weights make near ties."""
+        if not ok:
+            if strict:
+                raise AssertionError(message)
+            results.setdefault("mismatches", []).append(message)
+
     magic_one_step_fast(decoder, targets[:1], settings)
     magic_s, magic = timed(lambda: magic_one_step_fast(decoder, targets, settings))
     results["magic_captions_per_s"] = round(images / magic_s, 4)
     print(json.dumps({"magic_images": images, "seconds": round(magic_s, 1)}), flush=True)
     if args.naive_images:
         naive_s, naive = timed(lambda: naive_search(decoder, targets[:args.naive_images], settings))
-        assert naive == magic[:args.naive_images], "the naive loop and MAGIC's design disagree"
+        check(naive == magic[:args.naive_images], "the naive loop and MAGIC's design disagree")
         results["naive_captions_per_s"] = round(args.naive_images / naive_s, 4)
         results["naive_images"] = args.naive_images
         print(json.dumps({"naive_images": args.naive_images, "seconds": round(naive_s, 1)}), flush=True)
     for batch in batches:
         decoder.search(targets[:batch], settings)  # untimed, as above
         seconds, cached = timed(lambda: decoder.search(targets[:batch], settings))
-        assert cached == magic[:batch], "unembed's search and MAGIC's design disagree"
+        same = sum(a == b for a, b in zip(cached, magic))
+        check(same == batch, f"unembed's search and MAGIC's design disagree on {batch - same} of {batch} captions")
         rate = batch / seconds
-        run = {"batch": batch, "captions_per_s": round(rate, 4), "captions_checked": batch,
+        run = {"batch": batch, "captions_per_s": round(rate, 4), "captions_checked": batch, "same_captions": same,
                "speedup_vs_magic": round(rate / results["magic_captions_per_s"], 2),
                "mean_caption_tokens": round(sum(map(len, cached)) / batch, 1)}
         if "naive_captions_per_s" in results:
             run["speedup_vs_naive"] = round(rate / results["naive_captions_per_s"], 1)
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
-    results["same_captions"] = True
+    results["same_captions"] = "mismatches" not in results
     results["example_caption"] = decoder.caption_text(magic[0], "")
     results["checked"] = ("every timed caption, as token ids: unembed's search at each batch and the naive loop's "
                           "images against MAGIC's design, which decodes every image")

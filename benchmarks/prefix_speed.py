@@ -172,11 +172,21 @@ def run(args) -> None:
                          "fastest call's seconds (less hurt by other jobs' bursts)",
                "runs": []}
     vectors = torch.nn.functional.normalize(torch.randn(max(batches), 512), dim=-1).to(args.device)
+    strict = args.device == "cpu"
+
+    def check(ok: bool, message: str) -> bool:
+        """On the CPU a mismatch stops the run; on a GPU (its minutes are few) it is recorded in the
+        result, which then says which calls differed."""
+        if not ok:
+            if strict:
+                raise AssertionError(message)
+            results.setdefault("mismatches", []).append(message)
+        return ok
 
     def checked_pair(batch: int, beams: int) -> tuple[torch.Tensor, list[float], list[float]]:
         images = vectors[:batch]
         embedded = embedded_of(decoder, images)
-        theirs_s, ours_s, reference = [], [], None
+        theirs_s, ours_s, reference, same = [], [], None, True
         for call in range(1 + repeats[batches.index(batch)]):
             theirs = lambda: clock(lambda: transformers_generate(decoder, recorder, images, args.length, beams),
                                    args.device)
@@ -189,19 +199,21 @@ def run(args) -> None:
             assert tokens.shape == (batch, args.length), f"the reference made {tuple(tokens.shape)} tokens"
             if reference is None:
                 reference = tokens
-            assert torch.equal(tokens, reference), "the reference's tokens changed between calls"
-            assert torch.equal(our_tokens, reference), f"unembed's and transformers' tokens differ (batch {batch}, " \
-                                                       f"{beams} beams, call {call})"
-            assert our_texts == texts, f"unembed's and transformers' texts differ (batch {batch}, {beams} beams)"
+            check(torch.equal(tokens, reference), f"the reference's tokens changed between calls (batch {batch}, "
+                                                  f"{beams} beams, call {call})")
+            same &= check(torch.equal(our_tokens, tokens), f"unembed's and transformers' tokens differ (batch {batch}, "
+                                                           f"{beams} beams, call {call})")
+            same &= check(our_texts == texts, f"unembed's and transformers' texts differ (batch {batch}, {beams} "
+                                              f"beams, call {call})")
             if call:  # the first call of each side is the warm-up
                 theirs_s.append(t_ref)
                 ours_s.append(t_ours)
-        return reference, theirs_s, ours_s
+        return reference, theirs_s, ours_s, same
 
     greedy_reference = {}
     for batch in batches:
         for beams in (1, 5):
-            reference, theirs_s, ours_s = checked_pair(batch, beams)
+            reference, theirs_s, ours_s, same = checked_pair(batch, beams)
             if beams == 1:
                 greedy_reference[batch] = reference
             theirs, ours = batch * len(theirs_s) / sum(theirs_s), batch * len(ours_s) / sum(ours_s)
@@ -214,7 +226,7 @@ def run(args) -> None:
                    "unembed_seconds": [round(s, 3) for s in ours_s],
                    "transformers_generate_seconds": [round(s, 3) for s in theirs_s],
                    "items_checked_per_call": batch, "calls_checked_per_side": len(ours_s) + 1,
-                   "same_tokens": True, "same_text": True}
+                   "same_tokens_and_text": same}
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
 
@@ -228,13 +240,14 @@ def run(args) -> None:
     naive_row = {"images": naive_images, "captions_per_s": round(naive_images / naive_s, 3),
                  "seconds": round(naive_s, 2), "items_checked": naive_images, "same_tokens": matching == naive_images,
                  "checked_against": f"the reference's greedy tokens at batch {largest}"}
-    if args.dtype == "fp32":
+    if args.dtype == "fp32" and strict:
         assert matching == naive_images, f"the naive loop's tokens differ from the cached ones on " \
                                          f"{naive_images - matching} of {naive_images} images"
     else:  # recomputing the whole sequence rounds differently from the cache in reduced precision
         naive_row["same_tokens_share"] = round(matching / naive_images, 3)
-        naive_row["why_not_asserted"] = (f"{args.dtype}: the naive loop recomputes every position, the cache reuses "
-                                         "them; reduced precision rounds the two differently, so tokens may part")
+        naive_row["why_not_asserted"] = (f"{args.dtype} on {args.device}: the naive loop recomputes every position, "
+                                         "the cache reuses them; other kernels round the two differently, so tokens "
+                                         "may part")
     results["naive_greedy"] = naive_row
     naive_rate = naive_images / naive_s
     for row in results["runs"]:
@@ -248,7 +261,7 @@ def run(args) -> None:
     batch = largest
     flops_per_caption = 2 * matrix_parameters(decoder) * (args.length + decoder.config.prefix_length)
     gemm = gemm_flops(device=args.device)
-    results["gemm_fp32_gflops"] = round(gemm / 1e9, 1)
+    results[f"gemm_{args.dtype}_gflops"] = round(gemm / 1e9, 1)  # under the run's autocast: its own ceiling
     results["flops_per_caption"] = flops_per_caption
     unembed_row = next(r for r in results["runs"] if r["batch"] == batch and r["decoding"] == "greedy")
     for key in ("unembed", "transformers_generate"):
@@ -264,18 +277,18 @@ def run(args) -> None:
         attention = change.pop("attn_implementation", None)
         if attention:
             decoder.lm.config._attn_implementation = attention
-        seconds = []
+        seconds, same = [], True
         for call in range(1 + 2):
             t, (tokens, _) = clock(lambda: transformers_generate(decoder, recorder, vectors[:batch], args.length, 1,
                                                                  **change), args.device)
-            assert torch.equal(tokens, greedy_reference[batch]), \
-                f"{name}: tokens differ from the default's (call {call})"
+            same &= check(torch.equal(tokens, greedy_reference[batch]),
+                          f"{name}: tokens differ from the default's (call {call})")
             if call:
                 seconds.append(t)
         if attention:
             decoder.lm.config._attn_implementation = "sdpa"
         rate = batch * len(seconds) / sum(seconds)
-        row = {"variant": name, "batch": batch, "captions_per_s": round(rate, 2), "same_tokens": True,
+        row = {"variant": name, "batch": batch, "captions_per_s": round(rate, 2), "same_tokens": same,
                "calls_checked": len(seconds) + 1, "decoding_gflops": round(rate * flops_per_caption / 1e9, 1),
                "fraction_of_gemm": round(rate * flops_per_caption / gemm, 3)}
         results["roofline"].append(row)
