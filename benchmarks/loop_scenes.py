@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -427,6 +428,65 @@ def with_substitutes(rows: dict, data: Path) -> None:
             write_json(path / FILE, table)
 
 
+def margin_sweep(decoder, embedder, embedded, references, in_image=None) -> dict:
+    """CIDEr (and held-out counts, given `in_image`) of the decoder alone and after one round of edits
+    at each of edits.MARGIN_GRID (the margins training chooses among), every margin from one embedding pass (edits.one_round_by_margin)."""
+    from unembed.decoders.edits import MARGIN_GRID, one_round_by_margin
+    from unembed.eval.metrics import coco_caption_metrics
+
+    captions = [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)))]
+    by_margin = {"off": captions, **{f"{m:g}": c for m, c in one_round_by_margin(
+        embedder, embedded.unit(), captions, decoder.substitutes, MARGIN_GRID).items()}}
+    sweep = {}
+    for margin, edited_captions in by_margin.items():
+        predictions = dict(zip(embedded.ids, edited_captions))
+        sweep[margin] = {"CIDEr": round(coco_caption_metrics(predictions, references, spice=False, meteor=False)["CIDEr"], 4),
+                         "changed": sum(a != b for a, b in zip(edited_captions, captions))}
+        if in_image is not None:
+            sweep[margin].update(heldout_counts(predictions, in_image))
+    return sweep
+
+
+def val_chosen_margins(work: Path, out: str, images: int) -> None:
+    """--margin-sweep: for the small world's capdec seeds and viecap and the main world's six rate-2
+    decoders, one round of edits at each of edits.MARGIN_GRID on val, test and compositional (1,000
+    images each); the margin training would choose (edits.chosen_margin of the val CIDEr) is each
+    decoder's, and its test and compositional rows are what that margin gives."""
+    from unembed.decoders.edits import chosen_margin
+    from unembed.embedders import load_embedder
+
+    result = json.loads(Path(out).read_text())
+    sweeps = result.setdefault("margin_sweep", {})
+    small = work / "small"
+    worlds = {"small": (str(small / "embedder"), small / "scenes",
+                        {"capdec, seed 0": small / "compare" / "models" / "capdec",
+                         **{f"capdec, seed {s}": small / f"capdec-seed-{s}" for s in SMALL_SEEDS},
+                         "viecap": small / "compare" / "models" / "viecap"}),
+              "main": (str(BUNDLE / "embedder"), work / "scenes",
+                       {name: work / name.replace(", ", "-").replace(" ", "-") for name in RATE_TWO})}
+    for world, (embedder_spec, data, decoders) in worlds.items():
+        embedder = load_embedder(embedder_spec, "cpu")
+        splits = eval_splits(embedder, data, {"val": images, "test": images, "compositional": images})
+        in_image = pairs_in_images(data / "compositional")
+        decoder_at = decoder_loader(embedder)
+        done = sweeps.setdefault(world, {})
+        for name, path in decoders.items():
+            row = done.setdefault(name, {})
+            for split in ("val", "test", "compositional"):
+                if split not in row:
+                    row[split] = margin_sweep(decoder_at(path), embedder, *splits[split],
+                                              in_image if split == "compositional" else None)
+                    print(world, name, split, json.dumps({m: r["CIDEr"] for m, r in row[split].items()}), flush=True)
+                    write(out, result)
+            chosen = str(chosen_margin({(math.inf if m == "off" else float(m)): r["CIDEr"]
+                                        for m, r in row["val"].items()})).replace("inf", "off").removesuffix(".0")
+            row["val_chosen"] = {"margin": chosen, **{split: {"chosen": row[split][chosen]["CIDEr"],
+                                                              "off": row[split]["off"]["CIDEr"],
+                                                              "margin 1": row[split]["1"]["CIDEr"]}
+                                                      for split in ("test", "compositional")}}
+            write(out, result)
+
+
 def rerank_n_sweep(decoder, embedder, embedded, references) -> dict:
     """Val CIDEr of the decoder with rerank N for N in 1 (none), 8, 16 and 32 at the default weight."""
     return {f"rerank {n}": round(caption_scores(decoder, embedder, embedded, references,
@@ -456,7 +516,12 @@ def main() -> None:
     parser.add_argument("--small-world", action="store_true", help="only part 4 (added to --out's JSON)")
     parser.add_argument("--recombined-only", action="store_true",
                         help="only part 5's rows not yet in --out's JSON, training only the decoders they need")
+    parser.add_argument("--margin-sweep", action="store_true",
+                        help="only the margin sweep of one round of edits (val, test, compositional) over the "
+                             "trained rate-2 decoders and the small world's capdec seeds and viecap")
     args = parser.parse_args()
+    if args.margin_sweep:
+        return val_chosen_margins(Path(args.work), args.out, args.images)
     if args.small_world:
         return small_world(Path(args.work) / "small", args.out, args.images)
     work = Path(args.work)

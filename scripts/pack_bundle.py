@@ -21,7 +21,7 @@ from unembed.errors import UnembedError
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 # Beside config and weights; substitutes.json is what `--edits` rewrites with (unembed/decoders/edits.py).
-DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json", "substitutes.json")
+DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json", "substitutes.json", "edits.json")
 SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
 # fp16 weights and the pruned embedder against the fp32 originals, on this many images of the split:
 CHECK_IMAGES = 200

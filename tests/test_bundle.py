@@ -91,6 +91,8 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
     trained = compare_dir[0] / "models" / "decap" / "substitutes.json"
     assert (out / "decap" / "substitutes.json").read_bytes() == trained.read_bytes()
     assert not (out / "retrieval" / "substitutes.json").exists()
+    # and so does the margin it chose on val (compare trains it on --data, which has val images)
+    assert (out / "decap" / "edits.json").read_bytes() == trained.with_name("edits.json").read_bytes()
 
 
 def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path):

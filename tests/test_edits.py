@@ -137,3 +137,84 @@ def test_a_trained_decoder_keeps_its_substitutes_and_edits_from_an_image_file(sc
     damaged = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1")
     assert damaged.code == EXIT_FAILED and damaged.stderr.strip().splitlines()[-1] == (
         f"unembed: {out}/substitutes.json: not an object of word -> list of substitute words")
+
+
+def test_one_round_at_every_margin_from_one_pass_is_one_round_at_each(embedder, scenes_dir, tmp_path):
+    """one_round_by_margin (how a decoder chooses its margin on val) keeps at each margin what one
+    round of edits at that margin keeps, and embeds each distinct text once for all margins."""
+    from unembed.decoders.edits import MARGIN_GRID, one_round_by_margin
+
+    captions = split_captions(scenes_dir / "train")
+    decoder = decoder_class("retrieval").example(embedder, captions, tmp_path)
+    decoder.attach_embedder(embedder)
+    decoder.substitutes = substitutes(captions)
+    embedded = images(scenes_dir, embedder, n=4)
+    plain = decoder.decode(embedded)
+    before = embedder.texts_embedded
+    by_margin = one_round_by_margin(embedder, embedded.unit(), plain, decoder.substitutes, (0.0, *MARGIN_GRID))
+    distinct = {c for c in plain} | {s for c in plain for s in substituted(c, decoder.substitutes)}
+    assert embedder.texts_embedded - before <= len(distinct)
+    for margin, got in by_margin.items():
+        assert got == edited_by_hand(embedder, embedded, plain, decoder.substitutes, margin), margin
+    assert by_margin[0.0] != plain  # something to keep at margin 0, so the comparison means something
+
+
+def test_the_margin_with_the_best_val_score_is_chosen_and_a_tie_goes_to_the_larger():
+    from unembed.decoders.edits import OFF, chosen_margin, margin_record
+
+    assert chosen_margin({0.5: 1.0, 1.0: 1.2, 2.0: 1.1, OFF: 1.15}) == 1.0
+    assert chosen_margin({0.5: 1.2, 1.0: 1.2, OFF: 1.0}) == 1.0
+    assert chosen_margin({1.0: 1.1, 2.0: 1.1, OFF: 1.1}) == OFF
+    assert margin_record(OFF, {1.0: 1.0, OFF: 1.1}) == {"margin": "off", "chosen_by": "val CIDEr after one round of "
+                                                        "edits", "val_CIDEr": {"1.0": 1.0, "off": 1.1}}
+
+
+def test_a_decoder_trained_with_val_images_edits_at_the_margin_it_chose_there(scenes_dir, embedder_dir, embedder,
+                                                                            tmp_path, capsys):
+    """Training on --data with a val split of images chooses the margin on val (edits.json, metrics.json),
+    and `--edits 1` without --margin uses it: from an image file, the same caption as with --margin set
+    to it; a damaged edits.json is refused in one line."""
+    from tests.test_zoo import unembed as run
+    from unembed.decoders.edits import MARGIN_GRID, OFF, chosen_margin, margin_record
+
+    out = tmp_path / "capdec"
+    assert main(["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--device", "cpu",
+                 "--max-steps", "2", "--batch-size", "8", "--lm", "scratch", "--tokenizer", "corpus:200",
+                 "--lm-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}', "--out", str(out)]) == EXIT_OK
+    capsys.readouterr()
+    record = json.loads((out / "edits.json").read_text())
+    scores = {OFF if m == "off" else float(m): v for m, v in record["val_CIDEr"].items()}
+    assert set(scores) == {*MARGIN_GRID, OFF}
+    chosen = chosen_margin(scores)
+    assert record["margin"] == ("off" if chosen == OFF else chosen)
+    assert json.loads((out / "metrics.json").read_text())["edit_margin"] == record["margin"]
+    decoder = load_decoder(out, device="cpu", embedder=embedder)
+    assert decoder.edit_margin == chosen
+    decoder.save(tmp_path / "again")  # a saved decoder keeps its choice
+    assert json.loads((tmp_path / "again" / "edits.json").read_text()) == record
+    image = sorted((scenes_dir / "test" / "images").glob("*.png"))[0]
+    from PIL import Image
+
+    embedded = embedder.embed([Image.open(image).convert("RGB")], [image.stem])
+    own = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1")
+    assert own.code == EXIT_OK, own.stderr
+    expected = decoder.decode(embedded) if chosen == OFF else decoder.decode(embedded, edits=1, margin=chosen)
+    assert json.loads(own.stdout)["caption"] == expected[0]
+    # a chosen margin of 0 (this tiny decoder's val may choose "off", which keeps every caption)
+    decoder.edit_margin, decoder.edit_margin_record = 0.0, margin_record(0.0, scores)
+    decoder.save(tmp_path / "zero")
+    zero = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1")
+    given = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1",
+                "--margin", "0")
+    plain = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu")
+    assert zero.code == given.code == plain.code == EXIT_OK
+    captions = [[json.loads(line)["caption"] for line in got.stdout.splitlines()] for got in (zero, given, plain)]
+    assert captions[0] == captions[1] != captions[2]
+    (out / "edits.json").write_text('{"margin": "wide"}')
+    damaged = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1")
+    assert damaged.code == EXIT_FAILED and damaged.stderr.strip().splitlines()[-1] == (
+        f'unembed: {out}/edits.json: its margin must be a number from 0 to 100 or "off"')
+
+
+def images_of(scenes_dir, n: int = 8) -> list:
+    return sorted((scenes_dir / "test" / "images").glob("*.png"))[:n]

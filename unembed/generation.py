@@ -91,7 +91,8 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "val split)", 0, 100, needs_rerank=True),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
     GenerationOption("margin", float, "a rewrite (an edit, a corrector's step) is kept only if the embedder's "
-                     "log-odds for it beat the kept caption's by more than this (default 1)", 0, 100),
+                     "log-odds for it beat the kept caption's by more than this (default: the margin the decoder chose on its "
+                     "val split when trained with one, its edits.json; else 1)", 0, 100),
     GenerationOption("edits", int, "rounds of one-word rewrites checked by the embedder: each word in turn replaced "
                      "by the words seen in its places in the training captions (default 0, none; a corrector's: 1)", 0, 8),
 )}

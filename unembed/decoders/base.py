@@ -61,6 +61,10 @@ class Decoder(torch.nn.Module):
         # word -> words seen in the same places in the training captions (unembed/decoders/edits.py): set
         # when a decoder is trained on captions, saved as substitutes.json; what `edits` rewrites with.
         self.substitutes: dict[str, list[str]] = {}
+        # the edits' margin this decoder chose on its val split (edits.chosen_margin; None: EDIT_MARGIN),
+        # and the record of that choice, saved as edits.json
+        self.edit_margin: float | None = None
+        self.edit_margin_record: dict | None = None
 
     def attach_embedder(self, embedder) -> None:
         """Give a `needs_embedder` decoder the embedder it decodes with (kept outside the module:
@@ -95,7 +99,8 @@ class Decoder(torch.nn.Module):
             return captions
         from unembed.decoders.edits import edited
 
-        return edited(self.embedder_for_rerank(), embedded.unit(), captions, self.substitutes, rounds, margin)
+        return edited(self.embedder_for_rerank(), embedded.unit(), captions, self.substitutes, rounds,
+                      self.edit_margin if margin is None else margin)
 
     def write(self, embedded, **options) -> list[str]:
         """The kind's own decoding: N captions for N rows, `options` already checked."""
@@ -208,9 +213,11 @@ class Decoder(torch.nn.Module):
             self.save_weights(staging)
             self.save_extra(staging)
             if self.substitutes:
-                from unembed.decoders.edits import FILE
+                from unembed.decoders.edits import FILE, MARGIN_FILE
 
                 write_json(staging / FILE, self.substitutes)
+                if self.edit_margin_record:
+                    write_json(staging / MARGIN_FILE, self.edit_margin_record)
             write_text(staging / "README.md", model_card(self, metrics))
             # config.json last: a directory with a config is a complete decoder.
             write_json(staging / "config.json", {"format": DECODER_FORMAT, "kind": self.kind,
@@ -335,9 +342,12 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     except BadInputError as e:
         raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
-    from unembed.decoders.edits import read_substitutes
+    from unembed.decoders.edits import MARGIN_FILE, read_margin, read_substitutes
 
     decoder.substitutes = read_substitutes(path)
+    decoder.edit_margin = read_margin(path)
+    if decoder.edit_margin is not None:
+        decoder.edit_margin_record = read_json(Path(path) / MARGIN_FILE)
     decoder.source_dir = Path(path)  # where a relative embedder spec (a bundle's "../embedder") is read from
     return decoder.to(device).eval()
 

@@ -14,6 +14,7 @@ after each correction step, then edits as every decoder does.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -26,6 +27,12 @@ SUBSTITUTES = 12      # per word, at most
 SHARED_CONTEXTS = 3   # a substitute shares at least this many (left, right) contexts with the word
 EDIT_MARGIN = 1.0     # log-odds; the corrector's default margin too (without one, edits hurt: loop_scenes.py)
 FILE = "substitutes.json"
+# A decoder trained with a val split of images chooses its own margin there (one round of edits at each
+# of these, `chosen_margin`) and keeps it in MARGIN_FILE: an embedder that is less sure of one-word
+# differences needs a larger one (benchmarks/loop_scenes.py --margin-sweep).
+MARGIN_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+OFF = math.inf        # no margin beat the unedited captions on val: edits keep every caption
+MARGIN_FILE = "edits.json"
 
 
 def no_substitutes(decoder: str) -> BadInputError:
@@ -117,10 +124,68 @@ def edited(embedder, targets: torch.Tensor, captions: list[str], table: dict, ro
     """The captions after `rounds` rounds of edits at `margin` (log-odds; None: EDIT_MARGIN)."""
     from unembed.decoders.rerank import logit_scale
 
-    threshold = (EDIT_MARGIN if margin is None else margin) / logit_scale(embedder)
+    margin = EDIT_MARGIN if margin is None else margin
+    if margin == OFF:
+        return list(captions)
+    threshold = margin / logit_scale(embedder)
     best, best_cos, best_vectors = closest(embedder, targets, [[c] for c in captions])
     edit_rounds(embedder, targets, best, best_cos, best_vectors, table, rounds, threshold)
     return best
+
+
+def one_round_by_margin(embedder, targets: torch.Tensor, captions: list[str], table: dict,
+                        margins) -> dict[float, list[str]]:
+    """margin -> the captions after one round of edits at that margin (log-odds), every margin from the
+    same embedding pass: the round's candidates do not depend on the margin, only which one is kept."""
+    from unembed.decoders.rerank import logit_scale
+
+    best, best_cos, _ = closest(embedder, targets, [[c] for c in captions])
+    rows = [i for i, c in enumerate(captions) if substituted(c, table)]
+    found, found_cos, _ = (closest(embedder, targets[rows], [substituted(captions[i], table) for i in rows])
+                           if rows else ([], [], None))
+    scale = logit_scale(embedder)
+    out = {}
+    for margin in margins:
+        edited_captions = list(best)
+        for k, i in enumerate(rows):
+            if found_cos[k] > best_cos[i] + margin / scale and found[k] != best[i]:
+                edited_captions[i] = found[k]
+        out[margin] = edited_captions
+    return out
+
+
+def chosen_margin(scores: dict) -> float:
+    """The margin (a key of `scores`, OFF included) with the best score (val CIDEr); a tie goes to the
+    larger margin, which changes fewer captions."""
+    return max(scores, key=lambda margin: (scores[margin], margin))
+
+
+def margin_record(margin: float, scores: dict) -> dict:
+    """What MARGIN_FILE holds: the margin ("off" for OFF) and the val scores it was chosen by."""
+    name = lambda m: "off" if m == OFF else m
+    return {"margin": name(margin), "chosen_by": "val CIDEr after one round of edits",
+            "val_CIDEr": {str(name(m)): round(v, 4) for m, v in scores.items()}}
+
+
+def read_margin(path: Path) -> float | None:
+    """A decoder directory's own edit margin (MARGIN_FILE; None when it has none); a damaged file is
+    refused in one line."""
+    from unembed.errors import BadInputError
+    from unembed.io import read_json
+
+    file = Path(path) / MARGIN_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = read_json(file)
+    except BadInputError as e:
+        raise ModelLoadError(str(e)) from None
+    margin = record.get("margin") if isinstance(record, dict) else None
+    if margin == "off":
+        return OFF
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 100:
+        raise ModelLoadError(f"{file}: its margin must be a number from 0 to 100 or \"off\"")
+    return float(margin)
 
 
 def read_substitutes(path: Path) -> dict[str, list[str]]:

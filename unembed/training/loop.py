@@ -111,6 +111,11 @@ class Task:
     def after_step(self, model: torch.nn.Module) -> None:
         """Hook for constraints applied after each optimiser step (e.g. clamping CLIP's logit scale)."""
 
+    def calibrate(self, model: torch.nn.Module) -> dict:
+        """Hook for what is chosen on the val split once training ends, kept on the model for
+        save_metrics to write (e.g. a decoder's edit margin); returns what metrics.json records."""
+        return {}
+
     def validate(self, model: torch.nn.Module) -> dict:
         return {}
 
@@ -313,15 +318,16 @@ def _stop_if_non_finite(loss: torch.Tensor, step: int, accelerator, ckpt_root: P
                             f"is in {ckpt_root} (continue from it with --resume and a lower --lr)")
 
 
-def _validate(task: Task, model) -> dict:
-    """The task's validation, or why it could not run: a missing tool (Java) or memory never costs the
-    trained model, which is saved before."""
+def _validate(task: Task, model, step: str = "validate", what: str = "validation") -> dict:
+    """The task's validation (or another of its steps on the val split: `step`, a method's name), or
+    why it could not run: a missing tool (Java) or memory never costs the trained model, which is saved
+    before."""
     try:
-        return task.validate(model)
+        return getattr(task, step)(model)
     except (UnembedError, MemoryError, torch.cuda.OutOfMemoryError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"warning: validation not run: {reason}", file=sys.stderr, flush=True)
-        return {"validation": f"not run: {reason}"}
+        print(f"warning: {what} not run: {reason}", file=sys.stderr, flush=True)
+        return {what: f"not run: {reason}"}
 
 
 def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
@@ -417,6 +423,8 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                    "skipped_steps": skipped, "fp16_overflow_steps": overflows}
         task.save(task.model, out_dir, summary)  # first: the model never waits on its validation
         metrics = _validate(task, task.model)
+        if "validation" not in metrics:  # what it could not run, the calibration cannot either
+            metrics.update(_validate(task, task.model, "calibrate", "calibration"))
         task.save_metrics(task.model, out_dir, {**metrics, **summary})
     accelerator.wait_for_everyone()
     return TrainResult(total, seconds, loss_value, metrics)

@@ -20,7 +20,8 @@ from unembed.io import write_json
 from unembed.tokenizers import make_tokenizer, pad_right
 from unembed.training.loop import Task, TrainConfig, fit
 
-VALIDATION_IMAGES = 200
+VALIDATION_IMAGES = 200  # val CIDEr during and after training
+MARGIN_IMAGES = 1000     # the edit margin's choice at the end (edits.chosen_margin): small CIDEr differences
 
 
 class PrefixTask(Task):
@@ -60,13 +61,18 @@ class PrefixTask(Task):
     def validate(self, model):
         if self.validation is None:
             return {}
-        from unembed.eval.metrics import coco_caption_metrics
-
         embedded, references = self.validation
+        embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
         captions = model.decode(embedded)
-        scores = coco_caption_metrics(dict(zip(embedded.ids, captions)), references, spice=False, meteor=False)
+        scores = _cider(embedded.ids, captions, references)
         return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
                 "val_example": captions[0]}
+
+    def calibrate(self, model):
+        if self.validation is None or not model.substitutes:
+            return {}
+        embedded, references = self.validation
+        return {"edit_margin": _choose_edit_margin(model, embedded, model.decode(embedded), references)}
 
     def save(self, model, out_dir, metrics):
         model.save(out_dir, metrics)
@@ -74,10 +80,34 @@ class PrefixTask(Task):
 
     def save_metrics(self, model, out_dir, metrics):
         from unembed.decoders.base import model_card
+        from unembed.decoders.edits import MARGIN_FILE
         from unembed.io import write_text
 
+        if model.edit_margin_record:  # chosen by validate, after the decoder itself was saved
+            write_json(Path(out_dir) / MARGIN_FILE, model.edit_margin_record)
         write_json(Path(out_dir) / "metrics.json", metrics)
         write_text(Path(out_dir) / "README.md", model_card(model, metrics))  # the card shows them too
+
+
+def _cider(ids, captions, references) -> dict:
+    from unembed.eval.metrics import coco_caption_metrics
+
+    return coco_caption_metrics(dict(zip(ids, captions)), references, spice=False, meteor=False)
+
+
+def _choose_edit_margin(model, embedded, captions: list[str], references: dict):
+    """The decoder's own edit margin: val CIDEr after one round of edits at each of edits.MARGIN_GRID
+    (and none: OFF), every margin from one embedding pass; the best is kept on the decoder (saved as
+    edits.json) and returned ("off" when no margin beat the unedited captions)."""
+    from unembed.decoders.edits import MARGIN_GRID, OFF, chosen_margin, margin_record, one_round_by_margin
+
+    by_margin = {OFF: captions, **one_round_by_margin(model.embedder_for_rerank(), embedded.unit(), captions,
+                                                      model.substitutes, MARGIN_GRID)}
+    # rounded as recorded: a difference under 1e-4 CIDEr is no reason to edit more
+    scores = {m: round(_cider(embedded.ids, edited, references)["CIDEr"], 4) for m, edited in by_margin.items()}
+    model.edit_margin = chosen_margin(scores)
+    model.edit_margin_record = margin_record(model.edit_margin, scores)
+    return model.edit_margin_record["margin"]
 
 
 def _split_images(embedder, data_dir: Path | None, split: str):
@@ -95,7 +125,7 @@ def _validation_set(embedder, data_dir: Path | None):
     if embedded is None:
         return None
     _, captions, ids = load_split(data_dir / "val")
-    embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
+    embedded = embedded.select(range(min(MARGIN_IMAGES, len(embedded))))
     return embedded, {str(i): refs for i, refs in zip(ids, captions)}
 
 
