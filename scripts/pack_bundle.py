@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from unembed.bundle import BUNDLE_DIR, MANIFEST, MAX_BYTES
-from unembed.errors import UnembedError
+from unembed.errors import BadInputError, UnembedError
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 # Beside config and weights; substitutes.json is what `--edits` rewrites with (unembed/decoders/edits.py).
@@ -144,11 +144,12 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
     is read as a loader reads it (upgrade_config: where the LM's weights are, from the weights file)
     and written back with what the current format records; weights and other files stay as they are.
     With `data_dir` (the data the bundle was trained on), a decoder trained on captions that lacks the
-    substitutes training now writes gets them, from the same captions (`substitutes`)."""
+    substitutes training now writes gets them, from the same captions (`substitutes`), and one without
+    the edit margin training now chooses gets it, chosen on the same val split (`choose_edit_margin`)."""
     from unembed.data.splits import split_captions
     from unembed.decoders import decoder_class, prefix_kinds
     from unembed.decoders.base import FORMAT_VERSION, read_decoder_config
-    from unembed.decoders.edits import FILE, substitutes
+    from unembed.decoders.edits import FILE, MARGIN_FILE, substitutes
     from unembed.lm import record_lm
 
     table = substitutes(split_captions(Path(data_dir) / "train")) if data_dir else None
@@ -156,8 +157,11 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
     for name in read_json(bundle / MANIFEST)["decoders"]:
         path = bundle / name
         saved = read_decoder_config(path)
-        if table and saved["kind"] in prefix_kinds() and not (path / FILE).is_file():
-            write_json(path / FILE, table)
+        if table and saved["kind"] in prefix_kinds():
+            if not (path / FILE).is_file():
+                write_json(path / FILE, table)
+            if not (path / MARGIN_FILE).is_file():
+                write_json(path / MARGIN_FILE, _margin_chosen_on_val(path, Path(data_dir)))
         cls = decoder_class(saved["kind"])
         config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
         if hasattr(config, "lm_weights"):
@@ -167,6 +171,20 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
         write_json(path / "config.json", saved)
         done.append(name)
     return done
+
+
+def _margin_chosen_on_val(path: Path, data_dir: Path) -> dict:
+    """edits.json for the decoder at `path`, as training writes it: its margin chosen on data_dir/val."""
+    from unembed.decoders import load_decoder
+    from unembed.training.prefix import choose_edit_margin, validation_set
+
+    decoder = load_decoder(path, device="cpu")
+    validation = validation_set(decoder.embedder_for_rerank(), data_dir)
+    if validation is None:
+        raise BadInputError(str(data_dir), "has no val split of images to choose the edit margin on")
+    embedded, references = validation
+    choose_edit_margin(decoder, embedded, decoder.decode(embedded), references)
+    return decoder.edit_margin_record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default", help="the decoder `unembed caption` uses (default: best CIDEr)")
     u = sub.add_parser("upgrade", help="rewrite a bundle's decoder configs in the current format (no retraining)")
     u.add_argument("--out", default=str(BUNDLE_DIR), help="the bundle directory")
-    u.add_argument("--data", help="the data it was trained on: adds the substitutes `--edits` needs where missing")
+    u.add_argument("--data", help="the data it was trained on: adds the substitutes `--edits` needs, and the edit "
+                                  "margin chosen on its val split, where missing")
     args = parser.parse_args(argv)
     try:
         if args.command == "upgrade":

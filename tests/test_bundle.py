@@ -96,21 +96,28 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
 
 
 def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path):
-    """A bundle packed before training wrote substitutes.json gets, from the data it was trained on,
-    the table training writes today; the configs stay loadable and --edits then works from image files."""
+    """A bundle packed before training wrote substitutes.json and edits.json gets, from the data it was
+    trained on, the table training writes today and a margin chosen on its val split; the configs stay
+    loadable and --edits then works from image files."""
     import shutil
 
     from unembed.decoders.edits import substitutes
 
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle[0], out)
+    trained_margin = json.loads((out / "decap" / "edits.json").read_text())
     (out / "decap" / "substitutes.json").unlink()
+    (out / "decap" / "edits.json").unlink()
     module = pack_bundle()
     assert module.main(["upgrade", "--out", str(out)]) == 0
     assert not (out / "decap" / "substitutes.json").exists()  # without --data it cannot know the captions
     assert module.main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     assert json.loads((out / "decap" / "substitutes.json").read_text()) == substitutes(split_captions(scenes_dir / "train"))
-    assert not (out / "retrieval" / "substitutes.json").exists()
+    # the margin training chose on val, chosen again the same way (the packed weights are fp16: the
+    # captions, and so the scores, may differ slightly from the fp32 decoder's)
+    margin = json.loads((out / "decap" / "edits.json").read_text())
+    assert margin.keys() == trained_margin.keys() and margin["val_CIDEr"].keys() == trained_margin["val_CIDEr"].keys()
+    assert not (out / "retrieval" / "substitutes.json").exists() and not (out / "retrieval" / "edits.json").exists()
     image = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:2]
     assert main(["caption", *image, "--decoder", str(out / "decap"), "--edits", "1", "--device", "cpu"]) == EXIT_OK
 

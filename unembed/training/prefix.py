@@ -72,7 +72,7 @@ class PrefixTask(Task):
         if self.validation is None or not model.substitutes:
             return {}
         embedded, references = self.validation
-        return {"edit_margin": _choose_edit_margin(model, embedded, model.decode(embedded), references)}
+        return {"edit_margin": choose_edit_margin(model, embedded, model.decode(embedded), references)}
 
     def save(self, model, out_dir, metrics):
         model.save(out_dir, metrics)
@@ -95,7 +95,7 @@ def _cider(ids, captions, references) -> dict:
     return coco_caption_metrics(dict(zip(ids, captions)), references, spice=False, meteor=False)
 
 
-def _choose_edit_margin(model, embedded, captions: list[str], references: dict):
+def choose_edit_margin(model, embedded, captions: list[str], references: dict):
     """The decoder's own edit margin: val CIDEr after one round of edits at each of edits.MARGIN_GRID
     (and none: OFF), every margin from one embedding pass; the best is kept on the decoder (saved as
     edits.json) and returned ("off" when no margin beat the unedited captions)."""
@@ -120,7 +120,7 @@ def _split_images(embedder, data_dir: Path | None, split: str):
         return None
 
 
-def _validation_set(embedder, data_dir: Path | None):
+def validation_set(embedder, data_dir: Path | None):
     embedded = _split_images(embedder, data_dir, "val")
     if embedded is None:
         return None
@@ -195,7 +195,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
         decoder.substitutes = substitutes(written)  # what `edits` rewrites with (a saved decoder keeps its own)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
-                      _validation_set(embedder, data_dir))
+                      validation_set(embedder, data_dir))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
             "final_loss": round(result.final_loss, 4), **({} if init is None else {"init": str(init)}),
