@@ -750,6 +750,23 @@ def write(out: str, result: dict) -> None:
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def margin_table(result: dict) -> str:
+    """The README's table of margins chosen on val (--margin-sweep)."""
+    lines = ["| world: decoder | margin chosen on val | test CIDEr: no edits / margin 1 / chosen | compositional "
+             "CIDEr: no edits / margin 1 / chosen | held-out pairs: no edits / margin 1 / chosen | changed captions "
+             "(test) |", "|---|---:|---:|---:|---:|---:|"]
+    for world, rows in result.get("margin_sweep", {}).items():
+        for name, row in rows.items():
+            if "val_chosen" not in row:
+                continue
+            m = row["val_chosen"]["margin"]
+            cider = lambda split: " / ".join(f"{100 * row[split][k]['CIDEr']:.1f}" for k in ("off", "1", m))
+            pairs = " / ".join(str(row["compositional"][k]["names_heldout_pair"]) for k in ("off", "1", m))
+            lines.append(f"| {world}: {name} | {m} | {cider('test')} | {cider('compositional')} | {pairs} | "
+                         f"{row['test'][m]['changed']} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     lines = ["| decoder | test CIDEr | comp. CIDEr | names a held-out pair (in the image) / 1,000 | embedder calls "
              "per caption |", "|---|---:|---:|---:|---:|"]

@@ -368,3 +368,29 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
         assert len(rows) >= least
         for row in rows:
             assert tuple(cell.strip() for cell in row) in measured, row
+
+
+def test_the_readme_margin_table_is_the_margin_sweep_and_its_choice_is_trainings():
+    """Each row of the README's table of margins chosen on val is the benchmark's sweep
+    (benchmarks/loop_scenes.py --margin-sweep), and each chosen margin is the one training would
+    choose from the same val scores (edits.chosen_margin)."""
+    import math
+    import sys
+
+    from unembed.decoders.edits import chosen_margin
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from loop_scenes import margin_table
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    result = json.loads((root / "benchmarks" / "results" / "loop_scenes.json").read_text())
+    rows = margin_table(result).splitlines()[2:]
+    readme = (root / "README.md").read_text()
+    assert len(rows) >= 5 and all(row in readme for row in rows)
+    for world in result["margin_sweep"].values():
+        for row in world.values():
+            val = {(math.inf if m == "off" else float(m)): r["CIDEr"] for m, r in row["val"].items()}
+            chosen = chosen_margin(val)
+            assert row["val_chosen"]["margin"] == ("off" if chosen == math.inf else f"{chosen:g}")

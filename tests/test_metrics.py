@@ -63,6 +63,16 @@ def no_meteor(monkeypatch):
     monkeypatch.setattr(metrics, "_meteor_score", lambda gts, res: 0.0)
 
 
+def test_cider_of_each_set_is_its_own_coco_cider(scored):
+    """cider_of_each (two tokenizer runs for any number of sets) scores each set as
+    coco_caption_metrics scores it alone: the corpus above, and a set with other captions."""
+    other = {0: "a horse on the beach", 1: "dogs in the grass", 2: "a red double decker bus", 3: "a cat", 4: "food"}
+    got = metrics.cider_of_each({"corpus": PREDICTIONS, "other": other}, REFERENCES)
+    assert got["corpus"] == scored[0]["CIDEr"]
+    alone = metrics.coco_caption_metrics(other, REFERENCES, spice=False, meteor=False)["CIDEr"]
+    assert got["other"] == alone and alone != got["corpus"]
+
+
 def test_bleu_by_hand(scored):
     result, _ = scored
     # Per image: clipped n-gram matches / hypothesis n-grams, and the reference length closest to

@@ -72,6 +72,24 @@ def coco_caption_metrics(
     return result
 
 
+def cider_of_each(prediction_sets: Mapping[Hashable, Mapping[Hashable, str]],
+                  references: Mapping[Hashable, Sequence[str]]) -> dict:
+    """CIDEr of each of several prediction sets for the same images ({set: CIDEr}), as
+    coco_caption_metrics scores each alone, with two PTB tokenizer runs in all instead of two a set
+    (each run starts a JVM): the references once, every set's captions together."""
+    if shutil.which("java") is None:
+        raise UnembedError("pycocoevalcap needs Java (java not found on PATH); install a Java runtime, e.g. apt-get install default-jre")
+    sets = list(prediction_sets)
+    paired = [_pair(prediction_sets[k], references)[:2] for k in sets]
+    _check_writable(_pycocoevalcap_dir() / "tokenizer")
+    gts = _tokenize({i: refs for _, g in paired for i, refs in g.items()})
+    res = _tokenize({(n, i): caption for n, (r, _) in enumerate(paired) for i, caption in r.items()})
+    from pycocoevalcap.cider.cider import Cider
+
+    return {k: float(Cider().compute_score({i: gts[i] for i in g}, {i: res[(n, i)] for i in r})[0])
+            for n, (k, (r, g)) in enumerate(zip(sets, paired))}
+
+
 def _pair(predictions, references) -> tuple[dict, dict, list]:
     """Keep the predicted images that have references, in pycocoevalcap's {id: [{"caption"}]} form."""
     res, gts, skipped = {}, {}, []

@@ -103,8 +103,10 @@ def choose_edit_margin(model, embedded, captions: list[str], references: dict):
 
     by_margin = {OFF: captions, **one_round_by_margin(model.embedder_for_rerank(), embedded.unit(), captions,
                                                       model.substitutes, MARGIN_GRID)}
-    # rounded as recorded: a difference under 1e-4 CIDEr is no reason to edit more
-    scores = {m: round(_cider(embedded.ids, edited, references)["CIDEr"], 4) for m, edited in by_margin.items()}
+    from unembed.eval.metrics import cider_of_each
+
+    scores = cider_of_each({m: dict(zip(embedded.ids, edited)) for m, edited in by_margin.items()}, references)
+    scores = {m: round(v, 4) for m, v in scores.items()}  # as recorded: under 1e-4 CIDEr is no reason to edit more
     model.edit_margin = chosen_margin(scores)
     model.edit_margin_record = margin_record(model.edit_margin, scores)
     return model.edit_margin_record["margin"]
