@@ -124,16 +124,25 @@ def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitut
 
 def test_the_shipped_bundle_keeps_substitutes_for_each_decoder_trained_on_captions():
     """`--edits` works on the shipped text decoders: each has the table its training captions give
-    (colours stand in for colours), and no other decoder has one."""
+    (colours stand in for colours) and the margin chosen on the val split (the best of its recorded
+    val scores, as training chooses), and no other decoder has either."""
+    import math
+
     from unembed.decoders import prefix_kinds
     from unembed.decoders.base import read_decoder_config
+    from unembed.decoders.edits import MARGIN_GRID, chosen_margin
 
     for name in manifest(BUNDLE_DIR)["decoders"]:
         kind = read_decoder_config(BUNDLE_DIR / name)["kind"]
-        table = BUNDLE_DIR / name / "substitutes.json"
-        assert table.is_file() == (kind in prefix_kinds()), name
+        table, margin = BUNDLE_DIR / name / "substitutes.json", BUNDLE_DIR / name / "edits.json"
+        assert table.is_file() == margin.is_file() == (kind in prefix_kinds()), name
         if table.is_file():
             assert {"blue", "green", "purple"} <= set(json.loads(table.read_text())["red"]), name
+            record = json.loads(margin.read_text())
+            scores = {(math.inf if m == "off" else float(m)): v for m, v in record["val_CIDEr"].items()}
+            assert set(scores) == {*MARGIN_GRID, math.inf}, name
+            chosen = chosen_margin(scores)
+            assert record["margin"] == ("off" if chosen == math.inf else chosen), name
 
 
 def test_the_shipped_bundle_passed_its_fp16_check_for_every_decoder():
