@@ -139,7 +139,7 @@ def refuse_machine_paths(value, where: Path, key: str = "") -> None:
                            "machine that built it")
 
 
-def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
+def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each decoder's name, and what it gained
     """Bring the bundle's decoder configs to this unembed's format without retraining: each config
     is read as a loader reads it (upgrade_config: where the LM's weights are, from the weights file)
     and written back with what the current format records; weights and other files stay as they are.
@@ -157,11 +157,15 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
     for name in read_json(bundle / MANIFEST)["decoders"]:
         path = bundle / name
         saved = read_decoder_config(path)
+        added = []
         if table and saved["kind"] in prefix_kinds():
             if not (path / FILE).is_file():
                 write_json(path / FILE, table)
+                added.append(FILE)
             if not (path / MARGIN_FILE).is_file():
-                write_json(path / MARGIN_FILE, _margin_chosen_on_val(path, Path(data_dir)))
+                record = _margin_chosen_on_val(path, Path(data_dir))
+                write_json(path / MARGIN_FILE, record)
+                added.append(f"{MARGIN_FILE}, margin {record['margin']}")
         cls = decoder_class(saved["kind"])
         config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
         if hasattr(config, "lm_weights"):
@@ -169,7 +173,7 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:
         saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
         refuse_machine_paths(saved, path / "config.json")
         write_json(path / "config.json", saved)
-        done.append(name)
+        done.append(f"{name} (added {'; '.join(added)})" if added else name)
     return done
 
 

@@ -95,7 +95,8 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
     assert (out / "decap" / "edits.json").read_bytes() == trained.with_name("edits.json").read_bytes()
 
 
-def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path):
+def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path,
+                                                                                  capsys):
     """A bundle packed before training wrote substitutes.json and edits.json gets, from the data it was
     trained on, the table training writes today and a margin chosen on its val split; the configs stay
     loadable and --edits then works from image files."""
@@ -111,8 +112,12 @@ def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitut
     module = pack_bundle()
     assert module.main(["upgrade", "--out", str(out)]) == 0
     assert not (out / "decap" / "substitutes.json").exists()  # without --data it cannot know the captions
+    capsys.readouterr()
     assert module.main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     assert json.loads((out / "decap" / "substitutes.json").read_text()) == substitutes(split_captions(scenes_dir / "train"))
+    margin = json.loads((out / "decap" / "edits.json").read_text())["margin"]
+    said = capsys.readouterr().out.strip()
+    assert f"decap (added substitutes.json; edits.json, margin {margin})" in said and "retrieval (added" not in said
     # the margin training chose on val, chosen again the same way (the packed weights are fp16: the
     # captions, and so the scores, may differ slightly from the fp32 decoder's)
     margin = json.loads((out / "decap" / "edits.json").read_text())

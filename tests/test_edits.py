@@ -218,3 +218,28 @@ def test_a_decoder_trained_with_val_images_edits_at_the_margin_it_chose_there(sc
 
 def images_of(scenes_dir, n: int = 8) -> list:
     return sorted((scenes_dir / "test" / "images").glob("*.png"))[:n]
+
+
+def test_a_decoder_trained_further_keeps_its_earlier_substitutes_after_the_new_ones(scenes_dir, embedder_dir,
+                                                                                   tmp_path, capsys):
+    """`--init` on other captions: the table is the new captions' (`substitutes`), each word's earlier
+    substitutes after its new ones, at most SUBSTITUTES; words only the earlier captions had stay."""
+    from unembed.decoders.edits import SUBSTITUTES, with_earlier
+
+    assert with_earlier({"red": ["blue", "green"]}, {"red": ["green", "pink"], "ring": ["disc"]}) == \
+        {"red": ["blue", "green", "pink"], "ring": ["disc"]}
+    assert len(with_earlier({"a": [f"n{i}" for i in range(SUBSTITUTES)]}, {"a": ["old"]})["a"]) == SUBSTITUTES
+    first, further = tmp_path / "first", tmp_path / "further"
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"{a} {c} {s}\n" for a in ("one", "a", "the", "some") for c in ("teal", "mauve", "red")
+                             for s in ("kite", "boat")))
+    common = ["--embedder", str(embedder_dir), "--device", "cpu", "--max-steps", "1", "--batch-size", "8"]
+    assert main(["train", "capdec", *common, "--captions", str(scenes_dir / "train" / "captions.json"),
+                 "--out", str(first), "--lm", "scratch", "--tokenizer", "corpus:200",
+                 "--lm-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}']) == EXIT_OK
+    assert main(["train", "capdec", *common, "--captions", str(other), "--out", str(further), "--init", str(first)]) == EXIT_OK
+    capsys.readouterr()
+    earlier = json.loads((first / "substitutes.json").read_text())
+    now = substitutes(other.read_text().splitlines())
+    assert "teal" in now["red"] and "teal" not in earlier.get("red", [])
+    assert json.loads((further / "substitutes.json").read_text()) == with_earlier(now, earlier)

@@ -65,6 +65,17 @@ def substitutes(captions: list[str]) -> dict[str, list[str]]:
     return {word: others for word, others in out.items() if others}
 
 
+def with_earlier(table: dict[str, list[str]], earlier: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`table` (from the captions a decoder is trained on now) with what `earlier` (its table from
+    earlier training) adds: for each word, its new substitutes first, then its earlier ones, at most
+    SUBSTITUTES."""
+    merged = {}
+    for word in {**earlier, **table}:
+        new = table.get(word, [])
+        merged[word] = (new + [w for w in earlier.get(word, []) if w not in new])[:SUBSTITUTES]
+    return merged
+
+
 def substituted(caption: str, table: dict[str, list[str]]) -> list[str]:
     """Every caption that differs from `caption` in one word, replaced by one of its substitutes."""
     words = caption.split()

@@ -155,7 +155,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     this kind and embedder), train that one further instead of a new one."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
-    from unembed.decoders.edits import substitutes
+    from unembed.decoders.edits import substitutes, with_earlier
     from unembed.decoders.prefix import TEXT_OPTIONS
 
     cls = decoder_class(kind)
@@ -195,7 +195,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
 
     if decoder is None:
         decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
-        decoder.substitutes = substitutes(written)  # what `edits` rewrites with (a saved decoder keeps its own)
+    # what `edits` rewrites with; a decoder trained further keeps what its earlier captions taught it too
+    decoder.substitutes = with_earlier(substitutes(written), decoder.substitutes)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
                       validation_set(embedder, data_dir))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
