@@ -18,7 +18,7 @@ from unembed.decoders.bridges import add_noise
 from unembed.decoders.edits import substitutes
 from unembed.errors import BadInputError
 from unembed.training.loop import TrainConfig, fit
-from unembed.training.prefix import PrefixTask, _validation_set, check_sources
+from unembed.training.prefix import PrefixTask, check_sources, validation_set
 
 HYPOTHESIS_BATCH = 256
 def hypotheses(base, embedder, captions: list[str], noise_variance: float, clean_share: float,
@@ -72,7 +72,7 @@ def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=N
     decoder.substitutes = substitutes(captions)
     inputs = decoder.inputs(targets, written_vectors)
     task = PrefixTask(decoder, inputs, torch.arange(len(unique)), unique, text_only=False,
-                      validation=_validation_set(embedder, Path(data_dir) if data_dir else None))
+                      validation=validation_set(embedder, Path(data_dir) if data_dir else None))
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     already = sum(h == c for h, c in zip(written, unique))
     return {"kind": "corrector", "base": str(base_dir), "base_kind": base.kind, "captions": len(unique),

@@ -69,7 +69,8 @@ class PrefixTask(Task):
                 "val_example": captions[0]}
 
     def calibrate(self, model):
-        if self.validation is None or not model.substitutes:
+        # a corrector keeps its own margin, for its steps and its edits alike (its config's)
+        if self.validation is None or not model.substitutes or model.wraps_base:
             return {}
         embedded, references = self.validation
         return {"edit_margin": choose_edit_margin(model, embedded, model.decode(embedded), references)}
