@@ -49,10 +49,14 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    every capdec seed); rate 1 at seeds 1 and 2 too). In the small world too (its own compare recipe, seeds 0
    and 1, a corrector over capdec only; its seed 0 without is the compare run's capdec, and plain capdec
    at SMALL_SEEDS too, each with rerank 8).
+6. With --margin-sweep, after 4 and 5: the margin of one round of edits as training chooses it, on
+   val, for the small world's capdec seeds and viecap and the main world's six rate-2 decoders, and
+   what it gives on test and compositional against no edits and margin 1 ("margin_sweep").
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
     python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # part 5's new rows alone
+    python benchmarks/loop_scenes.py --work bench-run/loop --margin-sweep   # adds "margin_sweep"
 """
 from __future__ import annotations
 
@@ -577,6 +581,8 @@ def main() -> None:
               "weight_sweep": {}, "captioning": {}, "inversion": {}}
     if "small_world" in earlier:
         result["small_world"] = earlier["small_world"]  # --small-world's rows: their own embedder, kept
+    if "margin_sweep" in earlier:
+        result["margin_sweep"] = earlier["margin_sweep"]  # --margin-sweep's, over decoders trained apart
     result["inverter_training"] = "unembed train capdec " + " ".join(INVERTER)
     result["inverter_continued"] = continued
     result["recombined_training"] = " ".join(BUNDLE_RECIPE + ["--max-steps", "600"] + RECOMBINE)
