@@ -6,9 +6,11 @@
 # - train_precision_gpu.json and its captions: CapDec with GPT-2 124M's blocks trained in fp32, bf16
 #   and fp16 on the scenes world (20,000 scenes, made here), then the test split captioned by each.
 #   Score it on a machine with Java: python benchmarks/train_precision.py score --data DIR --result FILE.
-# About 9 minutes on one H200 (2026-12-04: iterative 91 s, each prefix run ~65 s, projection 28 s,
-# each precision's training and captioning ~85 s). Each stage has its own time limit, and a stage
-# that fails or runs out leaves the others' results (gpu.json says which). Nothing here downloads.
+# About 10 minutes on one H200 (2026-12-04: iterative 91 s, each prefix run ~65 s, projection 28 s,
+# each precision's training ~85 s and captioning ~25 s, with interpreter starts). Each stage has its
+# own time limit, and a stage that fails or runs out leaves the others' results (gpu.json says which;
+# the script then exits 1); run again with the same OUT_DIR, train_precision keeps the precisions it
+# measured. Nothing here downloads.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]
 set -uo pipefail
@@ -18,6 +20,7 @@ TMP=$(mktemp -d)
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 STAGES="iterative prefix_fp32 prefix decap_projection train_precision"
+FAILED=0
 combine() {  # gpu.json from what the stages left so far: a run cut short keeps what it did
     "$PY" - "$TMP" "$OUT/gpu.json" $STAGES <<'PY'
 import json, sys
@@ -37,7 +40,9 @@ stage() {  # stage NAME SECONDS COMMAND...: its exit status and time go into gpu
     local t0=$SECONDS
     echo "== $name (at most ${limit}s)"
     timeout "$limit" "$@"
-    echo "{\"exit\": $?, \"seconds\": $((SECONDS - t0))}" > "$TMP/$name.status"
+    local code=$?
+    [ "$code" = 0 ] || FAILED=1
+    echo "{\"exit\": $code, \"seconds\": $((SECONDS - t0))}" > "$TMP/$name.status"
     combine
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$TMP/gpu.txt"
@@ -51,6 +56,7 @@ stage prefix_fp32 100 "$PY" benchmarks/prefix_speed.py --device cuda --dtype fp3
 stage prefix 100 "$PY" benchmarks/prefix_speed.py --device cuda --dtype bf16 --batches 1,64,256 --naive-images 2 --out "$TMP/prefix.json"
 stage decap_projection 50 "$PY" benchmarks/decap_projection.py --device cuda --out "$TMP/decap_projection.json"
 wait $SCENES; tail -1 "$TMP/scenes.log"
-stage train_precision 300 "$PY" benchmarks/train_precision.py run --data "$TMP/scenes" --work "$TMP/train" --out "$OUT/train_precision_gpu.json" --device cuda --steps 600 --max-images 1000
+stage train_precision 420 "$PY" benchmarks/train_precision.py run --data "$TMP/scenes" --work "$TMP/train" --out "$OUT/train_precision_gpu.json" --device cuda --steps 600 --max-images 1000
 cat "$OUT/gpu.json" | head -c 3000; echo
 "$PY" -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["stages"]))' "$OUT/gpu.json"
+exit "$FAILED"

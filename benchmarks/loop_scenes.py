@@ -353,7 +353,11 @@ def training_summary(path: Path) -> dict:
 def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
     """measure(path, split, options) for measure_rows: caption_scores of the decoder at `path` on a split
     of `splits` (eval_splits), with the held-out counts on the compositional one."""
+    from unembed.decoders.edits import EDIT_MARGIN
+
     def measure(path: Path, split: str, options: dict) -> dict:
+        if options.get("edits") and "margin" not in options:  # the rows' margin, whatever the decoder chose
+            options = {**options, "margin": EDIT_MARGIN}
         return caption_scores(decoder_at(path), embedder, *splits[split],
                               in_image if split == "compositional" else None, **options)
     return measure

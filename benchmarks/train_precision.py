@@ -79,7 +79,13 @@ def run(args) -> None:
               "data": recorded_path(args.data), "precisions": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # a run cut short goes on: the precisions it measured with this recipe are kept
+        earlier = json.loads(out.read_text())
+        if earlier.get("recipe") == result["recipe"]:
+            result["precisions"] = {k: v for k, v in earlier["precisions"].items() if "failed" not in v}
     for precision in args.precisions.split(","):
+        if precision in result["precisions"]:
+            continue
         try:
             result["precisions"][precision] = train_and_caption(precision, args)
         except subprocess.CalledProcessError as e:  # one precision failing is a result, not the end of the run

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from unembed.bundle import BUNDLE_DIR, MANIFEST, MAX_BYTES
-from unembed.errors import BadInputError, UnembedError
+from unembed.errors import UnembedError
 from unembed.io import load_tensors, read_json, save_tensors, write_json
 
 # Beside config and weights; substitutes.json is what `--edits` rewrites with (unembed/decoders/edits.py).
@@ -164,8 +164,11 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
                 added.append(FILE)
             if not (path / MARGIN_FILE).is_file():
                 record = _margin_chosen_on_val(path, Path(data_dir))
-                write_json(path / MARGIN_FILE, record)
-                added.append(f"{MARGIN_FILE}, margin {record['margin']}")
+                if isinstance(record, str):  # why none could be chosen: the substitutes still count
+                    added.append(f"no {MARGIN_FILE}: {record}")
+                else:
+                    write_json(path / MARGIN_FILE, record)
+                    added.append(f"{MARGIN_FILE}, margin {record['margin']}")
         cls = decoder_class(saved["kind"])
         config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
         if hasattr(config, "lm_weights"):
@@ -177,16 +180,19 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
     return done
 
 
-def _margin_chosen_on_val(path: Path, data_dir: Path) -> dict:
-    """edits.json for the decoder at `path`, as training writes it: its margin chosen on data_dir/val."""
+def _margin_chosen_on_val(path: Path, data_dir: Path) -> dict | str:
+    """edits.json for the decoder at `path`, as training writes it (its margin chosen on data_dir/val),
+    or why there is none."""
     from unembed.decoders import load_decoder
-    from unembed.training.prefix import choose_edit_margin, validation_set
+    from unembed.training.prefix import choose_edit_margin, too_few_for_a_margin, validation_set
 
     decoder = load_decoder(path, device="cpu")
     validation = validation_set(decoder.embedder_for_rerank(), data_dir)
     if validation is None:
-        raise BadInputError(str(data_dir), "has no val split of images to choose the edit margin on")
+        return f"{data_dir} has no val split of images"
     embedded, references = validation
+    if too_few_for_a_margin(len(embedded)):
+        return too_few_for_a_margin(len(embedded))
     choose_edit_margin(decoder, embedded, decoder.decode(embedded), references)
     return decoder.edit_margin_record
 

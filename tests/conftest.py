@@ -96,9 +96,11 @@ def compare_dir(tmp_path_factory, scenes_dir, embedder_dir):
 
     out = tmp_path_factory.mktemp("compare")
     config = '{"decap": {"lm_config": {"n_layer": 1, "n_embd": 32}, "projection_size": 50}}'
-    code = main(["compare", "--data", str(scenes_dir), "--decoders", "retrieval,decap", "--embedder",
-                 str(embedder_dir), "--out", str(out), "--max-steps", "2", "--config", config, "--no-spice",
-                 "--device", "cpu"])
+    with pytest.MonkeyPatch.context() as mp:  # the 12 val images stand in for a real val split
+        mp.setattr("unembed.training.prefix.MIN_MARGIN_IMAGES", 1)
+        code = main(["compare", "--data", str(scenes_dir), "--decoders", "retrieval,decap", "--embedder",
+                     str(embedder_dir), "--out", str(out), "--max-steps", "2", "--config", config, "--no-spice",
+                     "--device", "cpu"])
     return out, code
 
 

@@ -58,6 +58,13 @@ def test_pruned_vocabulary_names_the_words_it_does_not_know_once(embedder, scene
 
 @pytest.fixture(scope="module")
 def tiny_bundle(compare_dir, scenes_dir, tmp_path_factory):
+    """The compare run packed, its decap first given the margin training chooses on a real val split
+    (the 12 val images stand in for one; compare trains in other processes, so its decap chose none)."""
+    decap = compare_dir[0] / "models" / "decap"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("unembed.training.prefix.MIN_MARGIN_IMAGES", 1)
+        record = pack_bundle()._margin_chosen_on_val(decap, scenes_dir)
+    (decap / "edits.json").write_text(json.dumps(record))
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     out.mkdir()
     (out / "__init__.py").write_text("# the loader, as in unembed/bundle/\n")  # packing must keep it
@@ -91,12 +98,12 @@ def test_pack_keeps_captions_in_fp16_with_a_pruned_embedder(tiny_bundle, compare
     trained = compare_dir[0] / "models" / "decap" / "substitutes.json"
     assert (out / "decap" / "substitutes.json").read_bytes() == trained.read_bytes()
     assert not (out / "retrieval" / "substitutes.json").exists()
-    # and so does the margin it chose on val (compare trains it on --data, which has val images)
+    # and so does the margin chosen on val
     assert (out / "decap" / "edits.json").read_bytes() == trained.with_name("edits.json").read_bytes()
 
 
 def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitutes(tiny_bundle, scenes_dir, tmp_path,
-                                                                                  capsys):
+                                                                                  capsys, monkeypatch):
     """A bundle packed before training wrote substitutes.json and edits.json gets, from the data it was
     trained on, the table training writes today and a margin chosen on its val split; the configs stay
     loadable and --edits then works from image files."""
@@ -113,6 +120,11 @@ def test_upgrade_gives_an_older_bundles_caption_trained_decoders_their_substitut
     assert module.main(["upgrade", "--out", str(out)]) == 0
     assert not (out / "decap" / "substitutes.json").exists()  # without --data it cannot know the captions
     capsys.readouterr()
+    assert module.main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    assert "decap (added substitutes.json; no edits.json: 12 val images; the edit margin is chosen on at least 100" \
+        in capsys.readouterr().out  # too few to choose on; the substitutes are added all the same
+    (out / "decap" / "substitutes.json").unlink()
+    monkeypatch.setattr("unembed.training.prefix.MIN_MARGIN_IMAGES", 1)  # the 12 stand in for a real val split
     assert module.main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     assert json.loads((out / "decap" / "substitutes.json").read_text()) == substitutes(split_captions(scenes_dir / "train"))
     margin = json.loads((out / "decap" / "edits.json").read_text())["margin"]

@@ -5,6 +5,7 @@ The pick is checked against a hand computation: every rewrite embedded on its ow
 input, kept only if logit scale x the gain beats the margin. The CLI path trains a decoder from caption
 files and captions an image file with it."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,16 +171,20 @@ def test_the_margin_with_the_best_val_score_is_chosen_and_a_tie_goes_to_the_larg
 
 
 def test_a_decoder_trained_with_val_images_edits_at_the_margin_it_chose_there(scenes_dir, embedder_dir, embedder,
-                                                                            tmp_path, capsys):
+                                                                            tmp_path, capsys, monkeypatch):
     """Training on --data with a val split of images chooses the margin on val (edits.json, metrics.json),
     and `--edits 1` without --margin uses it: from an image file, the same caption as with --margin set
-    to it; a damaged edits.json is refused in one line."""
+    to it; a damaged edits.json is refused in one line. Too few val images choose none, and a decoder
+    trained again into the same folder keeps no margin chosen for its old weights."""
     from tests.test_zoo import unembed as run
     from unembed.decoders.edits import MARGIN_GRID, OFF, chosen_margin, margin_record
+    from unembed.training import prefix
 
     out = tmp_path / "capdec"
-    assert main(["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--device", "cpu",
-                 "--max-steps", "2", "--batch-size", "8", "--lm", "scratch", "--tokenizer", "corpus:200",
+    train = ["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--device", "cpu",
+             "--max-steps", "2", "--batch-size", "8"]
+    monkeypatch.setattr(prefix, "MIN_MARGIN_IMAGES", 1)  # the 12 val images stand in for a real val split
+    assert main([*train, "--lm", "scratch", "--tokenizer", "corpus:200",
                  "--lm-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}', "--out", str(out)]) == EXIT_OK
     capsys.readouterr()
     record = json.loads((out / "edits.json").read_text())
@@ -207,9 +212,19 @@ def test_a_decoder_trained_with_val_images_edits_at_the_margin_it_chose_there(sc
     given = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1",
                 "--margin", "0")
     plain = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu")
-    assert zero.code == given.code == plain.code == EXIT_OK
-    captions = [[json.loads(line)["caption"] for line in got.stdout.splitlines()] for got in (zero, given, plain)]
-    assert captions[0] == captions[1] != captions[2]
+    one = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1",
+              "--margin", "1")
+    assert zero.code == given.code == plain.code == one.code == EXIT_OK
+    captions = [[json.loads(line)["caption"] for line in got.stdout.splitlines()] for got in (zero, given, plain, one)]
+    assert captions[0] == captions[1] != captions[2] and captions[0] != captions[3]  # not the default margin 1
+    monkeypatch.undo()  # 12 val images are too few: trained again, the folder has no margin
+    again = tmp_path / "again-trained"
+    shutil.copytree(out, again)
+    assert main([*train, "--init", str(out), "--out", str(again), "--overwrite"]) == EXIT_OK
+    capsys.readouterr()
+    assert not (again / "edits.json").exists() and load_decoder(again, device="cpu", embedder=embedder).edit_margin is None
+    assert json.loads((again / "metrics.json").read_text())["calibration"] == (
+        "not run: 12 val images; the edit margin is chosen on at least 100 (it stays the default)")
     (out / "edits.json").write_text('{"margin": "wide"}')
     damaged = run("caption", image, "--decoder", out, "--device", "cpu", "--edits", "1")
     assert damaged.code == EXIT_FAILED and damaged.stderr.strip().splitlines()[-1] == (

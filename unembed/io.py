@@ -38,13 +38,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str | os.PathLike, keep_others: bool = True) -> Iterator[Path]:
+def staged_dir(path: str | os.PathLike, keep_others: bool = True, owned: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield an empty folder beside `path` to write a whole directory into; on success it takes
     `path`'s place: the old folder is moved aside, the new one renamed in, then the old one removed.
     A crash leaves `path` the old complete folder or the new one (in the instant between the two
     renames, the old one lies aside as .NAME.old-*). With `keep_others`, what the old folder holds
     that the new one does not (a training run's checkpoints/ and log, a CoCa's embedder/) moves into
-    the new one, as a write in place would have kept it."""
+    the new one, as a write in place would have kept it; never the `owned` names, files the writer
+    writes when it has them (an old one would describe another model)."""
     path = Path(path).absolute()
     if path == Path.cwd() or path in Path.cwd().parents:  # renamed away, this process would work in a removed folder
         raise BadInputError(path, "is the current directory (or holds it); save into a folder below it")
@@ -53,12 +54,12 @@ def staged_dir(path: str | os.PathLike, keep_others: bool = True) -> Iterator[Pa
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is owner-only; a saved directory is not
     try:
         yield staging
-        _swap_in(staging, path, keep_others)
+        _swap_in(staging, path, keep_others, owned)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _swap_in(new: Path, path: Path, keep_others: bool) -> None:
+def _swap_in(new: Path, path: Path, keep_others: bool, owned: tuple[str, ...] = ()) -> None:
     if not path.exists():
         os.rename(new, path)
         return
@@ -67,7 +68,7 @@ def _swap_in(new: Path, path: Path, keep_others: bool) -> None:
     os.rename(new, path)
     if keep_others:
         for entry in aside.iterdir():
-            if not (path / entry.name).exists():
+            if not (path / entry.name).exists() and entry.name not in owned:
                 os.rename(entry, path / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
 

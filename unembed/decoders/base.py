@@ -209,12 +209,12 @@ class Decoder(torch.nn.Module):
         checkpoints and log) is kept, unless `replace`."""
         path = Path(path)
         metrics = metrics if metrics is not None else _saved_metrics(path)
-        with staged_dir(path, keep_others=not replace) as staging:
+        from unembed.decoders.edits import FILE, MARGIN_FILE
+
+        with staged_dir(path, keep_others=not replace, owned=(FILE, MARGIN_FILE)) as staging:
             self.save_weights(staging)
             self.save_extra(staging)
             if self.substitutes:
-                from unembed.decoders.edits import FILE, MARGIN_FILE
-
                 write_json(staging / FILE, self.substitutes)
                 if self.edit_margin_record:
                     write_json(staging / MARGIN_FILE, self.edit_margin_record)

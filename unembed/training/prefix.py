@@ -22,6 +22,7 @@ from unembed.training.loop import Task, TrainConfig, fit
 
 VALIDATION_IMAGES = 200  # val CIDEr during and after training
 MARGIN_IMAGES = 1000     # the edit margin's choice at the end (edits.chosen_margin): small CIDEr differences
+MIN_MARGIN_IMAGES = 100  # fewer val images choose no margin
 
 
 class PrefixTask(Task):
@@ -73,6 +74,9 @@ class PrefixTask(Task):
         if self.validation is None or not model.substitutes or model.wraps_base:
             return {}
         embedded, references = self.validation
+        too_few = too_few_for_a_margin(len(embedded))
+        if too_few:
+            return {"calibration": f"not run: {too_few}"}
         return {"edit_margin": choose_edit_margin(model, embedded, model.decode(embedded), references)}
 
     def save(self, model, out_dir, metrics):
@@ -84,7 +88,7 @@ class PrefixTask(Task):
         from unembed.decoders.edits import MARGIN_FILE
         from unembed.io import write_text
 
-        if model.edit_margin_record:  # chosen by validate, after the decoder itself was saved
+        if model.edit_margin_record:  # chosen by calibrate, after the decoder itself was saved
             write_json(Path(out_dir) / MARGIN_FILE, model.edit_margin_record)
         write_json(Path(out_dir) / "metrics.json", metrics)
         write_text(Path(out_dir) / "README.md", model_card(model, metrics))  # the card shows them too
@@ -94,6 +98,13 @@ def _cider(ids, captions, references) -> dict:
     from unembed.eval.metrics import coco_caption_metrics
 
     return coco_caption_metrics(dict(zip(ids, captions)), references, spice=False, meteor=False)
+
+
+def too_few_for_a_margin(images: int) -> str:
+    """Why `images` val images cannot choose an edit margin ("" when they can): on a few, CIDEr's
+    differences between margins are noise (on one image every margin scores 0)."""
+    return (f"{images} val images; the edit margin is chosen on at least {MIN_MARGIN_IMAGES} (it stays "
+            "the default)") if images < MIN_MARGIN_IMAGES else ""
 
 
 def choose_edit_margin(model, embedded, captions: list[str], references: dict):
@@ -169,6 +180,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     torch.manual_seed(config.seed)  # the initial weights too are a function of the seed
     # A saved decoder is loaded (or refused) before any caption or image is embedded.
     decoder = None if init is None else _saved_decoder(kind, init, embedder, decoder_options)
+    if decoder is not None:  # its margin was chosen for the weights it had: calibration chooses anew
+        decoder.edit_margin = decoder.edit_margin_record = None
     # Text-only methods never see the training images; only fitting mean shift needs their mean.
     needs_images = not cls.text_only or (decoder is None and decoder_options.get("mean_shift",
                                                                                 cls.config_class.mean_shift))
