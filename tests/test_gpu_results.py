@@ -61,3 +61,30 @@ def test_the_recorded_captions_are_the_ones_the_training_run_scored():
         rows = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / run["captions"]).read_text().splitlines()]
         assert len(rows) == run["images"] == len({r["image_id"] for r in rows})
         assert all(set(r) == {"image_id", "caption"} for r in rows)
+
+
+def test_scoring_the_recorded_captions_again_gives_the_recorded_cider(tmp_path):
+    """`train_precision.py score` (the README's command) on the committed captions and the scenes
+    world they were written for recomputes each precision's test CIDEr and its share of captions
+    equal to fp32's. (A scene is drawn from (seed, split, index): 20 training scenes give the same
+    1,000 test scenes, images and captions, as the 20,000 the run trained on.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    results = ROOT / "benchmarks" / "results"
+    recorded = _results("train_precision_gpu.json")
+    for name in ["train_precision_gpu.json", *(run["captions"] for run in recorded["precisions"].values())]:
+        shutil.copy(results / name, tmp_path / name)
+    for run in json.loads((tmp_path / "train_precision_gpu.json").read_text())["precisions"].values():
+        run.pop("test_CIDEr"), run.pop("same_captions_as_fp32", None)
+    data = tmp_path / "scenes"
+    subprocess.run([sys.executable, "-m", "unembed.cli", "data", "scenes", "--out", str(data), "--n", "20",
+                    "--n-eval", "1000", "--seed", "0"], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_precision.py"), "score", "--data", str(data),
+                           "--result", str(tmp_path / "train_precision_gpu.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((tmp_path / "train_precision_gpu.json").read_text())["precisions"]
+    for name, run in recorded["precisions"].items():
+        assert again[name]["test_CIDEr"] == run["test_CIDEr"], name
+        assert again[name].get("same_captions_as_fp32") == run.get("same_captions_as_fp32"), name
