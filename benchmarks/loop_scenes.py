@@ -486,8 +486,8 @@ def val_chosen_margins(work: Path, out: str, images: int) -> None:
                                               in_image if split == "compositional" else None)
                     print(world, name, split, json.dumps({m: r["CIDEr"] for m, r in row[split].items()}), flush=True)
                     write(out, result)
-            chosen = str(chosen_margin({(math.inf if m == "off" else float(m)): r["CIDEr"]
-                                        for m, r in row["val"].items()})).replace("inf", "off").removesuffix(".0")
+            key = {(math.inf if k == "off" else float(k)): k for k in row["val"]}  # margin -> its key, "1.5" or "off"
+            chosen = key[chosen_margin({m: row["val"][k]["CIDEr"] for m, k in key.items()})]
             row["val_chosen"] = {"margin": chosen, **{split: {"chosen": row[split][chosen]["CIDEr"],
                                                               "off": row[split]["off"]["CIDEr"],
                                                               "margin 1": row[split]["1"]["CIDEr"]}

@@ -184,17 +184,11 @@ def _margin_chosen_on_val(path: Path, data_dir: Path) -> dict | str:
     """edits.json for the decoder at `path`, as training writes it (its margin chosen on data_dir/val),
     or why there is none."""
     from unembed.decoders import load_decoder
-    from unembed.training.prefix import choose_edit_margin, too_few_for_a_margin, validation_set
+    from unembed.training.prefix import choose_edit_margin, validation_set
 
     decoder = load_decoder(path, device="cpu")
     validation = validation_set(decoder.embedder_for_rerank(), data_dir)
-    if validation is None:
-        return f"{data_dir} has no val split of images"
-    embedded, references = validation
-    if too_few_for_a_margin(len(embedded)):
-        return too_few_for_a_margin(len(embedded))
-    choose_edit_margin(decoder, embedded, decoder.decode(embedded), references)
-    return decoder.edit_margin_record
+    return f"{data_dir} has no val split of images" if validation is None else choose_edit_margin(decoder, validation)
 
 
 def main(argv: list[str] | None = None) -> int:

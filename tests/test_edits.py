@@ -206,7 +206,7 @@ def test_a_decoder_trained_with_val_images_edits_at_the_margin_it_chose_there(sc
     expected = decoder.decode(embedded) if chosen == OFF else decoder.decode(embedded, edits=1, margin=chosen)
     assert json.loads(own.stdout)["caption"] == expected[0]
     # a chosen margin of 0 (this tiny decoder's val may choose "off", which keeps every caption)
-    decoder.edit_margin, decoder.edit_margin_record = 0.0, margin_record(0.0, scores)
+    decoder.edit_margin_record = margin_record(0.0, scores)
     decoder.save(tmp_path / "zero")
     zero = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1")
     given = run("caption", *images_of(scenes_dir), "--decoder", tmp_path / "zero", "--device", "cpu", "--edits", "1",

@@ -61,10 +61,16 @@ class Decoder(torch.nn.Module):
         # word -> words seen in the same places in the training captions (unembed/decoders/edits.py): set
         # when a decoder is trained on captions, saved as substitutes.json; what `edits` rewrites with.
         self.substitutes: dict[str, list[str]] = {}
-        # the edits' margin this decoder chose on its val split (edits.chosen_margin; None: EDIT_MARGIN),
-        # and the record of that choice, saved as edits.json
-        self.edit_margin: float | None = None
+        # the record of the edits' margin this decoder chose on its val split (edits.chosen_margin),
+        # saved as edits.json; None: edits use EDIT_MARGIN
         self.edit_margin_record: dict | None = None
+
+    @property
+    def edit_margin(self) -> float | None:
+        """The margin `edits` use when none is given: the one chosen on val, else None (EDIT_MARGIN)."""
+        from unembed.decoders.edits import margin_of
+
+        return margin_of(self.edit_margin_record)
 
     def attach_embedder(self, embedder) -> None:
         """Give a `needs_embedder` decoder the embedder it decodes with (kept outside the module:
@@ -342,12 +348,10 @@ def build_saved_decoder(cls: type[Decoder], saved: dict, path: Path, device: str
     except BadInputError as e:
         raise ModelLoadError(f"{e}; does it belong with {path}/config.json?") from None
     decoder.load_extra(path)
-    from unembed.decoders.edits import MARGIN_FILE, read_margin, read_substitutes
+    from unembed.decoders.edits import read_margin_record, read_substitutes
 
     decoder.substitutes = read_substitutes(path)
-    decoder.edit_margin = read_margin(path)
-    if decoder.edit_margin is not None:
-        decoder.edit_margin_record = read_json(Path(path) / MARGIN_FILE)
+    decoder.edit_margin_record = read_margin_record(path)
     decoder.source_dir = Path(path)  # where a relative embedder spec (a bundle's "../embedder") is read from
     return decoder.to(device).eval()
 

@@ -101,6 +101,12 @@ def closest(embedder, targets: torch.Tensor, candidates: list[list[str]]):
     return best, best_cos, torch.stack(best_vectors) if best_vectors else vectors[:0]
 
 
+def replaces(candidate: str, cosine: float, kept: str, kept_cosine: float, threshold: float) -> bool:
+    """The rule of every rewrite: a candidate replaces the kept caption when it is another text and
+    closer to the input by more than `threshold` (a cosine: the margin over the logit scale)."""
+    return cosine > kept_cosine + threshold and candidate != kept
+
+
 def keep_closer(embedder, live: list[int], new: list[list[str]], targets, best, best_cos, best_vectors,
                 threshold: float) -> list[int]:
     """For each live row, its closest new candidate replaces the kept caption (in `best`, `best_cos`,
@@ -113,7 +119,7 @@ def keep_closer(embedder, live: list[int], new: list[list[str]], targets, best, 
     changed = []
     for k, j in enumerate(rows):
         i = live[j]
-        if found_cos[k] > best_cos[i] + threshold and found[k] != best[i]:
+        if replaces(found[k], found_cos[k], best[i], best_cos[i], threshold):
             best[i], best_cos[i], best_vectors[i] = found[k], found_cos[k], found_vectors[k]
             changed.append(i)
     return changed
@@ -159,7 +165,7 @@ def one_round_by_margin(embedder, targets: torch.Tensor, captions: list[str], ta
     for margin in margins:
         edited_captions = list(best)
         for k, i in enumerate(rows):
-            if found_cos[k] > best_cos[i] + margin / scale and found[k] != best[i]:
+            if replaces(found[k], found_cos[k], best[i], best_cos[i], margin / scale):
                 edited_captions[i] = found[k]
         out[margin] = edited_captions
     return out
@@ -178,10 +184,16 @@ def margin_record(margin: float, scores: dict) -> dict:
             "val_CIDEr": {str(name(m)): round(v, 4) for m, v in scores.items()}}
 
 
-def read_margin(path: Path) -> float | None:
-    """A decoder directory's own edit margin (MARGIN_FILE; None when it has none); a damaged file is
-    refused in one line."""
-    from unembed.errors import BadInputError
+def margin_of(record: dict | None) -> float | None:
+    """The margin a MARGIN_FILE record holds (OFF for "off"; None without a record)."""
+    if record is None:
+        return None
+    return OFF if record["margin"] == "off" else float(record["margin"])
+
+
+def read_margin_record(path: Path) -> dict | None:
+    """A decoder directory's MARGIN_FILE record (None when it has none); a damaged file is refused in
+    one line."""
     from unembed.io import read_json
 
     file = Path(path) / MARGIN_FILE
@@ -192,11 +204,10 @@ def read_margin(path: Path) -> float | None:
     except BadInputError as e:
         raise ModelLoadError(str(e)) from None
     margin = record.get("margin") if isinstance(record, dict) else None
-    if margin == "off":
-        return OFF
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 100:
+    if margin != "off" and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                            or not 0 <= margin <= 100):
         raise ModelLoadError(f"{file}: its margin must be a number from 0 to 100 or \"off\"")
-    return float(margin)
+    return record
 
 
 def read_substitutes(path: Path) -> dict[str, list[str]]:

@@ -43,8 +43,7 @@ def coco_caption_metrics(
     {"CIDEr": {id: value}}, "unavailable": {metric: reason}, "skipped": [ids]}. CIDEr takes its
     idf from the scored images' references, so it needs many images (one image always scores 0).
     """
-    if shutil.which("java") is None:
-        raise UnembedError("pycocoevalcap needs Java (java not found on PATH); install a Java runtime, e.g. apt-get install default-jre")
+    _need_java()
     res, gts, skipped = _pair(predictions, references)
     package_dir = _pycocoevalcap_dir()
     _check_writable(package_dir / "tokenizer")
@@ -72,13 +71,17 @@ def coco_caption_metrics(
     return result
 
 
+def _need_java() -> None:
+    if shutil.which("java") is None:
+        raise UnembedError("pycocoevalcap needs Java (java not found on PATH); install a Java runtime, e.g. apt-get install default-jre")
+
+
 def cider_of_each(prediction_sets: Mapping[Hashable, Mapping[Hashable, str]],
                   references: Mapping[Hashable, Sequence[str]]) -> dict:
     """CIDEr of each of several prediction sets for the same images ({set: CIDEr}), as
     coco_caption_metrics scores each alone, with two PTB tokenizer runs in all instead of two a set
     (each run starts a JVM): the references once, every set's captions together."""
-    if shutil.which("java") is None:
-        raise UnembedError("pycocoevalcap needs Java (java not found on PATH); install a Java runtime, e.g. apt-get install default-jre")
+    _need_java()
     sets = list(prediction_sets)
     paired = [_pair(prediction_sets[k], references)[:2] for k in sets]
     _check_writable(_pycocoevalcap_dir() / "tokenizer")

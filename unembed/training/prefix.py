@@ -62,10 +62,12 @@ class PrefixTask(Task):
     def validate(self, model):
         if self.validation is None:
             return {}
+        from unembed.eval.metrics import coco_caption_metrics
+
         embedded, references = self.validation
         embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
         captions = model.decode(embedded)
-        scores = _cider(embedded.ids, captions, references)
+        scores = coco_caption_metrics(dict(zip(embedded.ids, captions)), references, spice=False, meteor=False)
         return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
                 "val_example": captions[0]}
 
@@ -73,11 +75,8 @@ class PrefixTask(Task):
         # a corrector keeps its own margin, for its steps and its edits alike (its config's)
         if self.validation is None or not model.substitutes or model.wraps_base:
             return {}
-        embedded, references = self.validation
-        too_few = too_few_for_a_margin(len(embedded))
-        if too_few:
-            return {"calibration": f"not run: {too_few}"}
-        return {"edit_margin": choose_edit_margin(model, embedded, model.decode(embedded), references)}
+        record = choose_edit_margin(model, self.validation)
+        return {"calibration": f"not run: {record}"} if isinstance(record, str) else {"edit_margin": record["margin"]}
 
     def save(self, model, out_dir, metrics):
         model.save(out_dir, metrics)
@@ -94,34 +93,26 @@ class PrefixTask(Task):
         write_text(Path(out_dir) / "README.md", model_card(model, metrics))  # the card shows them too
 
 
-def _cider(ids, captions, references) -> dict:
-    from unembed.eval.metrics import coco_caption_metrics
-
-    return coco_caption_metrics(dict(zip(ids, captions)), references, spice=False, meteor=False)
-
-
-def too_few_for_a_margin(images: int) -> str:
-    """Why `images` val images cannot choose an edit margin ("" when they can): on a few, CIDEr's
-    differences between margins are noise (on one image every margin scores 0)."""
-    return (f"{images} val images; the edit margin is chosen on at least {MIN_MARGIN_IMAGES} (it stays "
-            "the default)") if images < MIN_MARGIN_IMAGES else ""
-
-
-def choose_edit_margin(model, embedded, captions: list[str], references: dict):
-    """The decoder's own edit margin: val CIDEr after one round of edits at each of edits.MARGIN_GRID
-    (and none: OFF), every margin from one embedding pass; the best is kept on the decoder (saved as
-    edits.json) and returned ("off" when no margin beat the unedited captions)."""
+def choose_edit_margin(model, validation) -> dict | str:
+    """The decoder's own edit margin, chosen on `validation` (validation_set's pair): val CIDEr after
+    one round of edits at each of edits.MARGIN_GRID (and none: OFF), every margin from one embedding
+    pass. The record (edits.json's) is kept on the decoder and returned; or why none was chosen: on
+    fewer than MIN_MARGIN_IMAGES, CIDEr's differences between margins are noise (on one image every
+    margin scores 0)."""
     from unembed.decoders.edits import MARGIN_GRID, OFF, chosen_margin, margin_record, one_round_by_margin
-
-    by_margin = {OFF: captions, **one_round_by_margin(model.embedder_for_rerank(), embedded.unit(), captions,
-                                                      model.substitutes, MARGIN_GRID)}
     from unembed.eval.metrics import cider_of_each
 
+    embedded, references = validation
+    if len(embedded) < MIN_MARGIN_IMAGES:
+        return (f"{len(embedded)} val images; the edit margin is chosen on at least {MIN_MARGIN_IMAGES} (it "
+                "stays the default)")
+    captions = model.decode(embedded)
+    by_margin = {OFF: captions, **one_round_by_margin(model.embedder_for_rerank(), embedded.unit(), captions,
+                                                      model.substitutes, MARGIN_GRID)}
     scores = cider_of_each({m: dict(zip(embedded.ids, edited)) for m, edited in by_margin.items()}, references)
     scores = {m: round(v, 4) for m, v in scores.items()}  # as recorded: under 1e-4 CIDEr is no reason to edit more
-    model.edit_margin = chosen_margin(scores)
-    model.edit_margin_record = margin_record(model.edit_margin, scores)
-    return model.edit_margin_record["margin"]
+    model.edit_margin_record = margin_record(chosen_margin(scores), scores)
+    return model.edit_margin_record
 
 
 def _split_images(embedder, data_dir: Path | None, split: str):
@@ -181,7 +172,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     # A saved decoder is loaded (or refused) before any caption or image is embedded.
     decoder = None if init is None else _saved_decoder(kind, init, embedder, decoder_options)
     if decoder is not None:  # its margin was chosen for the weights it had: calibration chooses anew
-        decoder.edit_margin = decoder.edit_margin_record = None
+        decoder.edit_margin_record = None
     # Text-only methods never see the training images; only fitting mean shift needs their mean.
     needs_images = not cls.text_only or (decoder is None and decoder_options.get("mean_shift",
                                                                                 cls.config_class.mean_shift))
