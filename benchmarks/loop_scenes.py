@@ -52,10 +52,14 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
 6. With --margin-sweep, after 4 and 5: the margin of one round of edits as training chooses it, on
    val, for the small world's capdec seeds and viecap and the main world's six rate-2 decoders, and
    what it gives on test and compositional against no edits and margin 1 ("margin_sweep").
+7. Synonyms merged in viecap's detection (ViECapConfig.entity_merge, the default from then on): the
+   shipped viecap alone and with rerank 8, and the rate-2 viecap seeds unmerged (the same weights, this
+   run), merged, merged with rerank 32, and merged with rerank 32 and one round of edits at the margin
+   each chose on val. Every viecap row of parts 1 to 6 is measured unmerged, as it was recorded.
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
-    python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # part 5's new rows alone
+    python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # parts 5 and 7's new rows alone
     python benchmarks/loop_scenes.py --work bench-run/loop --margin-sweep   # adds "margin_sweep"
 """
 from __future__ import annotations
@@ -70,6 +74,8 @@ from pathlib import Path
 
 from entity_scenes import heldout_counts, pairs_in_images
 from result_paths import recorded_path
+
+from unembed.decoders.viecap import ViECapConfig
 
 BUNDLE = Path(__file__).resolve().parents[1] / "unembed" / "bundle"
 BASES = ("capdec", "viecap", "decap")
@@ -111,6 +117,13 @@ RATE_TWO = tuple(name for name in MORE if "rate 2" in name)
 # lose small-world test CIDEr at the default margin; does a larger one keep the main world's gains
 # without those losses?
 MARGINS = (2.0, 3.0)
+# Part 7: viecap's detection with synonyms merged (ViECapConfig.entity_merge, its default since this part),
+# against the same weights unmerged (UNMERGED, as every viecap row before it was measured): the shipped
+# viecap, and the rate-2 viecap seeds, alone, with rerank 32, and with rerank 32 and one round of edits at
+# the margin each chose on val at the end of training, merged.
+UNMERGED = 0.0
+MERGED = ViECapConfig.entity_merge
+MERGED_RATE_TWO = tuple(name for name in RATE_TWO if name.startswith("viecap"))
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -242,15 +255,21 @@ def eval_splits(embedder, data: Path, images: dict[str, int]) -> dict:
 
 
 def decoder_loader(embedder):
-    """decoder_at(path): the decoder at `path` on the CPU with `embedder`, each loaded once."""
+    """decoder_at(path, entity_merge): the decoder at `path` on the CPU with `embedder`, each loaded
+    once per entity_merge, which a viecap decoder (or a corrector's viecap base) takes instead of its
+    own. By default UNMERGED: the rows measured before viecap merged synonyms are measured as they were."""
     from unembed.decoders import load_decoder
 
     loaded = {}
 
-    def decoder_at(path: Path):
-        if path not in loaded:
-            loaded[path] = load_decoder(path, device="cpu", embedder=embedder)
-        return loaded[path]
+    def decoder_at(path: Path, entity_merge: float = UNMERGED):
+        if (path, entity_merge) not in loaded:
+            decoder = load_decoder(path, device="cpu", embedder=embedder)
+            detector = getattr(decoder, "base", None) or decoder
+            if hasattr(detector.config, "entity_merge"):
+                detector.config.entity_merge = entity_merge
+            loaded[path, entity_merge] = decoder
+        return loaded[path, entity_merge]
     return decoder_at
 
 
@@ -357,9 +376,10 @@ def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
 
     def measure(path: Path, split: str, options: dict) -> dict:
         if options.get("edits") and "margin" not in options:  # the rows' margin, whatever the decoder chose
-            options = {**options, "margin": EDIT_MARGIN}
-        return caption_scores(decoder_at(path), embedder, *splits[split],
-                              in_image if split == "compositional" else None, **options)
+            options = {**options, "margin": EDIT_MARGIN}  # (margin None: the decoder's own)
+        generation = {k: v for k, v in options.items() if k != "entity_merge"}
+        return caption_scores(decoder_at(path, options.get("entity_merge", UNMERGED)), embedder, *splits[split],
+                              in_image if split == "compositional" else None, **generation)
     return measure
 
 
@@ -376,8 +396,9 @@ def is_measured(done: dict | None, options: dict) -> bool:
 def trained_for(plan: dict, rows: dict, kept: dict) -> dict:
     """trained(): the plan's decoders that the rows (name -> (directory, options)) not measured in
     `kept` need."""
-    named = {path: name for name, (path, _, _) in plan.items()}
-    return trained(plan, {named[path] for name, (path, options) in rows.items() if not is_measured(kept.get(name), options)})
+    named = {path: name for name, (path, _, _) in plan.items()}  # (the shipped decoders are no plan's)
+    return trained(plan, {named[path] for name, (path, options) in rows.items()
+                          if path in named and not is_measured(kept.get(name), options)})
 
 
 def measure_rows(rows: dict, earlier: dict, into: dict, measure, save, label: str) -> None:
@@ -413,6 +434,20 @@ def recombined_rows(models: dict, more=(), rate_two=()) -> dict:
         if name in rate_two:
             rows[f"{name} rerank 32, edits 2"] = (path, {"rerank": 32, "edits": 2})
             rows.update(margin_rows(name, path))
+    return rows
+
+
+def merged_rows(models: dict) -> dict:
+    """Part 7's rows: name -> (directory, options), for the shipped viecap and MERGED_RATE_TWO of `models`."""
+    rows = {"viecap, entities merged": (BUNDLE / "viecap", {"entity_merge": MERGED}),
+            "viecap rerank 8, entities merged": (BUNDLE / "viecap", {"rerank": 8, "entity_merge": MERGED})}
+    for name in MERGED_RATE_TWO:
+        path = models[name]
+        rows[f"{name}, entities unmerged (this run)"] = (path, {"entity_merge": UNMERGED})
+        rows[f"{name}, entities merged"] = (path, {"entity_merge": MERGED})
+        rows[f"{name}, entities merged, rerank 32"] = (path, {"rerank": 32, "entity_merge": MERGED})
+        rows[f"{name}, entities merged, rerank 32, edits {EDITS} (its margin)"] = (
+            path, {"rerank": 32, "edits": EDITS, "margin": None, "entity_merge": MERGED})
     return rows
 
 
@@ -619,6 +654,7 @@ def main() -> None:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
     rows.update(recombined_rows(recombined, more=MORE, rate_two=RATE_TWO))
+    rows.update(merged_rows(recombined))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
     with_substitutes(rows, data)
     measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
@@ -648,7 +684,7 @@ def main() -> None:
 
 
 def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
-    """Part 5 alone (--recombined-only): the captioning rows of part 5 that --out's JSON lacks are
+    """Parts 5 and 7 alone (--recombined-only): the captioning rows of parts 5 and 7 that --out's JSON lacks are
     measured, training only the decoders they need; every other row is kept. Adds a part 5 decoder
     without retraining part 3's inverters (hours); a full run measures the same rows the same way."""
     from unembed.embedders import load_embedder
@@ -659,7 +695,8 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
         raise SystemExit(f"{out} was measured with embedder {result.get('embedder_id')}, not {embedder.id}: "
                          "run the whole benchmark")
     plan = main_world_plan(work, data)
-    rows = recombined_rows({name: path for name, (path, _, _) in plan.items()}, more=MORE, rate_two=RATE_TWO)
+    models = {name: path for name, (path, _, _) in plan.items()}
+    rows = {**recombined_rows(models, more=MORE, rate_two=RATE_TWO), **merged_rows(models)}
     earlier = result["captioning"]
     for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)

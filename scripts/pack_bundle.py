@@ -145,19 +145,34 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
     and written back with what the current format records; weights and other files stay as they are.
     With `data_dir` (the data the bundle was trained on), a decoder trained on captions that lacks the
     substitutes training now writes gets them, from the same captions (`substitutes`), and one without
-    the edit margin training now chooses gets it, chosen on the same val split (`choose_edit_margin`)."""
+    the edit margin training now chooses gets it, chosen on the same val split (`choose_edit_margin`);
+    an entity-aware one without the counts of its entities in those captions (which name its synonym
+    groups) gets them."""
     from unembed.data.splits import split_captions
     from unembed.decoders import decoder_class, prefix_kinds
     from unembed.decoders.base import FORMAT_VERSION, read_decoder_config
     from unembed.decoders.edits import FILE, MARGIN_FILE, substitutes
+    from unembed.entities import EntityVocabulary, entity_counts
     from unembed.lm import record_lm
 
-    table = substitutes(split_captions(Path(data_dir) / "train")) if data_dir else None
-    done = []
-    for name in read_json(bundle / MANIFEST)["decoders"]:
+    captions = split_captions(Path(data_dir) / "train") if data_dir else None
+    table = substitutes(captions) if data_dir else None
+    done, info = [], read_json(bundle / MANIFEST)
+    for name in info["decoders"]:
         path = bundle / name
         saved = read_decoder_config(path)
         added = []
+        cls = decoder_class(saved["kind"])
+        config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
+        if hasattr(config, "lm_weights"):
+            record_lm(config)
+        if captions and hasattr(config, "entity_counts") and len(config.entity_counts) != len(config.entities):
+            config.entity_counts = entity_counts(EntityVocabulary(config.entities, config.entity_vocabulary), captions)[0]
+            added.append("entity counts")
+            (path / MARGIN_FILE).unlink(missing_ok=True)  # chosen on what it wrote unmerged: chosen again below
+        saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
+        refuse_machine_paths(saved, path / "config.json")
+        write_json(path / "config.json", saved)  # first: the margin below is chosen on what it decodes
         if table and saved["kind"] in prefix_kinds():
             if not (path / FILE).is_file():
                 write_json(path / FILE, table)
@@ -169,15 +184,35 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
                 else:
                     write_json(path / MARGIN_FILE, record)
                     added.append(f"{MARGIN_FILE}, margin {record['margin']}")
-        cls = decoder_class(saved["kind"])
-        config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
-        if hasattr(config, "lm_weights"):
-            record_lm(config)
-        saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
-        refuse_machine_paths(saved, path / "config.json")
-        write_json(path / "config.json", saved)
+        if "entity counts" in added and name in info.get("scores", {}):  # it writes other captions now
+            info["scores"][name].update(_rescored(path, Path(data_dir), info))
+            info.setdefault("rescored", {})[name] = "after `upgrade` gave it its entity counts (synonyms merged)"
+            write_json(bundle / MANIFEST, info)
+            added.append(f"test CIDEr now {info['scores'][name]['CIDEr']:.4f}")
         done.append(f"{name} (added {'; '.join(added)})" if added else name)
     return done
+
+
+def _rescored(path: Path, data_dir: Path, info: dict) -> dict:
+    """The scores pack records for the decoder at `path` (SCORE_KEYS; its speed stays the compare run's,
+    measured in a fresh process), measured again on the bundle's split with the bundle's embedder."""
+    import tempfile
+
+    from unembed.compare import caption_job
+    from unembed.data.splits import load_split
+    from unembed.decoders import load_decoder
+    from unembed.eval.scoring import score_decoders
+    from unembed.pipeline import embed_split
+
+    split_dir, n = data_dir / info["split"], info["n_images"]
+    with tempfile.TemporaryDirectory() as tmp:
+        done = caption_job(str(path), str(split_dir), None, n, 32, "cpu", str(Path(tmp) / "captions.jsonl"))
+    embedder = load_decoder(path, device="cpu").embedder_for_rerank()
+    _, references, ids = (part[:n] for part in load_split(split_dir))
+    rows = {path.name: {}}
+    score_decoders(rows, {path.name: done["captions"]}, embedder, embed_split(embedder, split_dir).vectors[:n],
+                   dict(zip(ids, references)), ids, spice=False, log=lambda _: None)
+    return {k: rows[path.name]["metrics"].get(k) for k in SCORE_KEYS}
 
 
 def _margin_chosen_on_val(path: Path, data_dir: Path) -> dict | str:

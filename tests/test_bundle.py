@@ -216,3 +216,37 @@ def test_the_default_bundled_decoder_describes_new_scenes_truly(tmp_path):
         scenes.append(scene)
     captions = caption(paths, str(bundled_decoder()), device="cpu")
     assert sum(caption_is_true(c, s) for c, s in zip(captions, scenes)) >= 12
+
+
+def test_upgrade_gives_the_shipped_viecap_its_entity_counts_and_scores_it_again(scenes_dir, tmp_path, capsys):
+    """A viecap packed before it kept its entity counts gets them from the captions it was trained on
+    (so it merges synonyms), its edit margin is chosen again on what it now writes, and bundle.json's
+    scores are measured again: they are the captions `unembed caption` now gives from the image files."""
+    import shutil
+
+    from unembed.entities import EntityVocabulary, entity_counts
+    from unembed.eval.metrics import coco_caption_metrics
+    from unembed.data.splits import load_split
+
+    out = tmp_path / "bundle"
+    for part in ("embedder", "viecap"):
+        shutil.copytree(BUNDLE_DIR / part, out / part)
+    saved = json.loads((out / "viecap" / "config.json").read_text())
+    del saved["config"]["entity_counts"]  # as packed before the counts were kept
+    (out / "viecap" / "config.json").write_text(json.dumps(saved))
+    (out / "bundle.json").write_text(json.dumps({
+        "format": "unembed-bundle", "default": "viecap", "decoders": ["viecap"], "embedder": "embedder",
+        "split": "test", "n_images": 6, "scores": {"viecap": {"CIDEr": None, "train_minutes": 3.0}}}))
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "viecap (added entity counts; no edits.json: 12 val images" in said  # the old margin is gone too
+    assert not (out / "viecap" / "edits.json").exists()
+    config = json.loads((out / "viecap" / "config.json").read_text())["config"]
+    vocabulary = EntityVocabulary(config["entities"], config["entity_vocabulary"])
+    assert config["entity_counts"] == entity_counts(vocabulary, split_captions(scenes_dir / "train"))[0]
+    paths, references, ids = (part[:6] for part in load_split(scenes_dir / "test"))
+    captions = caption([str(p) for p in paths], str(out / "viecap"), device="cpu")
+    scores = json.loads((out / "bundle.json").read_text())["scores"]["viecap"]
+    expected = coco_caption_metrics(dict(zip(ids, captions)), dict(zip(ids, references)), spice=False)["CIDEr"]
+    assert scores["CIDEr"] == pytest.approx(expected) and scores["train_minutes"] == 3.0
+    assert f"test CIDEr now {expected:.4f}" in said

@@ -9,7 +9,7 @@ import torch
 from unembed.cli import EXIT_FAILED, EXIT_OK, main
 from unembed.data.scenes import named_pairs
 from unembed.decoders import create_decoder, load_decoder
-from unembed.entities import Chunk, EntityVocabulary, chunks, detect, detection_scores
+from unembed.entities import Chunk, EntityVocabulary, chunks, detect, detection_scores, entity_counts, synonym_groups
 
 # Colours seen with circles and squares; stars seen only in red and green; "purple star" never.
 CORPUS = ["a red circle", "a purple circle on the left", "two green circles", "a red star at the top",
@@ -51,6 +51,48 @@ def test_detection_keeps_the_top_k_above_the_threshold():
     scores = detection_scores([["circle", "star"]], [["a red circle", "a square"]],
                               EntityVocabulary(entries, "nouns"))
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5
+
+
+def _unit(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+
+def test_synonyms_are_one_entity_named_by_the_commonest_word():
+    # ring ~ hoop (0.99), hoop ~ circle (0.99), but ring ~ circle below the bar: no chain links them
+    entries = ["circle", "hoop", "ring", "star"]
+    vectors = _unit([1.0, 0.0, 0.0], [0.99, 0.141, 0.0], [0.96, 0.28, 0.0], [0.0, 0.0, 1.0])
+    assert synonym_groups(vectors, [5, 1, 9, 3], 0.98) == [0, 2, 2, 3]  # ring and hoop, named "ring"
+    assert synonym_groups(vectors, [9, 1, 5, 3], 0.98) == [0, 0, 2, 3]  # circle and hoop, named "circle"
+    assert synonym_groups(vectors, [0, 0, 0, 0], 0.98) == [0, 0, 2, 3]  # a tie: the first
+    assert synonym_groups(vectors, [5, 1, 9, 3], 0.999) == [0, 1, 2, 3]
+    # hoop and ring share one shape's probability: each alone under the threshold, together over it
+    image = _unit([0.0, 1.0, 1.0, 0.8])
+    flat = torch.eye(4)
+    assert detect(image, entries, flat, top_k=3, threshold=0.5, temperature=0.25) == [[]]
+    groups = [0, 2, 2, 3]
+    assert detect(image, entries, flat, top_k=3, threshold=0.5, temperature=0.25, groups=groups) == [["ring"]]
+    assert detect(image, entries, flat, top_k=3, threshold=0.0, temperature=0.25, groups=groups)[0] == [
+        "ring", "star", "circle"]  # "hoop" is no entity of its own, whatever the threshold
+    counts, named = entity_counts(EntityVocabulary(entries), ["a red ring", "a ring and a hoop", "a ring", "a ring"])
+    assert counts == [0, 1, 4, 0] and named["a ring and a hoop"] == ["ring", "hoop"]
+
+
+def test_a_decoder_merges_with_the_counts_of_its_training_captions(embedder, tmp_path):
+    decoder = _viecap(embedder)
+    assert decoder.config.entity_counts == [3, 12, 12, 9]  # background, circle, square, star in CORPUS
+    width = decoder.entity_vectors.shape[1]
+    plane = lambda *rows: torch.nn.functional.pad(_unit(*rows), (0, width - 2))  # the embedder's width
+    decoder.entity_vectors = plane([1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.05])
+    assert decoder.synonym_groups() == [3, 1, 1, 3]  # square joins circle, background joins star
+    decoder.save(tmp_path / "v")
+    again = load_decoder(tmp_path / "v")
+    assert again.config.entity_counts == decoder.config.entity_counts and again.synonym_groups() == [3, 1, 1, 3]
+    found = again.detect(plane([0.05, 1.0]))  # nearer square than circle, far from the rest
+    assert found == [["circle"]]  # the commoner word (a tie here: the first)
+    again.config.entity_merge = 0.0
+    assert again.synonym_groups() is None and again.detect(plane([0.05, 1.0])) == [["square", "circle"]]
+    again.config.entity_merge, again.config.entity_counts = 0.98, []  # saved before counts were kept: no merging
+    assert again.synonym_groups() is None
 
 
 def _viecap(embedder, **options):

@@ -130,13 +130,47 @@ def entity_vectors(embedder, entries: list[str], templates=TEMPLATES) -> torch.T
     return F.normalize(vectors.mean(1), dim=-1)
 
 
+def entity_counts(vocabulary: EntityVocabulary, captions) -> tuple[list[int], dict[str, list[str]]]:
+    """How many of `captions` name each entry (vocabulary order), and each caption's entries (its
+    prompt in training, so a caption is read once)."""
+    named = {c: vocabulary.caption_entities(c) for c in dict.fromkeys(captions)}
+    counts = Counter(e for c in captions for e in named[c])
+    return [counts[e] for e in vocabulary.entries], named
+
+
+def synonym_groups(entry_vectors: torch.Tensor, counts: list[int], threshold: float) -> list[int]:
+    """For each entry, the entry that names its group. Entries whose text embeddings have a cosine of at
+    least `threshold` with every member of a group join it ("ring" and "hoop", "square" and "box"), taken
+    commonest first (the most training captions name it; the first on a tie), so the commonest member
+    names the group and no chain of near pairs links two unlike entries. Without groups a detector splits
+    one shape's probability between its words, names it twice ("a hoop with a hoop"), or by its rarer
+    word, which the references seldom use."""
+    vectors = F.normalize(entry_vectors.float(), dim=-1)
+    near = (vectors @ vectors.T >= threshold).tolist()
+    groups: list[list[int]] = []
+    for i in sorted(range(len(vectors)), key=lambda i: (-counts[i], i)):
+        joined = next((g for g in groups if all(near[i][j] for j in g)), None)
+        if joined is None:
+            groups.append([i])
+        else:
+            joined.append(i)
+    name = {i: g[0] for g in groups for i in g}
+    return [name[i] for i in range(len(vectors))]
+
+
 def detect(vectors: torch.Tensor, entries: list[str], entry_vectors: torch.Tensor, top_k: int = 3,
-           threshold: float = 0.2, temperature: float = 0.01) -> list[list[str]]:
+           threshold: float = 0.2, temperature: float = 0.01, groups: list[int] | None = None) -> list[list[str]]:
     """The entities of each embedding [N, D], best first: at most `top_k` entries whose zero-shot
-    probability (softmax over the vocabulary of cos / temperature) is at least `threshold`."""
+    probability (softmax over the vocabulary of cos / temperature) is at least `threshold`. With
+    `groups` (synonym_groups), a group is one entity: its members' probabilities summed, under its name."""
     if not entries:
         return [[] for _ in range(len(vectors))]
     probs = (F.normalize(vectors.float(), dim=-1) @ entry_vectors.float().to(vectors.device).T / temperature).softmax(-1)
+    if groups is not None:  # each group's sum at its name's column; -1 elsewhere, under any threshold
+        names = torch.tensor(groups, device=probs.device)
+        summed = torch.full_like(probs, -1.0)
+        summed[:, names.unique()] = 0.0
+        probs = summed.index_add_(1, names, probs)
     top, index = probs.topk(min(top_k, len(entries)), dim=-1)
     return [[entries[i] for p, i in zip(ps.tolist(), ix.tolist()) if p >= threshold] for ps, ix in zip(top, index)]
 

@@ -20,6 +20,10 @@ Differences from the reference, and why:
   captions has no capital "T".
 - The default vocabulary comes from the training captions, not Visual Genome's 1,600 categories,
   which would need a download.
+- Synonyms are one entity at inference (entity_merge): entries whose text embeddings are nearly the
+  same ("ring" and "hoop") share one probability and are named by the word the training captions use
+  most. Visual Genome's categories are already one word each; words read from captions are not, and
+  unmerged they split a shape's probability, name it twice ("a hoop with a hoop") or by its rarer word.
 """
 from __future__ import annotations
 
@@ -52,9 +56,14 @@ class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.01
     entity_top_k: int = option(3, "inference: at most this many detected entities")
     entity_threshold: float = option(0.2, "inference: the least zero-shot probability of a detected entity")
     entity_temperature: float = option(0.01, "zero-shot classification temperature (softmax of cos / temperature)")
+    # 0.98: the bundle's embedder puts every pair of scene synonyms at 0.989 or more, and its nearest
+    # unlike nouns at 0.978 ("sign" and "background"); a lower bar would name a plus sign "background".
+    entity_merge: float = option(0.98, "inference: entities whose text embeddings have at least this cosine are one, "
+                                 "named by the word the most training captions use (0: off)")
     prompt_template: str = "there are {} in image."
     no_entity: str = "something"
     entities: list = field(default_factory=list)  # the vocabulary, set when the decoder is trained
+    entity_counts: list = field(default_factory=list)  # how many training captions name each (none: no merging)
 
 
 @register_decoder
@@ -67,12 +76,13 @@ class ViECapDecoder(PrefixDecoder):
     text_only = True
     cli_options = PrefixDecoder.cli_options + (
         "hard_prompt", "entity_vocabulary", "entities_file", "entity_min_count", "entity_similarity", "entity_mask",
-        "max_entities", "entity_top_k", "entity_threshold", "entity_temperature")
+        "max_entities", "entity_top_k", "entity_threshold", "entity_temperature", "entity_merge")
 
     def __init__(self, config: ViECapConfig, tokenizer=None, adapter=None):
         super().__init__(config, tokenizer, adapter)
         self.register_buffer("entity_vectors", torch.zeros(len(config.entities), config.embed_dim))
         self._vocabulary = None
+        self._groups = None
         self._named: dict[str, list[str]] = {}  # training: each caption's entities
 
     @classmethod
@@ -94,7 +104,7 @@ class ViECapDecoder(PrefixDecoder):
 
     def fit_text(self, embedder, captions: list[str]) -> None:
         """Build the entity vocabulary (from the captions, or the entities file) and embed it once."""
-        from unembed.entities import EntityVocabulary, entity_vectors
+        from unembed.entities import EntityVocabulary, entity_counts, entity_vectors
 
         cfg = self.config
         if cfg.entities_file:
@@ -102,7 +112,8 @@ class ViECapDecoder(PrefixDecoder):
         else:
             vocabulary = EntityVocabulary.from_captions(captions, cfg.entity_vocabulary, cfg.entity_min_count,
                                                         cfg.entity_similarity)
-        cfg.entities, self._vocabulary, self._named = vocabulary.entries, vocabulary, {}
+        cfg.entities, self._vocabulary, self._groups = vocabulary.entries, vocabulary, None
+        cfg.entity_counts, self._named = entity_counts(vocabulary, captions)
         vectors = entity_vectors(embedder, vocabulary.entries) if vocabulary.entries else torch.zeros(0, cfg.embed_dim)
         self.entity_vectors = vectors.to(self.entity_vectors.device)
 
@@ -139,7 +150,19 @@ class ViECapDecoder(PrefixDecoder):
 
         cfg = self.config
         return detect(vectors, cfg.entities, self.entity_vectors, cfg.entity_top_k, cfg.entity_threshold,
-                      cfg.entity_temperature)
+                      cfg.entity_temperature, self.synonym_groups())
+
+    def synonym_groups(self) -> list[int] | None:
+        """entities.synonym_groups of the vocabulary, or None: merging off, or a decoder saved without
+        its counts (which name each group)."""
+        from unembed.entities import synonym_groups
+
+        cfg = self.config
+        if not cfg.entity_merge or len(cfg.entity_counts) != len(cfg.entities):
+            return None
+        if self._groups is None or self._groups[0] != cfg.entity_merge:  # computed once per bar
+            self._groups = cfg.entity_merge, synonym_groups(self.entity_vectors, cfg.entity_counts, cfg.entity_merge)
+        return self._groups[1]
 
     def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
         if not self.config.hard_prompt:
