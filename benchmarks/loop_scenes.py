@@ -55,7 +55,8 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
 7. Synonyms merged in viecap's detection (ViECapConfig.entity_merge, the default from then on): the
    shipped viecap alone and with rerank 8, and the rate-2 viecap seeds unmerged (the same weights, this
    run), merged, merged with rerank 32, and merged with rerank 32 and one round of edits at the margin
-   each chose on val. Every viecap row of parts 1 to 6 is measured unmerged, as it was recorded.
+   each chose on val; and the same recipe with entity masking 0.2 (LESS_MASKED), merged. Every viecap
+   row of parts 1 to 6 is measured unmerged, as it was recorded.
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
@@ -124,6 +125,11 @@ MARGINS = (2.0, 3.0)
 UNMERGED = 0.0
 MERGED = ViECapConfig.entity_merge
 MERGED_RATE_TWO = tuple(name for name in RATE_TWO if name.startswith("viecap"))
+# ... and trained with each entity left out of the prompt less often (0.2, ViECap's is 0.4), so the LM
+# copies the detected shape more: at seed 1 the rate-2 viecap wrote "an orange cross" under a prompt
+# that said "heart".
+LESS_MASKED = {"viecap recombined, rate 2, entity mask 0.2" + (f", seed {s}" if s else ""):
+               ("viecap", RECOMBINE + ["--recombine-rate", "2", "--entity-mask", "0.2"], s) for s in SEEDS}
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -324,16 +330,19 @@ def heldout_ceiling(embedder, split_dir: Path, images: int) -> dict:
 
 
 def recombined_plan(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
-                    plain_seeds=SEEDS, seeds=SEEDS, corrected=("capdec", "viecap"), rates=None) -> dict:
+                    plain_seeds=SEEDS, seeds=SEEDS, corrected=("capdec", "viecap"), rates=None,
+                    more_runs=None) -> dict:
     """Part 5's decoders: name -> (directory, the `unembed` arguments that train it, the plan's name of
     the decoder it needs first or None). capdec without recombined captions at `plain_seeds` and with
     them at `seeds`; the other kinds of `kind_recipe` recombined at seed 0, and at the copies per
-    caption of `rates` (kind -> {rate: seeds}); a corrector over the recombined kinds in `corrected`."""
+    caption of `rates` (kind -> {rate: seeds}); `more_runs` (name -> (kind, its options, seed)); a
+    corrector over the recombined kinds in `corrected`."""
     runs = {f"capdec, seed {s}": ("capdec", [], s) for s in plain_seeds}
     runs.update({f"capdec recombined, seed {s}": ("capdec", RECOMBINE, s) for s in seeds})
     runs.update({f"{k} recombined": (k, RECOMBINE, 0) for k in kind_recipe if k != "capdec"})
     runs.update({f"{k} recombined, rate {r:g}" + (f", seed {s}" if s else ""): (k, RECOMBINE + ["--recombine-rate", f"{r:g}"], s)
                  for k, rs in (rates or {}).items() for r, seeds in rs.items() for s in seeds})
+    runs.update(more_runs or {})
     plan = {}
     for name, (kind, extra, seed) in runs.items():
         path = work / name.replace(", ", "-").replace(" ", "-")
@@ -385,7 +394,8 @@ def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
 
 def main_world_plan(work: Path, data: Path) -> dict:
     """Part 5's decoders in the main world (recombined_plan)."""
-    return recombined_plan(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE, rates=RATES)
+    return recombined_plan(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE, rates=RATES,
+                           more_runs=LESS_MASKED)
 
 
 def is_measured(done: dict | None, options: dict) -> bool:
@@ -438,12 +448,14 @@ def recombined_rows(models: dict, more=(), rate_two=()) -> dict:
 
 
 def merged_rows(models: dict) -> dict:
-    """Part 7's rows: name -> (directory, options), for the shipped viecap and MERGED_RATE_TWO of `models`."""
+    """Part 7's rows: name -> (directory, options), for the shipped viecap and MERGED_RATE_TWO and
+    LESS_MASKED of `models`."""
     rows = {"viecap, entities merged": (BUNDLE / "viecap", {"entity_merge": MERGED}),
             "viecap rerank 8, entities merged": (BUNDLE / "viecap", {"rerank": 8, "entity_merge": MERGED})}
-    for name in MERGED_RATE_TWO:
+    for name in MERGED_RATE_TWO + tuple(LESS_MASKED):
         path = models[name]
-        rows[f"{name}, entities unmerged (this run)"] = (path, {"entity_merge": UNMERGED})
+        if name in MERGED_RATE_TWO:
+            rows[f"{name}, entities unmerged (this run)"] = (path, {"entity_merge": UNMERGED})
         rows[f"{name}, entities merged"] = (path, {"entity_merge": MERGED})
         rows[f"{name}, entities merged, rerank 32"] = (path, {"rerank": 32, "entity_merge": MERGED})
         rows[f"{name}, entities merged, rerank 32, edits {EDITS} (its margin)"] = (
