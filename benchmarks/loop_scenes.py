@@ -55,8 +55,10 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
 7. Synonyms merged in viecap's detection (ViECapConfig.entity_merge, the default from then on): the
    shipped viecap alone and with rerank 8, and the rate-2 viecap seeds unmerged (the same weights, this
    run), merged, merged with rerank 32, and merged with rerank 32 and one round of edits at the margin
-   each chose on val; and the same recipe with entity masking 0.2 (LESS_MASKED), merged. Every viecap
-   row of parts 1 to 6 is measured unmerged, as it was recorded.
+   each chose on val; and the same recipe with entity masking 0.2 (LESS_MASKED), merged (and, as part
+   5 reads every recombined decoder, unmerged alone and, at seed 0, with rerank 8). Every viecap row of
+   parts 1 to 6 is measured unmerged, as it was recorded; a corrector over viecap trained today learns
+   from its base's merged captions, and is measured with them.
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
@@ -262,8 +264,9 @@ def eval_splits(embedder, data: Path, images: dict[str, int]) -> dict:
 
 def decoder_loader(embedder):
     """decoder_at(path, entity_merge): the decoder at `path` on the CPU with `embedder`, each loaded
-    once per entity_merge, which a viecap decoder (or a corrector's viecap base) takes instead of its
-    own. By default UNMERGED: the rows measured before viecap merged synonyms are measured as they were."""
+    once per entity_merge, which a viecap decoder takes instead of its own. By default UNMERGED: the
+    rows measured before viecap merged synonyms are measured as they were. (A corrector's viecap base
+    keeps its own: the corrector learnt from the hypotheses that base wrote when it was trained.)"""
     from unembed.decoders import load_decoder
 
     loaded = {}
@@ -271,9 +274,10 @@ def decoder_loader(embedder):
     def decoder_at(path: Path, entity_merge: float = UNMERGED):
         if (path, entity_merge) not in loaded:
             decoder = load_decoder(path, device="cpu", embedder=embedder)
-            detector = getattr(decoder, "base", None) or decoder
-            if hasattr(detector.config, "entity_merge"):
-                detector.config.entity_merge = entity_merge
+            if hasattr(decoder.config, "entity_merge"):
+                decoder.config.entity_merge = entity_merge
+                if entity_merge and decoder.synonym_groups() is None:  # a row called merged must be
+                    raise SystemExit(f"{path} keeps no entity counts (trained before them): train it again")
             loaded[path, entity_merge] = decoder
         return loaded[path, entity_merge]
     return decoder_at

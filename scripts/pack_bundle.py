@@ -184,11 +184,13 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
                 else:
                     write_json(path / MARGIN_FILE, record)
                     added.append(f"{MARGIN_FILE}, margin {record['margin']}")
-        if "entity counts" in added and name in info.get("scores", {}):  # it writes other captions now
+        # it writes other captions now; also when an earlier upgrade stopped before scoring them
+        merged = getattr(config, "entity_counts", None) and config.entity_merge
+        if data_dir and merged and name in info.get("scores", {}) and name not in info.get("rescored", {}):
             info["scores"][name].update(_rescored(path, Path(data_dir), info))
             info.setdefault("rescored", {})[name] = "after `upgrade` gave it its entity counts (synonyms merged)"
             write_json(bundle / MANIFEST, info)
-            added.append(f"test CIDEr now {info['scores'][name]['CIDEr']:.4f}")
+            added.append(f"{info['split']} CIDEr now {info['scores'][name]['CIDEr']:.4f}")
         done.append(f"{name} (added {'; '.join(added)})" if added else name)
     return done
 
@@ -205,10 +207,12 @@ def _rescored(path: Path, data_dir: Path, info: dict) -> dict:
     from unembed.pipeline import embed_split
 
     split_dir, n = data_dir / info["split"], info["n_images"]
+    _, references, ids = (part[:n] for part in load_split(split_dir))
+    if len(ids) < n:
+        raise UnembedError(f"{split_dir} has {len(ids)} images; {path.name}'s scores in {MANIFEST} were measured on {n}")
     with tempfile.TemporaryDirectory() as tmp:
         done = caption_job(str(path), str(split_dir), None, n, 32, "cpu", str(Path(tmp) / "captions.jsonl"))
     embedder = load_decoder(path, device="cpu").embedder_for_rerank()
-    _, references, ids = (part[:n] for part in load_split(split_dir))
     rows = {path.name: {}}
     score_decoders(rows, {path.name: done["captions"]}, embedder, embed_split(embedder, split_dir).vectors[:n],
                    dict(zip(ids, references)), ids, spice=False, log=lambda _: None)

@@ -250,3 +250,11 @@ def test_upgrade_gives_the_shipped_viecap_its_entity_counts_and_scores_it_again(
     expected = coco_caption_metrics(dict(zip(ids, captions)), dict(zip(ids, references)), spice=False)["CIDEr"]
     assert scores["CIDEr"] == pytest.approx(expected) and scores["train_minutes"] == 3.0
     assert f"test CIDEr now {expected:.4f}" in said
+    # an upgrade that stopped after writing the counts, before scoring, scores them the next time
+    info = json.loads((out / "bundle.json").read_text())
+    info["scores"]["viecap"]["CIDEr"] = None
+    del info["rescored"]
+    (out / "bundle.json").write_text(json.dumps(info))
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    assert json.loads((out / "bundle.json").read_text())["scores"]["viecap"]["CIDEr"] == pytest.approx(expected)
+    assert "viecap (added no edits.json: 12 val images" in capsys.readouterr().out  # not counted again

@@ -9,6 +9,7 @@ import torch
 from unembed.cli import EXIT_FAILED, EXIT_OK, main
 from unembed.data.scenes import named_pairs
 from unembed.decoders import create_decoder, load_decoder
+from unembed.errors import BadInputError
 from unembed.entities import Chunk, EntityVocabulary, chunks, detect, detection_scores, entity_counts, synonym_groups
 
 # Colours seen with circles and squares; stars seen only in red and green; "purple star" never.
@@ -71,8 +72,9 @@ def test_synonyms_are_one_entity_named_by_the_commonest_word():
     assert detect(image, entries, flat, top_k=3, threshold=0.5, temperature=0.25) == [[]]
     groups = [0, 2, 2, 3]
     assert detect(image, entries, flat, top_k=3, threshold=0.5, temperature=0.25, groups=groups) == [["ring"]]
-    assert detect(image, entries, flat, top_k=3, threshold=0.0, temperature=0.25, groups=groups)[0] == [
-        "ring", "star", "circle"]  # "hoop" is no entity of its own, whatever the threshold
+    for threshold in (0.0, -1.0):  # "hoop" is no entity of its own, whatever the threshold
+        assert detect(image, entries, flat, top_k=4, threshold=threshold, temperature=0.25, groups=groups)[0] == [
+            "ring", "star", "circle"]
     counts, named = entity_counts(EntityVocabulary(entries), ["a red ring", "a ring and a hoop", "a ring", "a ring"])
     assert counts == [0, 1, 4, 0] and named["a ring and a hoop"] == ["ring", "hoop"]
 
@@ -91,8 +93,14 @@ def test_a_decoder_merges_with_the_counts_of_its_training_captions(embedder, tmp
     assert found == [["circle"]]  # the commoner word (a tie here: the first)
     again.config.entity_merge = 0.0
     assert again.synonym_groups() is None and again.detect(plane([0.05, 1.0])) == [["square", "circle"]]
-    again.config.entity_merge, again.config.entity_counts = 0.98, []  # saved before counts were kept: no merging
+    again.config.entity_merge = 0.98
+    again.entity_vectors = plane([1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 0.05])  # new vectors: new groups
+    assert again.synonym_groups() == [2, 1, 2, 2]
+    again.config.entity_counts = []  # saved before counts were kept: no merging
     assert again.synonym_groups() is None
+    again.config.entity_merge = -0.5
+    with pytest.raises(BadInputError, match="entity_merge"):
+        again.detect(plane([0.05, 1.0]))
 
 
 def _viecap(embedder, **options):

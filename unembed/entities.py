@@ -23,6 +23,7 @@ classification.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -166,9 +167,9 @@ def detect(vectors: torch.Tensor, entries: list[str], entry_vectors: torch.Tenso
     if not entries:
         return [[] for _ in range(len(vectors))]
     probs = (F.normalize(vectors.float(), dim=-1) @ entry_vectors.float().to(vectors.device).T / temperature).softmax(-1)
-    if groups is not None:  # each group's sum at its name's column; -1 elsewhere, under any threshold
+    if groups is not None:  # each group's sum at its name's column; -inf elsewhere, under any threshold
         names = torch.tensor(groups, device=probs.device)
-        summed = torch.full_like(probs, -1.0)
+        summed = torch.full_like(probs, -math.inf)
         summed[:, names.unique()] = 0.0
         probs = summed.index_add_(1, names, probs)
     top, index = probs.topk(min(top_k, len(entries)), dim=-1)

@@ -158,10 +158,13 @@ class ViECapDecoder(PrefixDecoder):
         from unembed.entities import synonym_groups
 
         cfg = self.config
+        if not 0 <= cfg.entity_merge <= 1:
+            raise BadInputError("option entity_merge", f"is a cosine between 0 and 1 (0: off), not {cfg.entity_merge}")
         if not cfg.entity_merge or len(cfg.entity_counts) != len(cfg.entities):
             return None
-        if self._groups is None or self._groups[0] != cfg.entity_merge:  # computed once per bar
-            self._groups = cfg.entity_merge, synonym_groups(self.entity_vectors, cfg.entity_counts, cfg.entity_merge)
+        key = (cfg.entity_merge, tuple(cfg.entity_counts), id(self.entity_vectors), self.entity_vectors._version)
+        if self._groups is None or self._groups[0] != key:  # computed once for these vectors, counts and bar
+            self._groups = key, synonym_groups(self.entity_vectors, cfg.entity_counts, cfg.entity_merge)
         return self._groups[1]
 
     def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
