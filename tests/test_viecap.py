@@ -170,6 +170,28 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
     assert [json.loads(line)["decoder"] for line in captions.read_text().splitlines()] == ["viecap"] * 3
 
 
+def test_a_decoder_saved_without_counts_gets_them_when_trained_further(tmp_path, scenes_dir, embedder_dir):
+    """`--init` keeps the saved vocabulary; a decoder saved before entity counts were kept counts its
+    entries in the captions it is trained further on, and merges from then on."""
+    from unembed.data.splits import split_captions
+
+    first, further = tmp_path / "first", tmp_path / "further"
+    common = ["train", "viecap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--max-steps", "1",
+              "--batch-size", "8", "--device", "cpu"]
+    assert main([*common, "--out", str(first), "--lm", "scratch", "--tokenizer", "corpus:64", "--lm-config",
+                 '{"n_layer": 1, "n_embd": 32}', "--mapper", "mlp", "--entity-min-count", "1"]) == EXIT_OK
+    saved = json.loads((first / "config.json").read_text())
+    counted = saved["config"].pop("entity_counts")
+    (first / "config.json").write_text(json.dumps(saved))  # as saved before counts were kept
+    assert load_decoder(first).synonym_groups() is None
+    assert main([*common, "--out", str(further), "--init", str(first)]) == EXIT_OK
+    config = json.loads((further / "config.json").read_text())["config"]
+    assert config["entities"] == saved["config"]["entities"] and config["entity_counts"] == counted
+    vocabulary = EntityVocabulary(config["entities"])
+    assert counted == entity_counts(vocabulary, split_captions(scenes_dir / "train"))[0]
+    assert load_decoder(further).synonym_groups() is not None
+
+
 def test_an_empty_entities_file_is_refused_in_one_line(tmp_path, scenes_dir, embedder_dir, capsys):
     empty = tmp_path / "none.txt"
     empty.write_text("\n\n")

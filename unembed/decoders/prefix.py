@@ -225,6 +225,10 @@ class PrefixDecoder(LMWeights, Decoder):
         """What the decoder learns from its training text before training starts (ViECap: its entity
         vocabulary); nothing by default."""
 
+    def refit_text(self, captions: list[str]) -> None:
+        """What a saved decoder trained further (--init) adds from its new text, keeping what fit_text
+        learnt (ViECap: the counts of its entities, if it was saved without them); nothing by default."""
+
     def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
         """Per-caption prompt token ids for training, drawn with `generator` (None: no prompt)."""
         return None

@@ -117,6 +117,14 @@ class ViECapDecoder(PrefixDecoder):
         vectors = entity_vectors(embedder, vocabulary.entries) if vocabulary.entries else torch.zeros(0, cfg.embed_dim)
         self.entity_vectors = vectors.to(self.entity_vectors.device)
 
+    def refit_text(self, captions: list[str]) -> None:
+        """A decoder saved without its entity counts takes them from the captions it is trained further
+        on (its vocabulary stays as it was: the weights learnt it)."""
+        from unembed.entities import entity_counts
+
+        if len(self.config.entity_counts) != len(self.config.entities):
+            self.config.entity_counts, self._named = entity_counts(self.vocabulary, captions)
+
     def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
         """Each caption's own entities, each kept with probability 1 - entity_mask, in random order."""
         cfg = self.config

@@ -200,6 +200,8 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
 
     if decoder is None:
         decoder = _new_decoder(cls, embedder, config.seed, captions, unique, vectors, images, decoder_options)
+    else:
+        decoder.refit_text(captions)
     # what `edits` rewrites with; a decoder trained further keeps what its earlier captions taught it too
     decoder.substitutes = with_earlier(substitutes(written), decoder.substitutes)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
