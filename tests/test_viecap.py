@@ -205,3 +205,17 @@ def test_an_empty_entities_file_is_refused_in_one_line(tmp_path, scenes_dir, emb
 def test_named_pairs_reads_colour_shape_pairs_in_any_caption():
     assert named_pairs("two violet stars, an orange heart and a plus sign") == {("purple", "star"), ("orange", "heart")}
     assert named_pairs("a black plus sign") == {("black", "cross")} and named_pairs("purple") == set()
+
+
+def test_the_readme_small_world_merge_numbers_are_the_benchmark_json():
+    """README's sentence on merging in the small world (benchmarks/entity_merge_small.py) is its JSON."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "entity_merge_small.json").read_text())
+    cider = {name: {split: f"{100 * r['CIDEr']:.1f}" for split, r in row.items()} for name, row in result["rows"].items()}
+    before, after = cider["viecap, unmerged"], cider["viecap, synonyms merged"]
+    readme = " ".join((root / "README.md").read_text().split())
+    assert (f"(test {before['test']} to {after['test']}, compositional {before['compositional']} to "
+            f"{after['compositional']};") in readme
+    assert result["merged_groups"]["star"] == "triangle" and '("star" under "triangle")' in readme
