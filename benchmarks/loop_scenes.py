@@ -185,12 +185,16 @@ def unembed(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "unembed.cli", *args], check=True)
 
 
+def decoded(decoder, embedded, **generation) -> list[str]:
+    """The decoder's captions of `embedded`, 100 inputs a batch."""
+    return [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)), **generation)]
+
+
 def caption_scores(decoder, embedder, embedded, references, in_image=None, **generation) -> dict:
     from unembed.eval.metrics import coco_caption_metrics
 
     calls, start = embedder.texts_embedded, time.perf_counter()
-    captions = [c for s in range(0, len(embedded), 100)
-                for c in decoder.decode(embedded.select(slice(s, s + 100)), **generation)]
+    captions = decoded(decoder, embedded, **generation)
     seconds = time.perf_counter() - start
     predictions = dict(zip(embedded.ids, captions))
     metrics = coco_caption_metrics(predictions, references, spice=False, meteor=False)
@@ -333,6 +337,11 @@ def heldout_ceiling(embedder, split_dir: Path, images: int) -> dict:
             "closest_of_references_and_phrase_variants_names_heldout": closest_of_all}
 
 
+def run_dir(work: Path, name: str) -> Path:
+    """Where the plan trains the decoder it calls `name` ("viecap recombined, rate 2" -> viecap-recombined-rate-2)."""
+    return work / name.replace(", ", "-").replace(" ", "-")
+
+
 def recombined_plan(work: Path, data: Path, embedder: str, recipe: list[str], kind_recipe: dict,
                     plain_seeds=SEEDS, seeds=SEEDS, corrected=("capdec", "viecap"), rates=None,
                     more_runs=None) -> dict:
@@ -349,7 +358,7 @@ def recombined_plan(work: Path, data: Path, embedder: str, recipe: list[str], ki
     runs.update(more_runs or {})
     plan = {}
     for name, (kind, extra, seed) in runs.items():
-        path = work / name.replace(", ", "-").replace(" ", "-")
+        path = run_dir(work, name)
         plan[name] = (path, ["train", kind, "--data", str(data), "--embedder", embedder, "--out", str(path), *recipe,
                              "--max-steps", "600", *kind_recipe.get(kind, []), *extra, "--seed", str(seed)], None)
     for kind in corrected:
@@ -491,18 +500,19 @@ def margin_sweep(decoder, embedder, embedded, references, in_image=None) -> dict
     """CIDEr (and held-out counts, given `in_image`) of the decoder alone and after one round of edits
     at each of edits.MARGIN_GRID (the margins training chooses among), every margin from one embedding pass (edits.one_round_by_margin)."""
     from unembed.decoders.edits import MARGIN_GRID, one_round_by_margin
-    from unembed.eval.metrics import coco_caption_metrics
+    from unembed.eval.metrics import cider_of_each
 
-    captions = [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)))]
+    captions = decoded(decoder, embedded)
     by_margin = {"off": captions, **{f"{m:g}": c for m, c in one_round_by_margin(
         embedder, embedded.unit(), captions, decoder.substitutes, MARGIN_GRID).items()}}
+    predictions = {margin: dict(zip(embedded.ids, edited)) for margin, edited in by_margin.items()}
+    cider = cider_of_each(predictions, references)  # every margin's CIDEr as coco_caption_metrics gives it
     sweep = {}
     for margin, edited_captions in by_margin.items():
-        predictions = dict(zip(embedded.ids, edited_captions))
-        sweep[margin] = {"CIDEr": round(coco_caption_metrics(predictions, references, spice=False, meteor=False)["CIDEr"], 4),
+        sweep[margin] = {"CIDEr": round(cider[margin], 4),
                          "changed": sum(a != b for a, b in zip(edited_captions, captions))}
         if in_image is not None:
-            sweep[margin].update(heldout_counts(predictions, in_image))
+            sweep[margin].update(heldout_counts(predictions[margin], in_image))
     return sweep
 
 
@@ -522,7 +532,7 @@ def val_chosen_margins(work: Path, out: str, images: int) -> None:
                          **{f"capdec, seed {s}": small / f"capdec-seed-{s}" for s in SMALL_SEEDS},
                          "viecap": small / "compare" / "models" / "viecap"}),
               "main": (str(BUNDLE / "embedder"), work / "scenes",
-                       {name: work / name.replace(", ", "-").replace(" ", "-") for name in RATE_TWO})}
+                       {name: run_dir(work, name) for name in RATE_TWO})}
     for world, (embedder_spec, data, decoders) in worlds.items():
         embedder = load_embedder(embedder_spec, "cpu")
         splits = eval_splits(embedder, data, {"val": images, "test": images, "compositional": images})

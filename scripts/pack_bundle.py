@@ -166,7 +166,7 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
         config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
         if hasattr(config, "lm_weights"):
             record_lm(config)
-        if captions and hasattr(config, "entity_counts") and len(config.entity_counts) != len(config.entities):
+        if captions and hasattr(config, "has_entity_counts") and not config.has_entity_counts:
             config.entity_counts = entity_counts(EntityVocabulary(config.entities, config.entity_vocabulary), captions)[0]
             added.append("entity counts")
             (path / MARGIN_FILE).unlink(missing_ok=True)  # chosen on what it wrote unmerged: chosen again below

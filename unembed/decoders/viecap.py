@@ -65,6 +65,11 @@ class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.01
     entities: list = field(default_factory=list)  # the vocabulary, set when the decoder is trained
     entity_counts: list = field(default_factory=list)  # how many training captions name each (none: no merging)
 
+    @property
+    def has_entity_counts(self) -> bool:
+        """Whether the counts that name synonym groups are kept (a decoder saved before them has none)."""
+        return len(self.entity_counts) == len(self.entities)
+
 
 @register_decoder
 class ViECapDecoder(PrefixDecoder):
@@ -122,7 +127,7 @@ class ViECapDecoder(PrefixDecoder):
         on (its vocabulary stays as it was: the weights learnt it)."""
         from unembed.entities import entity_counts
 
-        if len(self.config.entity_counts) != len(self.config.entities):
+        if not self.config.has_entity_counts:
             self.config.entity_counts, self._named = entity_counts(self.vocabulary, captions)
 
     def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
@@ -168,7 +173,7 @@ class ViECapDecoder(PrefixDecoder):
         cfg = self.config
         if not 0 <= cfg.entity_merge <= 1:
             raise BadInputError("option entity_merge", f"is a cosine between 0 and 1 (0: off), not {cfg.entity_merge}")
-        if not cfg.entity_merge or len(cfg.entity_counts) != len(cfg.entities):
+        if not cfg.entity_merge or not cfg.has_entity_counts:
             return None
         key = (cfg.entity_merge, tuple(cfg.entity_counts), id(self.entity_vectors), self.entity_vectors._version)
         if self._groups is None or self._groups[0] != key:  # computed once for these vectors, counts and bar
