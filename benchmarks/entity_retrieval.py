@@ -110,7 +110,7 @@ def main() -> None:
                     embedded.vectors, memory, memory_entities, retrieve, least)
             for source, found in sources.items():
                 by_id = dict(zip(embedded.ids, found))
-                decoder.text_prompts = lambda batch, vectors, _f=by_id: [decoder.prompt_ids(_f[i]) for i in batch.ids]
+                decoder.text_prompts = lambda batch, vectors, options=None, _f=by_id: [decoder.prompt_ids(_f[i]) for i in batch.ids]
                 row = scored(decoder, embedded, references, embedder, in_image)
                 row["detection"] = detection_scores(found, ordered_refs, vocabulary)
                 rows.setdefault(source, {})[split] = row

@@ -59,10 +59,14 @@ decoders (scripts/bundle.json: scratch LMs of 3 layers x 128, 600 steps of 64 on
    5 reads every recombined decoder, unmerged alone and, at seed 0, with rerank 8). Every viecap row of
    parts 1 to 6 is measured unmerged, as it was recorded; a corrector over viecap trained today learns
    from its base's merged captions, and is measured with them.
+8. A longer budget (LONGER, 1,800 steps instead of 600, the same recipes otherwise): plain capdec and the
+   entity-mask-0.2 rate-2 viecap at seeds 0, 1 and 2, viecap merged alone, with rerank 32 and with rerank 32
+   and one round of edits at its own margin. Are the goals at one or two seeds of three a budget's
+   seed spread, and does capdec's test CIDEr (the goal's bar) move with the budget too?
 
     python benchmarks/loop_scenes.py --work bench-run/loop --out benchmarks/results/loop_scenes.json
     python benchmarks/loop_scenes.py --work bench-run/loop --small-world   # adds "small_world" to the JSON
-    python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # parts 5 and 7's new rows alone
+    python benchmarks/loop_scenes.py --work bench-run/loop --recombined-only   # parts 5, 7 and 8's new rows alone
     python benchmarks/loop_scenes.py --work bench-run/loop --margin-sweep   # adds "margin_sweep"
 """
 from __future__ import annotations
@@ -132,6 +136,11 @@ MERGED_RATE_TWO = tuple(name for name in RATE_TWO if name.startswith("viecap"))
 # that said "heart".
 LESS_MASKED = {"viecap recombined, rate 2, entity mask 0.2" + (f", seed {s}" if s else ""):
                ("viecap", RECOMBINE + ["--recombine-rate", "2", "--entity-mask", "0.2"], s) for s in SEEDS}
+# Part 8: three times the steps for plain capdec (the test goal's bar) and LESS_MASKED's recipe, each seed.
+STEPS_SHORT, STEPS_LONG = 600, 1800
+LONGER = {f"capdec, {STEPS_LONG} steps, seed {s}": ("capdec", [], s, STEPS_LONG) for s in SEEDS}
+LONGER.update({f"viecap recombined, rate 2, entity mask 0.2, {STEPS_LONG} steps, seed {s}":
+               (kind, options, s, STEPS_LONG) for kind, options, s in LESS_MASKED.values()})
 INVERTER_STEPS = (600, 2400, 7200, 21600)
 # The longest inverter trained further (`--init`), each time for (steps, peak lr): a new data order, half the
 # last peak lr, its own warm-up and cosine decay (warm restarts, as in SGDR).
@@ -357,10 +366,11 @@ def recombined_plan(work: Path, data: Path, embedder: str, recipe: list[str], ki
                  for k, rs in (rates or {}).items() for r, seeds in rs.items() for s in seeds})
     runs.update(more_runs or {})
     plan = {}
-    for name, (kind, extra, seed) in runs.items():
+    for name, (kind, extra, seed, *steps) in runs.items():
         path = run_dir(work, name)
         plan[name] = (path, ["train", kind, "--data", str(data), "--embedder", embedder, "--out", str(path), *recipe,
-                             "--max-steps", "600", *kind_recipe.get(kind, []), *extra, "--seed", str(seed)], None)
+                             "--max-steps", str(steps[0] if steps else STEPS_SHORT), *kind_recipe.get(kind, []),
+                             *extra, "--seed", str(seed)], None)
     for kind in corrected:
         base = f"{kind} recombined" if kind != "capdec" else "capdec recombined, seed 0"
         if base in plan:
@@ -408,7 +418,7 @@ def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
 def main_world_plan(work: Path, data: Path) -> dict:
     """Part 5's decoders in the main world (recombined_plan)."""
     return recombined_plan(work, data, str(BUNDLE / "embedder"), BUNDLE_RECIPE, KIND_RECIPE, rates=RATES,
-                           more_runs=LESS_MASKED)
+                           more_runs={**LESS_MASKED, **LONGER})
 
 
 def is_measured(done: dict | None, options: dict) -> bool:
@@ -465,15 +475,33 @@ def merged_rows(models: dict) -> dict:
     LESS_MASKED of `models`."""
     rows = {"viecap, entities merged": (BUNDLE / "viecap", {"entity_merge": MERGED}),
             "viecap rerank 8, entities merged": (BUNDLE / "viecap", {"rerank": 8, "entity_merge": MERGED})}
+    for name in MERGED_RATE_TWO:
+        rows[f"{name}, entities unmerged (this run)"] = (models[name], {"entity_merge": UNMERGED})
     for name in MERGED_RATE_TWO + tuple(LESS_MASKED):
-        path = models[name]
-        if name in MERGED_RATE_TWO:
-            rows[f"{name}, entities unmerged (this run)"] = (path, {"entity_merge": UNMERGED})
-        rows[f"{name}, entities merged"] = (path, {"entity_merge": MERGED})
-        rows[f"{name}, entities merged, rerank 32"] = (path, {"rerank": 32, "entity_merge": MERGED})
-        rows[f"{name}, entities merged, rerank 32, edits {EDITS} (its margin)"] = (
-            path, {"rerank": 32, "edits": EDITS, "margin": None, "entity_merge": MERGED})
+        rows.update(merged_viecap_rows(name, models[name]))
     return rows
+
+
+def merged_viecap_rows(name: str, path: Path) -> dict:
+    """The viecap at `path` merged: alone, with rerank 32, and with rerank 32 and EDITS rounds of edits
+    at the margin it chose on val."""
+    return {f"{name}, entities merged": (path, {"entity_merge": MERGED}),
+            f"{name}, entities merged, rerank 32": (path, {"rerank": 32, "entity_merge": MERGED}),
+            f"{name}, entities merged, rerank 32, edits {EDITS} (its margin)": (
+                path, {"rerank": 32, "edits": EDITS, "margin": None, "entity_merge": MERGED})}
+
+
+def longer_rows(models: dict) -> dict:
+    """Part 8's rows: name -> (directory, options): LONGER's capdecs alone, its viecaps as merged_viecap_rows."""
+    rows = {}
+    for name, (kind, *_) in LONGER.items():
+        rows.update({name: (models[name], {})} if kind == "capdec" else merged_viecap_rows(name, models[name]))
+    return rows
+
+
+def but_longer(models: dict) -> dict:
+    """`models` less part 8's (longer_rows reads those, and part 5's rows do not)."""
+    return {name: path for name, path in models.items() if name not in LONGER}
 
 
 def margin_rows(name: str, path: Path) -> dict:
@@ -584,7 +612,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images per split (test, compositional)")
     parser.add_argument("--small-world", action="store_true", help="only part 4 (added to --out's JSON)")
     parser.add_argument("--recombined-only", action="store_true",
-                        help="only part 5's rows not yet in --out's JSON, training only the decoders they need")
+                        help="only the rows of parts 5, 7 and 8 not yet in --out's JSON, training only the decoders they need")
     parser.add_argument("--margin-sweep", action="store_true",
                         help="only the margin sweep of one round of edits (val, test, compositional) over the "
                              "trained rate-2 decoders and the small world's capdec seeds and viecap")
@@ -679,8 +707,9 @@ def main() -> None:
     for base in bases:
         rows.update(variants(base, correctors.get(base), STEPS if base == "capdec" else (1, 4)))
     # the decoders nearest the goals read with more candidates too; paired ClipCap with as many
-    rows.update(recombined_rows(recombined, more=MORE, rate_two=RATE_TWO))
+    rows.update(recombined_rows(but_longer(recombined), more=MORE, rate_two=RATE_TWO))
     rows.update(merged_rows(recombined))
+    rows.update(longer_rows(recombined))
     rows["clipcap (paired) rerank 32"] = (BUNDLE / "clipcap", {"rerank": 32})
     with_substitutes(rows, data)
     measure_rows(rows, earlier.get("captioning", {}), result["captioning"],
@@ -710,7 +739,7 @@ def main() -> None:
 
 
 def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
-    """Parts 5 and 7 alone (--recombined-only): the captioning rows of parts 5 and 7 that --out's JSON lacks are
+    """Parts 5, 7 and 8 alone (--recombined-only): the captioning rows of parts 5, 7 and 8 that --out's JSON lacks are
     measured, training only the decoders they need; every other row is kept. Adds a part 5 decoder
     without retraining part 3's inverters (hours); a full run measures the same rows the same way."""
     from unembed.embedders import load_embedder
@@ -722,7 +751,8 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
                          "run the whole benchmark")
     plan = main_world_plan(work, data)
     models = {name: path for name, (path, _, _) in plan.items()}
-    rows = {**recombined_rows(models, more=MORE, rate_two=RATE_TWO), **merged_rows(models)}
+    rows = {**recombined_rows(but_longer(models), more=MORE, rate_two=RATE_TWO), **merged_rows(models),
+            **longer_rows(models)}
     earlier = result["captioning"]
     for path in trained_for(plan, rows, earlier).values():
         result.setdefault("recombined", {})[path.name] = training_summary(path)

@@ -258,3 +258,21 @@ def test_upgrade_gives_the_shipped_viecap_its_entity_counts_and_scores_it_again(
     assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     assert json.loads((out / "bundle.json").read_text())["scores"]["viecap"]["CIDEr"] == pytest.approx(expected)
     assert "viecap (added no edits.json: 12 val images" in capsys.readouterr().out  # not counted again
+
+
+def test_the_shipped_viecap_merges_the_scene_synonyms_and_a_call_can_turn_that_off(capsys):
+    """README: the bundle's embedder joins each pair of scene synonyms (and nothing else), and
+    `unembed caption --decoder viecap --entity-merge 0` captions unmerged, from the image files: the
+    demo's blue circle is then a "disc", the rarer word."""
+    from unembed.decoders import load_decoder
+
+    decoder = load_decoder(BUNDLE_DIR / "viecap", device="cpu")
+    assert decoder.merged_entities() == {"square": ["box"], "circle": ["disc"], "ring": ["hoop"],
+                                         "diamond": ["rhombus"]}
+    image = str(REPO / "examples" / "scene-0.png")
+    said = {}
+    for bar in ("0", None):
+        assert main(["caption", image, "--decoder", "viecap", "--device", "cpu",
+                     *(["--entity-merge", bar] if bar else [])]) == EXIT_OK
+        said[bar] = json.loads(capsys.readouterr().out)["caption"]
+    assert "disc" in said["0"].split() and "circle" in said[None].split()

@@ -52,7 +52,7 @@ class _Prompted:
         self.decoder, self.prompts = decoder, prompts
 
     def __enter__(self):
-        self.decoder.text_prompts = lambda embedded, vectors: self.prompts
+        self.decoder.text_prompts = lambda embedded, vectors, options=None: self.prompts
         return self.decoder
 
     def __exit__(self, *exc):

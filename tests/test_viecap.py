@@ -91,6 +91,16 @@ def test_a_decoder_merges_with_the_counts_of_its_training_captions(embedder, tmp
     assert again.config.entity_counts == decoder.config.entity_counts and again.synonym_groups() == [3, 1, 1, 3]
     found = again.detect(plane([0.05, 1.0]))  # nearer square than circle, far from the rest
     assert found == [["circle"]]  # the commoner word (a tie here: the first)
+    assert again.merged_entities() == {"star": ["background"], "circle": ["square"]}
+    # a call's own bar (decoding option entity_merge), the decoder's kept as it was
+    assert again.detect(plane([0.05, 1.0]), 0.0) == [["square", "circle"]] and again.merged_entities(0.0) == {}
+    assert again.merged_entities(0.9999) == {} and again.config.entity_merge == 0.98
+    from unembed.embedders import Embedded
+
+    image = Embedded(plane([0.05, 1.0]), ["0"], embedder.id, embedder.spec, "image")
+    said = lambda options: [_said(again, p) for p in again.text_prompts(image, image.vectors, options)]
+    assert said(None) == said({}) == ["there are circle in image."]
+    assert said({"entity_merge": 0.0}) == ["there are square, circle in image."]
     again.config.entity_merge = 0.0
     assert again.synonym_groups() is None and again.detect(plane([0.05, 1.0])) == [["square", "circle"]]
     again.config.entity_merge = 0.98
@@ -161,6 +171,10 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
               "--mapper", "mlp", "--prefix-length", "2", "--max-steps", "2", "--batch-size", "8", "--device", "cpu"]
     assert main([*common, "--entities", str(entities)]) == EXIT_OK
     assert json.loads((out / "config.json").read_text())["config"]["entities"] == ["circle", "square", "star"]
+    # what the embedder merges is reported at training and kept in metrics.json
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["entities"] == 3 and metrics["entity_merge"] == 0.98
+    assert metrics["merged_entities"] == load_decoder(out).merged_entities()
     vectors = tmp_path / "vectors.safetensors"
     images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:3]
     assert main(["embed", *images, "--embedder", str(embedder_dir), "--out", str(vectors), "--device", "cpu"]) == EXIT_OK
@@ -168,6 +182,18 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
     assert main(["caption", "--embeddings", str(vectors), "--decoder", str(out), "--out", str(captions),
                  "--max-length", "4", "--device", "cpu"]) == EXIT_OK
     assert [json.loads(line)["decoder"] for line in captions.read_text().splitlines()] == ["viecap"] * 3
+    assert main(["caption", "--embeddings", str(vectors), "--decoder", str(out), "--out", str(tmp_path / "unmerged.jsonl"),
+                 "--max-length", "4", "--entity-merge", "0", "--device", "cpu"]) == EXIT_OK
+
+
+def test_entity_merge_is_a_viecap_decoding_option_within_0_and_1():
+    from unembed.decoders import decoder_class
+
+    viecap, capdec = decoder_class("viecap"), decoder_class("capdec")
+    assert viecap.check_generation({"entity_merge": 0.5}) == {"entity_merge": 0.5}
+    for cls, value in ((capdec, 0.5), (viecap, 1.5), (viecap, -0.1)):
+        with pytest.raises(BadInputError, match="entity_merge"):
+            cls.check_generation({"entity_merge": value})
 
 
 def test_a_decoder_saved_without_counts_gets_them_when_trained_further(tmp_path, scenes_dir, embedder_dir):

@@ -89,6 +89,8 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "next the candidate with the best decoder score + this x the embedder's logit scale x the cosine "
                      "predicted from those already embedded (0 = the decoder's order; default 5, chosen on the scenes "
                      "val split)", 0, 100, needs_rerank=True),
+    GenerationOption("entity_merge", float, "viecap: detected entities whose text embeddings have at least this "
+                     "cosine are one entity (0 = none merged; default: the decoder's, 0.98)", 0, 1),
     GenerationOption("correct", int, "correction steps of a corrector decoder (0 = its base's caption)", 0, 16),
     GenerationOption("margin", float, "a rewrite (an edit, a corrector's step) is kept only if the embedder's "
                      "log-odds for it beat the kept caption's by more than this (default: the margin the decoder chose on its "

@@ -229,13 +229,19 @@ class PrefixDecoder(LMWeights, Decoder):
         """What a saved decoder trained further (--init) adds from its new text, keeping what fit_text
         learnt (ViECap: the counts of its entities, if it was saved without them); nothing by default."""
 
+    def text_summary(self) -> dict:
+        """What training reports (and metrics.json keeps) of what fit_text learnt (ViECap: its
+        vocabulary's size and the synonyms it merges); nothing by default."""
+        return {}
+
     def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
         """Per-caption prompt token ids for training, drawn with `generator` (None: no prompt)."""
         return None
 
-    def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
-        """Per-item prompt token ids placed after the soft prefix at inference (None: no prompt).
-        The hook of entity-aware decoders, which name what they detect in each image."""
+    def text_prompts(self, embedded, vectors: torch.Tensor, options: dict | None = None) -> list[list[int]] | None:
+        """Per-item prompt token ids placed after the soft prefix at inference (None: no prompt), under
+        the call's decoding `options`. The hook of entity-aware decoders, which name what they detect in
+        each image."""
         return None
 
     def mapper_device(self) -> torch.device:
@@ -270,7 +276,7 @@ class PrefixDecoder(LMWeights, Decoder):
         # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
         raw = embedded.unit() if self.config.normalize else embedded.vectors.float()
         vectors = self.bridge.for_inference(raw, "text" if embedded.modality == "text" else "image")
-        return self.generate_from(vectors, self.text_prompts(embedded, vectors), options, n)
+        return self.generate_from(vectors, self.text_prompts(embedded, vectors, options), options, n)
 
     def generate_from(self, vectors: torch.Tensor, prompts: list[list[int]] | None, options: dict, n: int = 1):
         """`generate` from bridged vectors [N, D] and each row's prompt token ids (None: no prompt)."""

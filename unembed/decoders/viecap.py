@@ -82,12 +82,13 @@ class ViECapDecoder(PrefixDecoder):
     cli_options = PrefixDecoder.cli_options + (
         "hard_prompt", "entity_vocabulary", "entities_file", "entity_min_count", "entity_similarity", "entity_mask",
         "max_entities", "entity_top_k", "entity_threshold", "entity_temperature", "entity_merge")
+    generation_options = PrefixDecoder.generation_options + ("entity_merge",)  # merging tried without retraining
 
     def __init__(self, config: ViECapConfig, tokenizer=None, adapter=None):
         super().__init__(config, tokenizer, adapter)
         self.register_buffer("entity_vectors", torch.zeros(len(config.entities), config.embed_dim))
         self._vocabulary = None
-        self._groups = None
+        self._groups: dict = {}  # synonym_groups by (bar, counts, vectors)
         self._named: dict[str, list[str]] = {}  # training: each caption's entities
 
     @classmethod
@@ -117,7 +118,7 @@ class ViECapDecoder(PrefixDecoder):
         else:
             vocabulary = EntityVocabulary.from_captions(captions, cfg.entity_vocabulary, cfg.entity_min_count,
                                                         cfg.entity_similarity)
-        cfg.entities, self._vocabulary, self._groups = vocabulary.entries, vocabulary, None
+        cfg.entities, self._vocabulary, self._groups = vocabulary.entries, vocabulary, {}
         cfg.entity_counts, self._named = entity_counts(vocabulary, captions)
         vectors = entity_vectors(embedder, vocabulary.entries) if vocabulary.entries else torch.zeros(0, cfg.embed_dim)
         self.entity_vectors = vectors.to(self.entity_vectors.device)
@@ -157,33 +158,53 @@ class ViECapDecoder(PrefixDecoder):
 
     # inference
 
-    def detect(self, vectors: torch.Tensor) -> list[list[str]]:
-        """The entities the embedder sees in each embedding [N, D], best first."""
+    def detect(self, vectors: torch.Tensor, entity_merge: float | None = None) -> list[list[str]]:
+        """The entities the embedder sees in each embedding [N, D], best first; synonyms merged at
+        `entity_merge` (None: the decoder's own bar)."""
         from unembed.entities import detect
 
         cfg = self.config
         return detect(vectors, cfg.entities, self.entity_vectors, cfg.entity_top_k, cfg.entity_threshold,
-                      cfg.entity_temperature, self.synonym_groups())
+                      cfg.entity_temperature, self.synonym_groups(entity_merge))
 
-    def synonym_groups(self) -> list[int] | None:
-        """entities.synonym_groups of the vocabulary, or None: merging off, or a decoder saved without
-        its counts (which name each group)."""
+    def synonym_groups(self, entity_merge: float | None = None) -> list[int] | None:
+        """entities.synonym_groups of the vocabulary at `entity_merge` (None: the decoder's own bar), or
+        None: merging off, or a decoder saved without its counts (which name each group)."""
         from unembed.entities import synonym_groups
 
         cfg = self.config
-        if not 0 <= cfg.entity_merge <= 1:
-            raise BadInputError("option entity_merge", f"is a cosine between 0 and 1 (0: off), not {cfg.entity_merge}")
-        if not cfg.entity_merge or not cfg.has_entity_counts:
+        bar = cfg.entity_merge if entity_merge is None else entity_merge
+        if not 0 <= bar <= 1:
+            raise BadInputError("option entity_merge", f"is a cosine between 0 and 1 (0: off), not {bar}")
+        if not bar or not cfg.has_entity_counts:
             return None
-        key = (cfg.entity_merge, tuple(cfg.entity_counts), id(self.entity_vectors), self.entity_vectors._version)
-        if self._groups is None or self._groups[0] != key:  # computed once for these vectors, counts and bar
-            self._groups = key, synonym_groups(self.entity_vectors, cfg.entity_counts, cfg.entity_merge)
-        return self._groups[1]
+        key = (bar, tuple(cfg.entity_counts), id(self.entity_vectors), self.entity_vectors._version)
+        if key not in self._groups:  # computed once for these vectors, counts and bar
+            if len(self._groups) >= 8:  # a server may be asked for any bar: a few are kept
+                self._groups = {}
+            self._groups[key] = synonym_groups(self.entity_vectors, cfg.entity_counts, bar)
+        return self._groups[key]
 
-    def text_prompts(self, embedded, vectors: torch.Tensor) -> list[list[int]] | None:
+    def merged_entities(self, entity_merge: float | None = None) -> dict[str, list[str]]:
+        """Each synonym group of more than one entry at `entity_merge` (None: the decoder's own bar):
+        the entry that names it -> the others, so a user can see what the embedder joins."""
+        groups = self.synonym_groups(entity_merge) or []
+        entries = self.config.entities
+        merged: dict[str, list[str]] = {}
+        for i, name in enumerate(groups):
+            if i != name:
+                merged.setdefault(entries[name], []).append(entries[i])
+        return merged
+
+    def text_summary(self) -> dict:
+        cfg = self.config
+        return {"entities": len(cfg.entities), "entity_merge": cfg.entity_merge,
+                "merged_entities": self.merged_entities()}
+
+    def text_prompts(self, embedded, vectors: torch.Tensor, options: dict | None = None) -> list[list[int]] | None:
         if not self.config.hard_prompt:
             return None
-        return [self.prompt_ids(found) for found in self.detect(embedded.unit())]
+        return [self.prompt_ids(found) for found in self.detect(embedded.unit(), (options or {}).get("entity_merge"))]
 
 
 def _read_entities(path) -> list[str]:

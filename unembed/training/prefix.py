@@ -71,6 +71,9 @@ class PrefixTask(Task):
         return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
                 "val_example": captions[0]}
 
+    def describe(self, model):
+        return model.text_summary()
+
     def calibrate(self, model):
         # a corrector keeps its own margin, for its steps and its edits alike (its config's)
         if self.validation is None or not model.substitutes or model.wraps_base:
