@@ -398,7 +398,10 @@ def trained(plan: dict, names=None) -> dict:
 def training_summary(path: Path) -> dict:
     """What the JSON keeps of a decoder's training (its metrics.json)."""
     metrics = json.loads((path / "metrics.json").read_text())
-    return {k: metrics.get(k) for k in ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
+    summary = {k: metrics.get(k) for k in ("train_steps", "train_seconds", "final_loss", "val_CIDEr", "val_BLEU-4")}
+    # a viecap trained since its detector is checked on val: how sure that detector was
+    summary.update({k: metrics[k] for k in ("entity_val_precision", "detection_threshold") if k in metrics})
+    return summary
 
 
 def split_scorer(decoder_at, embedder, splits: dict, in_image: dict):
@@ -754,8 +757,10 @@ def recombined_only(work: Path, data: Path, out: str, images: int) -> None:
     rows = {**recombined_rows(but_longer(models), more=MORE, rate_two=RATE_TWO), **merged_rows(models),
             **longer_rows(models)}
     earlier = result["captioning"]
-    for path in trained_for(plan, rows, earlier).values():
-        result.setdefault("recombined", {})[path.name] = training_summary(path)
+    trained_for(plan, rows, earlier)
+    for path in {path for path, _ in rows.values()} & {path for path, _, _ in plan.values()}:
+        if (path / "metrics.json").is_file():  # each trained here, as it is now (the others as recorded)
+            result.setdefault("recombined", {})[path.name] = training_summary(path)
     with_substitutes(rows, data)
     splits = eval_splits(embedder, data, {"test": images, "compositional": images})
     measure_rows(rows, earlier, earlier,

@@ -113,6 +113,41 @@ def test_a_decoder_merges_with_the_counts_of_its_training_captions(embedder, tmp
         again.detect(plane([0.05, 1.0]))
 
 
+def test_the_detector_is_trusted_as_far_as_the_val_split_shows_it_right(embedder, tmp_path):
+    """check_on_val: precision at entity_threshold, then at higher thresholds until one reaches
+    entity_min_precision; detection uses that one, or names nothing when none reaches it."""
+    from unembed.embedders import Embedded
+
+    decoder = _viecap(embedder, entity_temperature=0.5)  # background, circle, square, star
+    width = decoder.entity_vectors.shape[1]
+    decoder.entity_vectors = torch.eye(4, width)
+    star, circle_or_square = torch.eye(4, width)[3], torch.nn.functional.normalize(torch.eye(4, width)[1:3].sum(0), dim=0)
+    images = Embedded(torch.stack([star, circle_or_square]), ["a", "b"], embedder.id, embedder.spec, "image")
+    # star: p 0.71; the other: circle and square at p 0.40 each
+    assert decoder.detect(images.vectors) == [["star"], ["circle", "square"]]
+    decoder.check_on_val((images, {"a": ["a red star"], "b": ["a blue star"]}))
+    assert decoder.config.entity_val_precision == {"0.2": 0.3333, "0.3": 0.3333, "0.5": 1.0}
+    assert decoder.detection_threshold() == 0.5 and decoder.detect(images.vectors) == [["star"], []]
+    assert decoder.text_summary()["detection_threshold"] == 0.5
+    decoder.save(tmp_path / "v")
+    assert load_decoder(tmp_path / "v").detect(images.vectors) == [["star"], []]
+    # wrong at every threshold: no entity is named, and the prompt says "something"
+    decoder.check_on_val((images, {"a": ["a red circle"], "b": ["a blue circle"]}))
+    assert decoder.config.entity_val_precision == {"0.2": 0.3333, "0.3": 0.3333, "0.5": 0.0, "0.7": 0.0, "0.9": 0.0}
+    assert decoder.detection_threshold() is None and decoder.detect(images.vectors) == [[], []]
+    said = [_said(decoder, p) for p in decoder.text_prompts(images, images.vectors)]
+    assert said == ["there are something in image."] * 2
+    assert decoder.text_summary()["detection_threshold"].startswith("none: no entity is named")
+    decoder.config.entity_min_precision = 0.0  # trusted as it is
+    assert decoder.detection_threshold() == 0.2 and decoder.detect(images.vectors) == [["star"], ["circle", "square"]]
+    decoder.config.entity_min_precision = 1.5
+    with pytest.raises(BadInputError, match="entity_min_precision"):
+        decoder.check_on_val((images, {"a": ["a red circle"], "b": ["a blue circle"]}))
+    decoder.config.entity_min_precision = 0.5
+    decoder.check_on_val(None)  # no val split: no check, the threshold as given
+    assert decoder.config.entity_val_precision == {} and decoder.detection_threshold() == 0.2
+
+
 def _viecap(embedder, **options):
     from tests.test_prefix import tiny
 
@@ -174,6 +209,9 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
     # what the embedder merges is reported at training and kept in metrics.json
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["entities"] == 3 and metrics["entity_merge"] == 0.98
+    # and how far the val split trusts its detector, measured before training and kept in the config
+    precision = json.loads((out / "config.json").read_text())["config"]["entity_val_precision"]
+    assert precision and metrics["entity_val_precision"] == precision and "detection_threshold" in metrics
     assert metrics["merged_entities"] == load_decoder(out).merged_entities()
     vectors = tmp_path / "vectors.safetensors"
     images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:3]
@@ -245,3 +283,21 @@ def test_the_readme_small_world_merge_numbers_are_the_benchmark_json():
     assert (f"(test {before['test']} to {after['test']}, compositional {before['compositional']} to "
             f"{after['compositional']};") in readme
     assert result["merged_groups"]["star"] == "triangle" and '("star" under "triangle")' in readme
+
+
+def test_the_readme_detector_check_numbers_are_the_benchmark_json():
+    """README's sentence on the val check of viecap's detector in the small world is its JSON: no
+    threshold reached the bar, and the checked decoder's CIDEr against the merged one's and CapDec's."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "entity_merge_small.json").read_text())
+    check = result["detection_check"]
+    assert check["threshold"] is None and max(check["val_precision"].values()) < check["min_precision"]
+    precision = sorted(check["val_precision"].values())
+    cider = {name: {split: f"{100 * r['CIDEr']:.1f}" for split, r in row.items()} for name, row in result["rows"].items()}
+    merged, checked, capdec = (cider[n] for n in ("viecap, synonyms merged", "viecap, detector checked on val", "capdec"))
+    readme = " ".join((root / "README.md").read_text().split())
+    assert (f"is {precision[0]:.2f} to {precision[-1]:.2f} at every threshold, so viecap names none: test CIDEr "
+            f"{merged['test']} -> {checked['test']}, compositional {merged['compositional']} -> "
+            f"{checked['compositional']}, against CapDec's {capdec['test']} and {capdec['compositional']}") in readme

@@ -229,6 +229,10 @@ class PrefixDecoder(LMWeights, Decoder):
         """What a saved decoder trained further (--init) adds from its new text, keeping what fit_text
         learnt (ViECap: the counts of its entities, if it was saved without them); nothing by default."""
 
+    def check_on_val(self, validation) -> None:
+        """What is set from the val split (validation_set's pair, or None) before training, from what
+        needs no trained weights (ViECap: how far to trust its detector); nothing by default."""
+
     def text_summary(self) -> dict:
         """What training reports (and metrics.json keeps) of what fit_text learnt (ViECap: its
         vocabulary's size and the synonyms it merges); nothing by default."""

@@ -207,8 +207,9 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
         decoder.refit_text(captions)
     # what `edits` rewrites with; a decoder trained further keeps what its earlier captions taught it too
     decoder.substitutes = with_earlier(substitutes(written), decoder.substitutes)
-    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only,
-                      validation_set(embedder, data_dir))
+    validation = validation_set(embedder, data_dir)
+    decoder.check_on_val(validation)
+    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only, validation)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
             "final_loss": round(result.final_loss, 4), **({} if init is None else {"init": str(init)}),
