@@ -52,6 +52,10 @@ def test_detection_keeps_the_top_k_above_the_threshold():
     scores = detection_scores([["circle", "star"]], [["a red circle", "a square"]],
                               EntityVocabulary(entries, "nouns"))
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5
+    # merged detections are read against references through the same groups: "square" is "circle" here
+    merged = detection_scores([["circle"]], [["a red square"]], EntityVocabulary(entries, "nouns"), [0, 0, 2, 3])
+    assert merged["precision"] == 1.0 and detection_scores([["circle"]], [["a red square"]],
+                                                           EntityVocabulary(entries, "nouns"))["precision"] == 0.0
 
 
 def _unit(*rows):
@@ -137,15 +141,32 @@ def test_the_detector_is_trusted_as_far_as_the_val_split_shows_it_right(embedder
     assert decoder.detection_threshold() is None and decoder.detect(images.vectors) == [[], []]
     said = [_said(decoder, p) for p in decoder.text_prompts(images, images.vectors)]
     assert said == ["there are something in image."] * 2
-    assert decoder.text_summary()["detection_threshold"].startswith("none: no entity is named")
+    summary = decoder.text_summary()
+    assert summary["detection_threshold"] is None and summary["detection"].startswith("no entity is named")
+    with pytest.raises(BadInputError, match="entity_merge: changes nothing: .* names no entity"):
+        decoder.check_options({"entity_merge": 0.0})  # merging cannot change a prompt that names nothing
     decoder.config.entity_min_precision = 0.0  # trusted as it is
     assert decoder.detection_threshold() == 0.2 and decoder.detect(images.vectors) == [["star"], ["circle", "square"]]
     decoder.config.entity_min_precision = 1.5
     with pytest.raises(BadInputError, match="entity_min_precision"):
         decoder.check_on_val((images, {"a": ["a red circle"], "b": ["a blue circle"]}))
     decoder.config.entity_min_precision = 0.5
+    decoder.config.entity_val_precision, decoder.config.entity_threshold = {"0": 1.0}, 0.0  # a threshold of 0 is one
+    assert decoder.detection_threshold() == 0.0 and decoder.text_summary()["detection_threshold"] == 0.0
+    assert "detection" not in decoder.text_summary()
+    decoder.config.entity_threshold = 0.7  # raised by hand after the check: the higher one is used
+    assert decoder.detection_threshold() == 0.7
+    decoder.config.entity_threshold = 0.2
     decoder.check_on_val(None)  # no val split: no check, the threshold as given
     assert decoder.config.entity_val_precision == {} and decoder.detection_threshold() == 0.2
+
+
+def test_settings_out_of_range_are_refused_when_the_config_is_made():
+    from unembed.decoders.viecap import ViECapConfig
+
+    for name, value in (("entity_merge", 1.5), ("entity_merge", -0.1), ("entity_min_precision", 2.0)):
+        with pytest.raises(BadInputError, match=name):
+            ViECapConfig(**{name: value})
 
 
 def _viecap(embedder, **options):
@@ -204,7 +225,8 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
     common = ["train", "viecap", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--out", str(out),
               "--lm", "scratch", "--tokenizer", "corpus:64", "--lm-config", '{"n_layer": 1, "n_embd": 32}',
               "--mapper", "mlp", "--prefix-length", "2", "--max-steps", "2", "--batch-size", "8", "--device", "cpu"]
-    assert main([*common, "--entities", str(entities)]) == EXIT_OK
+    # (the test embedder's detector is trusted as it is: it would fail the val check)
+    assert main([*common, "--entities", str(entities), "--entity-min-precision", "0"]) == EXIT_OK
     assert json.loads((out / "config.json").read_text())["config"]["entities"] == ["circle", "square", "star"]
     # what the embedder merges is reported at training and kept in metrics.json
     metrics = json.loads((out / "metrics.json").read_text())
@@ -212,7 +234,11 @@ def test_command_line_trains_from_an_entities_file_and_captions_embeddings(tmp_p
     # and how far the val split trusts its detector, measured before training and kept in the config
     precision = json.loads((out / "config.json").read_text())["config"]["entity_val_precision"]
     assert precision and metrics["entity_val_precision"] == precision and "detection_threshold" in metrics
-    assert metrics["merged_entities"] == load_decoder(out).merged_entities()
+    saved = load_decoder(out)
+    groups = synonym_groups(saved.entity_vectors, saved.config.entity_counts, 0.98)
+    entries = saved.config.entities
+    assert metrics["merged_entities"] == {entries[g]: [e for e, h in zip(entries, groups) if h == g and e != entries[g]]
+                                          for g in set(groups) if groups.count(g) > 1}
     vectors = tmp_path / "vectors.safetensors"
     images = sorted(str(p) for p in (scenes_dir / "test" / "images").glob("*.png"))[:3]
     assert main(["embed", *images, "--embedder", str(embedder_dir), "--out", str(vectors), "--device", "cpu"]) == EXIT_OK

@@ -176,12 +176,15 @@ def detect(vectors: torch.Tensor, entries: list[str], entry_vectors: torch.Tenso
     return [[entries[i] for p, i in zip(ps.tolist(), ix.tolist()) if p >= threshold] for ps, ix in zip(top, index)]
 
 
-def detection_scores(detected: list[list[str]], references: list[list[str]], vocabulary: EntityVocabulary) -> dict:
+def detection_scores(detected: list[list[str]], references: list[list[str]], vocabulary: EntityVocabulary,
+                     groups: list[int] | None = None) -> dict:
     """Micro precision and recall of detected entities against the entities the reference captions
-    name (the union over each image's references)."""
+    name (the union over each image's references); with `groups` (synonym_groups, as the detections
+    were made), each reference entity is read as its group's name."""
+    name = {e: vocabulary.entries[g] for e, g in zip(vocabulary.entries, groups)} if groups is not None else {}
     hits = found = named = 0
     for predicted, refs in zip(detected, references):
-        truth = {e for ref in refs for e in vocabulary.caption_entities(ref)}
+        truth = {name.get(e, e) for ref in refs for e in vocabulary.caption_entities(ref)}
         hits += len(set(predicted) & truth)
         found += len(set(predicted))
         named += len(truth)

@@ -229,9 +229,11 @@ class PrefixDecoder(LMWeights, Decoder):
         """What a saved decoder trained further (--init) adds from its new text, keeping what fit_text
         learnt (ViECap: the counts of its entities, if it was saved without them); nothing by default."""
 
-    def check_on_val(self, validation) -> None:
+    def check_on_val(self, validation) -> str | None:
         """What is set from the val split (validation_set's pair, or None) before training, from what
-        needs no trained weights (ViECap: how far to trust its detector); nothing by default."""
+        needs no trained weights (ViECap: how far to trust its detector); nothing by default. Returns a
+        warning for the user, or None."""
+        return None
 
     def text_summary(self) -> dict:
         """What training reports (and metrics.json keeps) of what fit_text learnt (ViECap: its

@@ -80,6 +80,11 @@ class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.01
     entities: list = field(default_factory=list)  # the vocabulary, set when the decoder is trained
     entity_counts: list = field(default_factory=list)  # how many training captions name each (none: no merging)
 
+    def __post_init__(self):
+        check_fraction("entity_merge", self.entity_merge, "a cosine from 0 to 1 (0: off)")
+        check_fraction("entity_min_precision", self.entity_min_precision, "a precision from 0 to 1 (0: trust the "
+                       "detector)")
+
     @property
     def has_entity_counts(self) -> bool:
         """Whether the counts that name synonym groups are kept (a decoder saved before them has none)."""
@@ -147,28 +152,33 @@ class ViECapDecoder(PrefixDecoder):
         if not self.config.has_entity_counts:
             self.config.entity_counts, self._named = entity_counts(self.vocabulary, captions)
 
-    def check_on_val(self, validation) -> None:
+    def check_on_val(self, validation) -> str | None:
         """Measure how far to trust the detector (entity_min_precision) on the val split: its precision
         at entity_threshold, then at each higher one of DETECTION_THRESHOLDS until one reaches the bar
-        (entity_val_precision; detection_threshold reads it). Detection reads the embedder and the
-        vocabulary only, not the weights, so this runs before training."""
+        (entity_val_precision; detection_threshold reads it). The references' entities are read through
+        the same synonym groups as the detections ("disc" is a hit for a detected "circle"). Detection
+        reads the embedder and the vocabulary only, not the weights, so this runs before training.
+        Returns a warning when no threshold reached the bar (no entity will be named)."""
         from unembed.entities import detection_scores
 
         cfg = self.config
-        if not 0 <= cfg.entity_min_precision <= 1:
-            raise BadInputError("option entity_min_precision", f"is a precision from 0 to 1 (0: trust the detector), "
-                                f"not {cfg.entity_min_precision}")
+        check_fraction("entity_min_precision", cfg.entity_min_precision, "a precision from 0 to 1")
+        groups = self.synonym_groups()  # (a bad entity_merge is refused here, before any training step)
         cfg.entity_val_precision = {}
         if validation is None or not cfg.hard_prompt or not cfg.entities:
-            return
+            return None
         embedded, references = validation
         truth = [references[i] for i in embedded.ids]
         for threshold in [cfg.entity_threshold, *(t for t in DETECTION_THRESHOLDS if t > cfg.entity_threshold)]:
             found = detect_at(self, embedded.vectors, threshold)
-            precision = detection_scores(found, truth, self.vocabulary)["precision"] or 0.0
+            precision = detection_scores(found, truth, self.vocabulary, groups)["precision"] or 0.0
             cfg.entity_val_precision[f"{threshold:g}"] = precision
             if precision >= cfg.entity_min_precision:
-                break
+                return None
+        return (f"viecap's detector is right in at most {max(cfg.entity_val_precision.values()):.0%} of its "
+                f"detections on the val split (--entity-min-precision {cfg.entity_min_precision:g}), so the decoder "
+                "will name no entity; references that name few of the things shown make this precision low: "
+                "--entity-min-precision 0 trusts the detector")
 
     def detection_threshold(self) -> float | None:
         """The threshold detection uses: the least one the val check found precise enough, or None
@@ -178,7 +188,7 @@ class ViECapDecoder(PrefixDecoder):
         if not cfg.entity_val_precision or not cfg.entity_min_precision:
             return cfg.entity_threshold
         precise = [float(t) for t, p in cfg.entity_val_precision.items() if p >= cfg.entity_min_precision]
-        return min(precise) if precise else None
+        return max(cfg.entity_threshold, min(precise)) if precise else None
 
     def training_prompts(self, captions: list[str], generator: torch.Generator) -> list[list[int]] | None:
         """Each caption's own entities, each kept with probability 1 - entity_mask, in random order."""
@@ -222,16 +232,16 @@ class ViECapDecoder(PrefixDecoder):
 
         cfg = self.config
         bar = cfg.entity_merge if entity_merge is None else entity_merge
-        if not 0 <= bar <= 1:
-            raise BadInputError("option entity_merge", f"is a cosine between 0 and 1 (0: off), not {bar}")
+        check_fraction("entity_merge", bar, "a cosine from 0 to 1 (0: off)")
         if not bar or not cfg.has_entity_counts:
             return None
         key = (bar, tuple(cfg.entity_counts), id(self.entity_vectors), self.entity_vectors._version)
-        if key not in self._groups:  # computed once for these vectors, counts and bar
-            if len(self._groups) >= 8:  # a server may be asked for any bar: a few are kept
-                self._groups = {}
-            self._groups[key] = synonym_groups(self.entity_vectors, cfg.entity_counts, bar)
-        return self._groups[key]
+        groups = self._groups.get(key)
+        if groups is None:  # computed once for these vectors, counts and bar
+            groups = synonym_groups(self.entity_vectors, cfg.entity_counts, bar)
+            # a server may be asked for any bar: a few are kept (a new dict, so no reader sees it emptied)
+            self._groups = {**(self._groups if len(self._groups) < 8 else {}), key: groups}
+        return groups
 
     def merged_entities(self, entity_merge: float | None = None) -> dict[str, list[str]]:
         """Each synonym group of more than one entry at `entity_merge` (None: the decoder's own bar):
@@ -248,9 +258,25 @@ class ViECapDecoder(PrefixDecoder):
         cfg = self.config
         return {"entities": len(cfg.entities), "entity_merge": cfg.entity_merge,
                 "merged_entities": self.merged_entities(),
-                **({"entity_val_precision": cfg.entity_val_precision,
-                    "detection_threshold": self.detection_threshold() or "none: no entity is named (val precision "
-                    f"under {cfg.entity_min_precision:g} at every threshold)"} if cfg.entity_val_precision else {})}
+                **({"entity_val_precision": cfg.entity_val_precision, "detection_threshold": self.detection_threshold()}
+                   if cfg.entity_val_precision else {}),
+                **({"detection": f"no entity is named: val precision under {cfg.entity_min_precision:g} at every "
+                                 "threshold"} if cfg.entity_val_precision and self.detection_threshold() is None else {})}
+
+    def check_options(self, generation: dict) -> dict:
+        """The decoding options, and entity_merge refused where it could change nothing."""
+        options = super().check_options(generation)
+        if "entity_merge" in options:
+            cfg, why = self.config, None
+            if not cfg.hard_prompt:
+                why = "this viecap decoder has no hard prompt (trained with --no-hard-prompt)"
+            elif not cfg.has_entity_counts:
+                why = "this viecap decoder keeps no entity counts (saved before them); train it further with --init"
+            elif self.detection_threshold() is None:
+                why = "this viecap decoder names no entity (its detector failed its val check, entity_val_precision)"
+            if why:
+                raise BadInputError("option entity_merge", f"changes nothing: {why}")
+        return options
 
     def text_prompts(self, embedded, vectors: torch.Tensor, options: dict | None = None) -> list[list[int]] | None:
         if not self.config.hard_prompt:
@@ -270,6 +296,11 @@ def detect_at(decoder: ViECapDecoder, vectors: torch.Tensor, threshold: float,
     cfg = decoder.config
     return detect(vectors, cfg.entities, decoder.entity_vectors, cfg.entity_top_k, threshold,
                   cfg.entity_temperature, decoder.synonym_groups(entity_merge))
+
+
+def check_fraction(name: str, value: float, what: str) -> None:
+    if not 0 <= value <= 1:
+        raise BadInputError(f"option {name}", f"is {what}, not {value}")
 
 
 def _read_entities(path) -> list[str]:

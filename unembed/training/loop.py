@@ -426,7 +426,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
         summary = {"train_steps": total, "train_seconds": round(seconds, 1), "final_loss": loss_value,
                    "skipped_steps": skipped, "fp16_overflow_steps": overflows}
         task.save(task.model, out_dir, summary)  # first: the model never waits on its validation
-        metrics = {**task.describe(task.model), **_validate(task, task.model)}
+        metrics = {**_validate(task, task.model, "describe", "description"), **_validate(task, task.model)}
         if "validation" not in metrics:  # what it could not run, the calibration cannot either
             metrics.update(_validate(task, task.model, "calibrate", "calibration"))
         task.save_metrics(task.model, out_dir, {**metrics, **summary})

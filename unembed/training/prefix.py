@@ -9,6 +9,7 @@ All embeddings are computed once before training (and cached), never per epoch.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -208,7 +209,9 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     # what `edits` rewrites with; a decoder trained further keeps what its earlier captions taught it too
     decoder.substitutes = with_earlier(substitutes(written), decoder.substitutes)
     validation = validation_set(embedder, data_dir)
-    decoder.check_on_val(validation)
+    warning = decoder.check_on_val(validation)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only, validation)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
