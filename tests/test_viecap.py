@@ -324,6 +324,9 @@ def test_the_readme_detector_check_numbers_are_the_benchmark_json():
     cider = {name: {split: f"{100 * r['CIDEr']:.1f}" for split, r in row.items()} for name, row in result["rows"].items()}
     merged, checked, capdec = (cider[n] for n in ("viecap, synonyms merged", "viecap, detector checked on val", "capdec"))
     readme = " ".join((root / "README.md").read_text().split())
+    main_world = json.loads((root / "benchmarks" / "results" / "detector_check.json").read_text())
+    assert main_world["threshold"] == 0.2 and main_world["val_images"] == 1000
+    assert f"passes at 0.2 with precision {main_world['val_precision']['0.2']:g} on the main world's val split" in readme
     assert (f"is {precision[0]:.2f} to {precision[-1]:.2f} at every threshold, so viecap names none: test CIDEr "
             f"{merged['test']} -> {checked['test']}, compositional {merged['compositional']} -> "
             f"{checked['compositional']}, against CapDec's {capdec['test']} and {capdec['compositional']}") in readme

@@ -28,7 +28,7 @@ Differences from the reference, and why:
   training, its precision against the entities the val references name is measured at the threshold
   and higher ones, and detection uses the least that reaches the bar; with none, the prompt names no
   entity. A detector that is wrong more often than right misleads the LM (an unsure embedder's: in a
-  small scenes world, precision 0.35 to 0.37 at every threshold, and naming nothing raised test CIDEr
+  small scenes world, precision 0.41 to 0.47 at every threshold, and naming nothing raised test CIDEr
   from 99.8 to 111.5). The reference assumes CLIP ViT-B/32 on COCO, whose detector it trusts.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.01
     entity_merge: float = option(0.98, "inference: entities whose text embeddings have at least this cosine are one, "
                                  "named by the word the most training captions use (0: off)")
     # 0.5: a named entity is more often right than wrong. On the scenes val split the bundle's embedder
-    # detects at precision 0.86 (0.2) and a 5-epoch small-world CLIP at 0.35 to 0.37 at any threshold,
+    # detects at precision 0.865 (0.2) and a 5-epoch small-world CLIP at 0.41 to 0.47 at any threshold,
     # where naming none raised viecap's test CIDEr from 99.8 to 111.5 (benchmarks/entity_merge_small.py).
     entity_min_precision: float = option(0.5, "the detector's least precision on the val split's images (against "
                                          "the entities their references name): training measures it at "
