@@ -289,7 +289,7 @@ def decoder_loader(embedder):
             decoder = load_decoder(path, device="cpu", embedder=embedder)
             if hasattr(decoder.config, "entity_merge"):
                 decoder.config.entity_merge = entity_merge
-                if entity_merge and decoder.synonym_groups() is None:  # a row called merged must be
+                if entity_merge and not decoder.config.has_entity_counts:  # a row called merged must be
                     raise SystemExit(f"{path} keeps no entity counts (trained before them): train it again")
             loaded[path, entity_merge] = decoder
         return loaded[path, entity_merge]

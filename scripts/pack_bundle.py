@@ -185,7 +185,7 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
                     write_json(path / MARGIN_FILE, record)
                     added.append(f"{MARGIN_FILE}, margin {record['margin']}")
         # it writes other captions now; also when an earlier upgrade stopped before scoring them
-        merged = getattr(config, "entity_counts", None) and config.entity_merge
+        merged = getattr(config, "has_entity_counts", False) and config.entity_merge
         if data_dir and merged and name in info.get("scores", {}) and name not in info.get("rescored", {}):
             info["scores"][name].update(_rescored(path, Path(data_dir), info))
             info.setdefault("rescored", {})[name] = "after `upgrade` gave it its entity counts (synonyms merged)"

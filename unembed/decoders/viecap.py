@@ -256,12 +256,15 @@ class ViECapDecoder(PrefixDecoder):
 
     def text_summary(self) -> dict:
         cfg = self.config
-        return {"entities": len(cfg.entities), "entity_merge": cfg.entity_merge,
-                "merged_entities": self.merged_entities(),
-                **({"entity_val_precision": cfg.entity_val_precision, "detection_threshold": self.detection_threshold()}
-                   if cfg.entity_val_precision else {}),
-                **({"detection": f"no entity is named: val precision under {cfg.entity_min_precision:g} at every "
-                                 "threshold"} if cfg.entity_val_precision and self.detection_threshold() is None else {})}
+        summary = {"entities": len(cfg.entities), "entity_merge": cfg.entity_merge,
+                   "merged_entities": self.merged_entities()}
+        if cfg.entity_val_precision:  # checked on val
+            threshold = self.detection_threshold()
+            summary.update(entity_val_precision=cfg.entity_val_precision, detection_threshold=threshold)
+            if threshold is None:
+                summary["detection"] = (f"no entity is named: val precision under {cfg.entity_min_precision:g} at "
+                                        "every threshold")
+        return summary
 
     def check_options(self, generation: dict) -> dict:
         """The decoding options, and entity_merge refused where it could change nothing."""
