@@ -4,6 +4,8 @@ Rerank is checked against a hand computation from the same candidates: each cand
 its cosine with the input, and the decoder's own score plus weight x logit scale x cosine. Every registered kind
 is run from its own `example`; the CLI path goes from an image file."""
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "scene-0.png"
 
 
+def benchmark(name: str):
+    """A module of benchmarks/ (they import each other by name, as run from there)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def images(scenes_dir, embedder, with_tokens=False, n=3):
     from PIL import Image
 
@@ -25,9 +39,10 @@ def images(scenes_dir, embedder, with_tokens=False, n=3):
     return embedder.embed([Image.open(p).convert("RGB") for p in paths], [p.stem for p in paths], with_tokens=with_tokens)
 
 
-def by_hand(embedder, embedded, candidates, weight):
+def by_hand(embedder, embedded, candidates, weight, consensus=0.0):
     """The caption rerank must pick, each candidate embedded on its own: the decoder's score plus weight
-    x the embedder's temperature x cosine."""
+    x the embedder's temperature x cosine, plus `consensus` x the candidate's likeness to the others,
+    weighted by the softmax of those totals."""
     scale = float(embedder.model.logit_scale.detach().exp())
     picked = []
     for row, target in zip(candidates, F.normalize(embedded.vectors.float(), dim=-1)):
@@ -35,8 +50,27 @@ def by_hand(embedder, embedded, candidates, weight):
         own = [max(s for c, s in row if c == t) for t in texts]
         cos = [float(F.normalize(embedder.embed_texts([t]).float(), dim=-1)[0] @ target) for t in texts]
         totals = [o + weight * scale * c for o, c in zip(own, cos)]
+        if consensus and len(texts) > 1:
+            shares = [math.exp(t - max(totals)) for t in totals]
+            shares = [s / sum(shares) for s in shares]
+            totals = [t + consensus * sum(p * likeness_by_hand(a, b) for b, p in zip(texts, shares))
+                      for t, a in zip(totals, texts)]
         picked.append(texts[totals.index(max(totals))])
     return picked
+
+
+def likeness_by_hand(a: str, b: str) -> float:
+    """The mean over n = 1..4 of the cosine between the two texts' n-gram counts."""
+    def counts(text, n):
+        words = text.lower().split()
+        return Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+
+    total = 0.0
+    for n in range(1, 5):
+        x, y = counts(a, n), counts(b, n)
+        norms = math.sqrt(sum(v * v for v in x.values())) * math.sqrt(sum(v * v for v in y.values()))
+        total += sum(v * y[g] for g, v in x.items()) / norms if norms else 0.0
+    return total / 4
 
 
 @pytest.mark.parametrize("kind", [k for k in list_decoders() if k != "corrector"])
@@ -53,9 +87,77 @@ def test_rerank_picks_what_the_embedder_and_the_decoder_agree_on(kind, embedder,
     assert all(isinstance(s, float) for s in scores)
     for weight in (0.0, 0.05, 100.0):
         assert decoder.decode(embedded, rerank=3, rerank_weight=weight) == by_hand(own, embedded, candidates, weight)
+    for weight, consensus in ((0.05, 3.0), (0.0, 100.0)):
+        assert decoder.decode(embedded, rerank=3, rerank_weight=weight, rerank_consensus=consensus) == by_hand(
+            own, embedded, candidates, weight, consensus)
     # weight 0 trusts the decoder alone: its own best of the candidates
     assert decoder.decode(embedded, rerank=3, rerank_weight=0.0) == [
         max(row, key=lambda c: c[1])[0] for row in candidates]
+
+
+def test_consensus_prefers_what_the_candidates_share():
+    from unembed.decoders.rerank import likeness, pick
+
+    texts = ["a yellow circle and a yellow circle", "two yellow circles", "a yellow circle and a green circle",
+             "a yellow circle and a green square"]
+    got = likeness(texts)
+    assert got.flatten().tolist() == pytest.approx([likeness_by_hand(a, b) for a in texts for b in texts], abs=1e-6)
+    assert got[0, 0] == pytest.approx(1.0) and got[1, 1] == pytest.approx(0.75)  # three words: no 4-gram
+    assert likeness(["two yellow circles", "a red square"]).tolist() == [[0.75, 0.0], [0.0, 0.75]]
+    # The embedder slightly prefers the repeated object; the other candidates share "a green": with
+    # consensus the pick moves to the one most alike to the rest.
+    row = [(t, -0.5) for t in texts]
+    cosines = [0.80, 0.78, 0.79, 0.77]
+    assert pick([row], cosines, 0.05, 100.0) == [texts[0]]
+    assert pick([row], cosines, 0.05, 100.0, consensus=10.0) == [texts[2]]
+    assert pick([row[:1]], cosines[:1], 0.05, 100.0, consensus=10.0) == [texts[0]]  # one candidate: itself
+    assert likeness(["", "a"]).tolist() == [[0.0, 0.0], [0.0, 0.25]]  # no words: alike to nothing
+
+
+def test_no_repeat_ngram_size_keeps_every_run_of_tokens_once(embedder, scenes_dir, tmp_path):
+    decoder = decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    embedded = images(scenes_dir, embedder, n=6)
+    free = decoder.generate(embedded, {"num_beams": 3, "max_length": 20, "no_repeat_ngram_size": 0})
+    blocked = decoder.generate(embedded, {"num_beams": 3, "max_length": 20, "no_repeat_ngram_size": 2})
+
+    def repeats(row):
+        ids = row.tolist()
+        pairs = [tuple(ids[i:i + 2]) for i in range(len(ids) - 1) if decoder.tokenizer.eos_id not in ids[i:i + 2]]
+        return len(pairs) - len(set(pairs))
+    assert any(repeats(r) for r in free)  # the random example LM repeats itself: the test can fail
+    assert not any(repeats(r) for r in blocked)
+    assert decoder.decode(embedded, no_repeat_ngram_size=2) == [decoder.text_of(r) for r in decoder.generate(
+        embedded, {"no_repeat_ngram_size": 2})]
+
+
+def test_text_only_decoders_block_repeats_by_default_and_older_ones_keep_their_captions(embedder, scenes_dir,
+                                                                                         tmp_path):
+    decoder = decoder_class("capdec").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    decoder.config.num_beams, decoder.config.max_length = 3, 20
+    embedded = images(scenes_dir, embedder, n=6)
+    blocked, free = (decoder.decode(embedded, no_repeat_ngram_size=n) for n in (3, 0))
+    assert blocked != free  # the example LM repeats itself: the default is seen
+    assert decoder.config.no_repeat_ngram_size == 3 and decoder.decode(embedded) == blocked
+    decoder.save(tmp_path / "new")
+    assert load_decoder(tmp_path / "new", device="cpu").decode(embedded) == blocked
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())  # as unembed wrote it before format 4
+    del saved["config"]["no_repeat_ngram_size"]
+    (tmp_path / "new" / "config.json").write_text(json.dumps({**saved, "format_version": 3}))
+    older = load_decoder(tmp_path / "new", device="cpu")
+    assert older.config.no_repeat_ngram_size == 0 and older.decode(embedded) == free
+
+
+def test_no_repeat_ngram_size_in_coca_search(embedder, scenes_dir, tmp_path):
+    decoder = decoder_class("coca").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
+    embedded = images(scenes_dir, decoder.embedder, with_tokens=True, n=4)
+
+    def repeats(ids):
+        pairs = [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+        return len(pairs) - len(set(pairs))
+    free = decoder.generate(embedded, num_beams=2, max_length=12)
+    blocked = decoder.generate(embedded, num_beams=2, max_length=12, no_repeat_ngram_size=2)
+    assert any(repeats(ids) for ids in free)  # the random CoCa repeats itself: the test can fail
+    assert not any(repeats(ids) for ids in blocked)
 
 
 def test_rerank_weight_without_rerank_is_refused_in_one_line(embedder, scenes_dir, tmp_path):
@@ -339,7 +441,7 @@ def test_compare_decodes_a_variant_of_an_entry_with_its_own_options(retrieval_di
               tmp_path / "bad", "--config", json.dumps({"x": {"num_beams": 2}}), "--embedder", embedder_dir)
     assert bad.code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "unembed: --config x: option num_beams: the retrieval decoder does not take it (it takes rerank, rerank_weight, "
-        "rerank_stop, rerank_calls, rerank_guide, edits, margin)")
+        "rerank_consensus, rerank_stop, rerank_calls, rerank_guide, edits, margin)")
     assert not (tmp_path / "bad").exists()  # refused before any work
     unedited = run("compare", "--data", scenes_dir, "--decoders", f"plain={retrieval_dir},x=@plain", "--out",
                    tmp_path / "unedited", "--config", json.dumps({"x": {"edits": 1}}), "--embedder", embedder_dir)
@@ -362,8 +464,8 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
                  f"{r['embedder_calls_per_caption']:.1f}") for r in result["inversion"].values()}
     section = (root / "README.md").read_text().split("## Closing the loop")[1].split("\n## ")[0]
     tables = [t for t in section.split("\n\n") if t.startswith("| ")]
-    assert [t.split(" |")[0] for t in tables] == ["| decoder", "| inversion", "| world: decoder"]
-    tables = tables[:2]  # the margin table has its own test
+    assert [t.split(" |")[0] for t in tables] == ["| decoder", "| decoder", "| inversion", "| world: decoder"]
+    tables = [tables[0], tables[2]]  # the repeats table and the margin table have their own tests
     for table, measured, columns, least in ((tables[0], captioned, slice(2, 5), 10), (tables[1], inverted, slice(2, 6), 4)):
         rows = [line.split("|")[columns] for line in table.splitlines()[2:]]
         assert len(rows) >= least
@@ -371,21 +473,34 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
             assert tuple(cell.strip() for cell in row) in measured, row
 
 
+def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s():
+    """README's table of no_repeat_ngram_size and consensus (benchmarks/repeats_consensus.py) is its JSON,
+    the settings it read on test are the best on val, and the text-only kinds default to the one measured."""
+    from unembed.decoders.capdec import CapDecConfig
+    from unembed.decoders.clipcap import ClipCapConfig
+    from unembed.decoders.decap import DeCapConfig
+    from unembed.decoders.viecap import ViECapConfig
+
+    bench = benchmark("repeats_consensus")
+    result = json.loads((ROOT / "benchmarks" / "results" / "repeats_consensus.json").read_text())
+    rows = bench.table(result).splitlines()
+    assert len(rows) == 2 + 6 and all(row in (ROOT / "README.md").read_text() for row in rows)
+    assert result["val_chosen"] == bench.choices(result["val_sweep"])
+    assert bench.NO_REPEAT == result["no_repeat"]
+    assert [c().no_repeat_ngram_size for c in (CapDecConfig, ViECapConfig, DeCapConfig, ClipCapConfig)] == [
+        bench.NO_REPEAT] * 3 + [0]
+
+
 def test_the_readme_margin_table_is_the_margin_sweep_and_its_choice_is_trainings():
     """Each row of the README's table of margins chosen on val is the benchmark's sweep
     (benchmarks/loop_scenes.py --margin-sweep), and each chosen margin is the one training would
     choose from the same val scores (edits.chosen_margin)."""
     import math
-    import sys
 
     from unembed.decoders.edits import chosen_margin
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        from loop_scenes import margin_table
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    root = ROOT
+    margin_table = benchmark("loop_scenes").margin_table
     result = json.loads((root / "benchmarks" / "results" / "loop_scenes.json").read_text())
     rows = margin_table(result).splitlines()[2:]
     readme = (root / "README.md").read_text()

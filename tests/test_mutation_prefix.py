@@ -263,10 +263,12 @@ def test_stop_id_is_one_token_of_the_tokenizer():
         decoder.stop_id()
 
 
-def test_upgrade_config_normalises_before_format_3():
+def test_upgrade_config_normalises_before_format_3_and_blocks_no_repeats_before_format_4():
     old = {"lm": "gpt2", "normalize": False}
-    assert PrefixDecoder.upgrade_config(old, 2) == {"lm": "gpt2", "normalize": True}
-    assert PrefixDecoder.upgrade_config(old, 3) == old and old["normalize"] is False
+    assert PrefixDecoder.upgrade_config(old, 2) == {"lm": "gpt2", "normalize": True, "no_repeat_ngram_size": 0}
+    assert PrefixDecoder.upgrade_config(old, 3) == {**old, "no_repeat_ngram_size": 0} and old["normalize"] is False
+    assert PrefixDecoder.upgrade_config({**old, "no_repeat_ngram_size": 2}, 3)["no_repeat_ngram_size"] == 2
+    assert PrefixDecoder.upgrade_config(old, 4) == old and "no_repeat_ngram_size" not in old
 
 
 # --- building, saving, loading --------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_greedy_generation_equals_a_naive_loop(trained, kind, embedder, scenes_d
 
     decoder = load_decoder(trained[kind][0]).eval()
     embedded = embed_split(embedder, scenes_dir / "test").select(range(3))
-    captions = decoder.decode(embedded, num_beams=1, max_length=6)
+    captions = decoder.decode(embedded, num_beams=1, max_length=6, no_repeat_ngram_size=0)  # the loop blocks none
     eos = decoder.tokenizer.eos_id
     with torch.no_grad():
         vectors = decoder.bridge.for_inference(embedded.vectors)

@@ -65,6 +65,7 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("seed", int, "seed of the sampling (default: torch's global generator)", 0, 2 ** 31 - 1),
     GenerationOption("min_length", int, "shortest caption in tokens", 0, 128),
     GenerationOption("repetition_penalty", float, "penalty on repeated tokens (1 = none)", 0, 10, low_open=True),
+    GenerationOption("no_repeat_ngram_size", int, "no run of this many tokens twice in a caption (0 = off)", 0, 16),
     GenerationOption("length_penalty", float, "beam search's length exponent", -10, 10),
     GenerationOption("k", int, "candidates re-ranked per token", 1, 1024),
     GenerationOption("alpha", float, "degeneration penalty weight", 0, 100),
@@ -77,6 +78,9 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("rerank_weight", float, "with --rerank: score = the decoder's own score + this weight x the "
                      "embedder's logit scale x cosine with the input (0 = the decoder alone; default 0.05, chosen for "
                      "images; 100 lets the cosine decide, for inverting a text embedding)", 0, 100,
+                     needs_rerank=True),
+    GenerationOption("rerank_consensus", float, "with --rerank: add this weight x each candidate's expected n-gram "
+                     "likeness to the input's other candidates (minimum Bayes risk; 0 = off, the default)", 0, 100,
                      needs_rerank=True),
     GenerationOption("rerank_stop", float, "with --rerank: embed each input's candidates one at a time (the "
                      "decoder's best first, then as --rerank-guide orders them) and stop at the first whose cosine "
@@ -99,7 +103,8 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
                      "by the words seen in its places in the training captions (default 0, none; a corrector's: 1)", 0, 8),
 )}
 # Every decoder takes these: reranking and edits are done once, in Decoder.decode, over any kind's captions.
-LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_stop", "rerank_calls", "rerank_guide", "edits", "margin")
+LOOP_OPTIONS = ("rerank", "rerank_weight", "rerank_consensus", "rerank_stop", "rerank_calls", "rerank_guide", "edits",
+                "margin")
 RERANK_WEIGHT = 0.05  # chosen on the scenes val split (benchmarks/loop_scenes.py records the sweep)
 RERANK_GUIDE = 5.0  # chosen on the scenes val split, inverting with 8 of 32 beams (loop_scenes.py)
 SAMPLING = ("do_sample", "top_p", "temperature", "seed")

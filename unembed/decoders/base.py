@@ -22,8 +22,9 @@ from unembed.errors import BadInputError, MismatchError, ModelLoadError
 from unembed.io import load_module, read_json, save_module, staged_dir, write_json, write_text
 
 DECODER_FORMAT = "unembed-decoder"
-FORMAT_VERSION = 3  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied;
-                    # 3: where the LM's weights are is recorded (lm_weights); embeddings arrive raw
+FORMAT_VERSION = 4  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied;
+                    # 3: where the LM's weights are is recorded (lm_weights); embeddings arrive raw;
+                    # 4: prefix decoders block repeated token runs unless their config says 0
 _REGISTRY: dict[str, type["Decoder"]] = {}
 
 
@@ -91,7 +92,8 @@ class Decoder(torch.nn.Module):
         the input by the embedder (unembed/decoders/rerank.py)."""
         options = self.check_options(generation)
         n = options.pop("rerank", 1)
-        weight, stop, calls, guide = (options.pop(f"rerank_{k}", None) for k in ("weight", "stop", "calls", "guide"))
+        weight, stop, calls, guide, consensus = (options.pop(f"rerank_{k}", None)
+                                                 for k in ("weight", "stop", "calls", "guide", "consensus"))
         rounds, margin = options.pop("edits", 0), options.pop("margin", None)
         self.check_embedded(embedded)
         if n <= 1:
@@ -100,7 +102,7 @@ class Decoder(torch.nn.Module):
             from unembed.decoders.rerank import rerank
 
             captions = rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, n, **options), weight,
-                              stop, calls, guide)
+                              stop, calls, guide, consensus or 0.0)
         if not rounds:
             return captions
         from unembed.decoders.edits import edited

@@ -271,7 +271,7 @@ class CoCaDecoder(Decoder):
     needs_tokens = True
     needs_embedder = True
     generation_options = ("num_beams", "max_length", "min_length", "do_sample", "top_p", "temperature", "seed",
-                          "repetition_penalty", "length_penalty")
+                          "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
     compare_recipe = {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30}
 
     @classmethod
@@ -325,7 +325,7 @@ class CoCaDecoder(Decoder):
     def search(self, embedded, num_beams: int | None = None, max_length: int | None = None,
                min_length: int | None = None, do_sample: bool = False, top_p: float | None = None,
                temperature: float | None = None, repetition_penalty: float | None = None,
-               length_penalty: float | None = None, seed: int | None = None):
+               length_penalty: float | None = None, seed: int | None = None, no_repeat_ngram_size: int = 0):
         """(token ids, scores) per image: every finished beam, best first, with its score; one row,
         scored 0, for greedy decoding and sampling."""
         cfg = self.config
@@ -339,7 +339,8 @@ class CoCaDecoder(Decoder):
         beams = 1 if do_sample else (num_beams or cfg.num_beams)
         step = CoCaStep(model, embedded.image_tokens, beams, max_length)
         processors = self._processors(end, cfg.min_length if min_length is None else min_length,
-                                      cfg.repetition_penalty if repetition_penalty is None else repetition_penalty)
+                                      cfg.repetition_penalty if repetition_penalty is None else repetition_penalty,
+                                      no_repeat_ngram_size)
         if beams > 1:
             scores, ids = beam_search(step, start, end, max_length, processors,
                                       cfg.length_penalty if length_penalty is None else length_penalty)
@@ -380,7 +381,7 @@ class CoCaDecoder(Decoder):
                                 f"got {max_length}")
 
     @staticmethod
-    def _processors(end: int, min_length: int, repetition_penalty: float):
+    def _processors(end: int, min_length: int, repetition_penalty: float, no_repeat_ngram_size: int = 0):
         from unembed.compat import import_transformers
 
         transformers = import_transformers()
@@ -389,6 +390,8 @@ class CoCaDecoder(Decoder):
             processors.append(transformers.MinNewTokensLengthLogitsProcessor(1, min_length, end))
         if repetition_penalty != 1.0:
             processors.append(transformers.RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if no_repeat_ngram_size:
+            processors.append(transformers.NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
         return processors
 
     @staticmethod

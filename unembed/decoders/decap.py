@@ -23,6 +23,7 @@ class DeCapConfig(PrefixConfig):
     projection_size: int = 50_000
     projection_tau: float = 0.01
     num_beams: int = 1
+    no_repeat_ngram_size: int = 3  # as CapDec's (the shipped decap: +0.5 test, +0.4 compositional CIDEr)
 
 
 @register_decoder

@@ -73,6 +73,10 @@ class PrefixConfig(DecoderConfig):
     recombine_rate: float = option(1.0, "recombined copies per training caption (--recombine)")
     num_beams: int = 5              # generation defaults
     max_length: int = 30
+    # No run of this many tokens twice in a caption (0 = off). The text-only kinds default to 3 (their
+    # configs); ClipCap keeps 0, as do imported published decoders (their authors' code does not block
+    # repeats) and decoders saved before format 4 (as they captioned).
+    no_repeat_ngram_size: int = 0
     stop: str = ""                  # a caption also ends with (and keeps) this token, e.g. ClipCap's "."
     start_token: bool = False       # captions begin with the tokenizer's start token (DeCap's checkpoints)
 
@@ -135,7 +139,7 @@ class PrefixDecoder(LMWeights, Decoder):
     # kind bridges its training text to images and may recombine that text; a paired kind (ClipCap)
     # does neither in training, so it declares MODEL_OPTIONS only.
     cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS + TEXT_OPTIONS
-    generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed")
+    generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed", "no_repeat_ngram_size")
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}
@@ -299,6 +303,9 @@ class PrefixDecoder(LMWeights, Decoder):
                             temperature=options.get("temperature", 1.0), num_beams=1)
         else:
             settings.update(do_sample=False, num_beams=max(n, options.get("num_beams") or self.config.num_beams))
+        no_repeat = options.get("no_repeat_ngram_size", self.config.no_repeat_ngram_size)
+        if no_repeat:
+            settings.update(no_repeat_ngram_size=no_repeat)
         if n > 1:
             settings.update(num_return_sequences=n, output_scores=True, return_dict_in_generate=True)
         if inputs.shape[1] == 1:
@@ -347,6 +354,9 @@ class PrefixDecoder(LMWeights, Decoder):
 
     @classmethod
     def upgrade_config(cls, config: dict, format_version: int, path: Path | None = None) -> dict:
-        """Before format 3 every embedding reached the decoder L2-normalised: it still does."""
+        """Before format 3 every embedding reached the decoder L2-normalised: it still does. Before format
+        4 no repeated token runs were blocked: they still are not."""
         config = super().upgrade_config(config, format_version, path)
+        if format_version < 4:
+            config = dict(config, no_repeat_ngram_size=config.get("no_repeat_ngram_size", 0))
         return dict(config, normalize=True) if format_version < 3 else config

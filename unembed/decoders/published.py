@@ -147,6 +147,7 @@ def _clipcap(kind, state, file, embedder, lm, prefix_length, mapper, heads, log)
     config = cls.config_class(embedder_spec=spec, embedder_id=embedder_id, embed_dim=options.pop("embed_dim"),
                               lm=lm, lm_revision=snapshot_revision(lm_path), tokenizer=lm,
                               normalize=kind == "capdec", noise_variance=0.0, num_beams=1, stop=".",
+                              no_repeat_ngram_size=0,
                               max_length=min(OFFICIAL_LENGTH, positions - options["prefix_length"]),
                               **options, **lm_options)
     decoder = cls(config, HFTokenizer(str(lm_path)))
@@ -200,7 +201,7 @@ def _decap(state, file, embedder, heads, memory_captions, log):
     size = len(memory_captions or [])
     config = cls.config_class(embedder_spec=spec, embedder_id=embedder_id, embed_dim=project.shape[1],
                               lm="scratch", tokenizer="clip-bpe", lm_config=lm_config, start_token=True,
-                              projection_size=size, max_length=30, num_beams=1)
+                              projection_size=size, max_length=30, num_beams=1, no_repeat_ngram_size=0)
     decoder = cls(config)
     tensors = {"mapper.net.weight": project, "mapper.net.bias": state["clip_project.model.0.bias"]}
     tensors.update({f"lm.{k}": v for k, v in lm_state.items()})

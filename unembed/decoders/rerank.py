@@ -15,6 +15,13 @@ alone. The default (generation.RERANK_WEIGHT) was chosen on the scenes val split
 both scores instead (one z-score each) did worse: it amplifies cosine differences the embedder does
 not mean (benchmarks/loop_scenes.py records the sweep).
 
+With `consensus` (rerank_consensus) c > 0, each candidate also gets c x its expected likeness to the
+row's others (minimum Bayes risk, as in MBR decoding for translation and captioning): the others
+weighted by the softmax of their scores above, likeness the mean over n = 1 to 4 of the cosine between
+two candidates' n-gram counts (CIDEr's similarity without document frequencies). A phrase most
+candidates share is one the search is sure of; a word only one candidate has, such as the second
+"yellow circle" of "a yellow circle and a yellow circle", is not (benchmarks/loop_scenes.py, part 9).
+
 With `stop` (rerank_stop) or `calls` (rerank_calls), the candidates are embedded in turns: the
 decoder's best first, then each next one chosen by the decoder's score plus `guide` (rerank_guide) x
 the logit scale x a cosine predicted from those already embedded. A row stops at the first cosine
@@ -23,6 +30,8 @@ caption beats, so an inverter whose first beam is right spends one embedder call
 one spends its calls on the beams the cosines seen point to.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +50,8 @@ def embedding_cosines(embedder, texts: list[str], targets: torch.Tensor) -> torc
 
 
 def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight: float | None = None,
-           stop: float | None = None, calls: int | None = None, guide: float | None = None) -> list[str]:
+           stop: float | None = None, calls: int | None = None, guide: float | None = None,
+           consensus: float = 0.0) -> list[str]:
     """The best caption of each row's candidates (see the module docstring); `weight` None: the default.
     With `stop` or `calls`, the candidates are embedded in turns (`embed_in_turns`) and the pick is
     made among those embedded."""
@@ -53,8 +63,8 @@ def rerank(embedder, embedded, candidates: list[list[tuple[str, float]]], weight
         guide = RERANK_GUIDE if guide is None else guide
         seen = embed_in_turns(embedder, rows, embedded.unit(), stop, calls, guide * scale)
         kept = [[row[j] for j in sorted(cosines)] for row, cosines in zip(rows, seen)]
-        return pick(kept, [cosines[j] for cosines in seen for j in sorted(cosines)], weight, scale)
-    return pick(rows, row_cosines(embedder, embedded, rows), weight, scale)
+        return pick(kept, [cosines[j] for cosines in seen for j in sorted(cosines)], weight, scale, consensus)
+    return pick(rows, row_cosines(embedder, embedded, rows), weight, scale, consensus)
 
 
 def row_cosines(embedder, embedded, rows: list[list[tuple[str, float]]]) -> list[float]:
@@ -132,8 +142,9 @@ def predicted_cosines(shared: torch.Tensor, seen: list[int], cosines: list[float
 
 
 def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: float | None = None,
-         scale: float = 100.0) -> list[str]:
-    """Each row's best candidate, given every candidate's cosine (row-major, as `rows` lists them)."""
+         scale: float = 100.0, consensus: float = 0.0) -> list[str]:
+    """Each row's best candidate, given every candidate's cosine (row-major, as `rows` lists them);
+    `consensus` > 0 adds that weight x each candidate's expected likeness to the others."""
     from unembed.generation import RERANK_WEIGHT
 
     weight = RERANK_WEIGHT if weight is None else weight
@@ -143,8 +154,31 @@ def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: floa
         own = torch.tensor([s for _, s in row], dtype=torch.float)
         start += len(row)
         total = own + weight * scale * cos
+        if consensus and len(row) > 1:
+            total = total + consensus * (likeness([text for text, _ in row]) @ total.softmax(0))
         best.append(row[int(total.argmax())][0])  # ties: the decoder's first (its own best)
     return best
+
+
+CONSENSUS_ORDER = 4  # n-grams of 1 to 4 words, as CIDEr and BLEU-4 count them
+
+
+def likeness(texts: list[str]) -> torch.Tensor:
+    """[n, n]: the mean over n = 1..CONSENSUS_ORDER of the cosine between two texts' n-gram counts."""
+    words = [text.lower().split() for text in texts]
+    total = torch.zeros(len(texts), len(texts))
+    for n in range(1, CONSENSUS_ORDER + 1):
+        counts = [Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1)) for w in words]
+        grams = {g: k for k, g in enumerate({g for c in counts for g in c})}
+        if not grams:
+            continue
+        matrix = torch.zeros(len(texts), len(grams))
+        for row, c in enumerate(counts):
+            for g, k in c.items():
+                matrix[row, grams[g]] = float(k)
+        unit = F.normalize(matrix, dim=-1)  # a text shorter than n words: a zero row, alike to nothing
+        total += unit @ unit.T
+    return total / CONSENSUS_ORDER
 
 
 def logit_scale(embedder) -> float:

@@ -1,0 +1,236 @@
+"""Two ways to choose among a decoder's candidates on the scenes world: no repeated token runs in the
+search (`--no-repeat-ngram-size`) and a consensus term in reranking (`--rerank-consensus`, minimum
+Bayes risk). Does either lift the decoders nearest issue 27's goals at every seed?
+
+The decoders are loop_scenes.py's (trained there, or here if missing, with its recipes): plain CapDec
+at seeds 0, 1, 2 (the test goal's bar) and the entity-mask-0.2 rate-2 viecap at seeds 0, 1, 2, merged
+(the text-only decoder nearest the compositional goals: at seed 2 it writes "a yellow circle and a
+yellow circle" where references say "two yellow circles" or name a second shape).
+
+1. Val (500 images): each decoder's 32 beams, without and with no_repeat_ngram_size NO_REPEAT, computed
+   once each, then picked at every rerank weight of WEIGHTS and consensus of CONSENSUS; the base (its
+   own beams, no rerank) with and without NO_REPEAT. The setting with the best mean val CIDEr over the
+   six decoders is read on test, and so is the best over each kind's three.
+2. Test and compositional (1,000 images each): base, base with NO_REPEAT, rerank 32 as before (weight
+   0.05, no consensus), rerank 32 with NO_REPEAT, the val-chosen consensus setting, and each rerank row
+   with one round of edits at the decoder's own margin. The beams of a split are generated once per
+   NO_REPEAT setting and every rerank row picks from them (rerank.pick, as Decoder.decode does;
+   tests/test_loop.py checks decode against the same rule by hand).
+3. The shipped bundle's LM decoders (clipcap, capdec, decap, viecap), each as shipped (its own beams, no
+   rerank), without and with NO_REPEAT on test and compositional: is no_repeat_ngram_size a default
+   every kind can take?
+
+    python benchmarks/repeats_consensus.py --work bench-run/loop
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from entity_scenes import heldout_counts, pairs_in_images
+from loop_scenes import (LESS_MASKED, MERGED, SEEDS, decoder_loader, eval_splits, main_world_plan, trained,
+                         training_summary, unembed, write)
+
+NO_REPEAT = 3  # tokens: "a yellow circle" once (0.3% of the training captions repeat a 3-word run)
+WEIGHTS = (0.05, 0.2)
+CONSENSUS = (0.0, 1.0, 3.0, 10.0)
+RERANK = 32
+SHIPPED = ("clipcap", "capdec", "decap", "viecap")
+DECODERS = tuple(f"capdec, seed {s}" for s in SEEDS) + tuple(LESS_MASKED)
+
+
+def beams(decoder, embedded, no_repeat: int) -> tuple[list, float]:
+    """The decoder's RERANK candidates for each input (100 a batch, each text once) and the seconds taken."""
+    from unembed.decoders.rerank import dedupe
+
+    options = {"no_repeat_ngram_size": no_repeat} if no_repeat else {}
+    start = time.perf_counter()
+    rows = [dedupe(row) for s in range(0, len(embedded), 100)
+            for row in decoder.candidates(embedded.select(slice(s, s + 100)), RERANK, **options)]
+    return rows, time.perf_counter() - start
+
+
+def scores(captions: list[str], embedded, references: dict, in_image: dict | None) -> dict:
+    from unembed.eval.metrics import coco_caption_metrics
+
+    predictions = dict(zip(embedded.ids, captions))
+    metrics = coco_caption_metrics(predictions, references, spice=False, meteor=False)
+    row = {"CIDEr": round(metrics["CIDEr"], 4), "BLEU-4": round(metrics["BLEU-4"], 4), "example": captions[0]}
+    if in_image is not None:
+        row.update(heldout_counts(predictions, in_image))
+    return row
+
+
+def based(decoder, embedded, no_repeat: int) -> list[str]:
+    options = {"no_repeat_ngram_size": no_repeat} if no_repeat else {}
+    return [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)), **options)]
+
+
+def base_rows(decoder, splits: dict, in_image: dict) -> dict:
+    """split -> the decoder's own captions without and with NO_REPEAT, scored, on test and compositional."""
+    rows = {}
+    for split in ("test", "compositional"):
+        embedded, references = splits[split]
+        rows[split] = {f"no repeat {n}": scores(based(decoder, embedded, n), embedded, references,
+                                                in_image if split == "compositional" else None) for n in (0, NO_REPEAT)}
+    return rows
+
+
+def picked(embedder, embedded, rows, cosines, weight: float, consensus: float) -> list[str]:
+    from unembed.decoders.rerank import logit_scale, pick
+
+    return pick(rows, cosines, weight, logit_scale(embedder), consensus)
+
+
+def val_sweep(decoder, embedder, embedded, references) -> dict:
+    """Val CIDEr of the base and of every (no-repeat, weight, consensus) pick from the same beams."""
+    from unembed.decoders.rerank import row_cosines
+
+    sweep = {}
+    for no_repeat in (0, NO_REPEAT):
+        sweep[f"base, no repeat {no_repeat}"] = scores(based(decoder, embedded, no_repeat), embedded, references, None)["CIDEr"]
+        rows, _ = beams(decoder, embedded, no_repeat)
+        cosines = row_cosines(embedder, embedded, rows)
+        for weight in WEIGHTS:
+            for consensus in CONSENSUS:
+                captions = picked(embedder, embedded, rows, cosines, weight, consensus)
+                sweep[setting(no_repeat, weight, consensus)] = scores(captions, embedded, references, None)["CIDEr"]
+    return sweep
+
+
+def setting(no_repeat: int, weight: float, consensus: float) -> str:
+    return f"rerank {RERANK}, no repeat {no_repeat}, weight {weight:g}, consensus {consensus:g}"
+
+
+def chosen(sweeps: dict) -> dict:
+    """The rerank setting with the best mean val CIDEr over the decoders of `sweeps`, and every setting's
+    mean (ties: the first swept, the simpler)."""
+    names = [n for n in next(iter(sweeps.values())) if n.startswith("rerank")]
+    means = {n: round(sum(s[n] for s in sweeps.values()) / len(sweeps), 4) for n in names}
+    return {"setting": max(means, key=means.get), "mean_val_CIDEr": means}
+
+
+def kind_of(name: str) -> str:
+    return name.split()[0].rstrip(",")
+
+
+def choices(sweeps: dict) -> dict:
+    """The val-chosen settings: over every decoder ("all") and over each kind's."""
+    kinds = {kind_of(name) for name in sweeps}
+    return {"all": chosen(sweeps), **{k: chosen({n: s for n, s in sweeps.items() if kind_of(n) == k})
+                                      for k in sorted(kinds)}}
+
+
+def parse(name: str) -> tuple[int, float, float]:
+    parts = dict(p.rsplit(" ", 1) for p in name.split(", ")[1:])
+    return int(parts["no repeat"]), float(parts["weight"]), float(parts["consensus"])
+
+
+def split_rows(decoder, embedder, embedded, references, in_image, chosen_settings: list) -> dict:
+    """One split's rows for one decoder (see the module docstring): `chosen_settings`, (no repeat,
+    weight, consensus) tuples chosen on val, besides rerank as before with and without NO_REPEAT."""
+    from unembed.decoders.edits import edited
+    from unembed.decoders.rerank import row_cosines
+
+    rows = {f"base, no repeat {n}": scores(based(decoder, embedded, n), embedded, references, in_image)
+            for n in (0, NO_REPEAT)}
+    settings = {(0, 0.05, 0.0), (NO_REPEAT, 0.05, 0.0), *chosen_settings}
+    for no_repeat in sorted({s[0] for s in settings}):
+        candidates, seconds = beams(decoder, embedded, no_repeat)
+        cosines = row_cosines(embedder, embedded, candidates)
+        rows[f"beams, no repeat {no_repeat}, seconds"] = round(seconds, 1)
+        for n, weight, consensus in sorted(s for s in settings if s[0] == no_repeat):
+            captions = picked(embedder, embedded, candidates, cosines, weight, consensus)
+            name = setting(n, weight, consensus)
+            rows[name] = scores(captions, embedded, references, in_image)
+            edited_captions = edited(embedder, embedded.unit(), captions, decoder.substitutes, 1, decoder.edit_margin)
+            rows[f"{name}, edits 1 (its margin)"] = scores(edited_captions, embedded, references, in_image)
+            print(name, json.dumps(rows[name]), json.dumps(rows[f"{name}, edits 1 (its margin)"]), flush=True)
+    return rows
+
+
+COLUMNS = (("its beams", "base, no repeat 0"), ("`--no-repeat-ngram-size 3`", "base, no repeat 3"),
+           ("`--rerank 32`", setting(0, 0.05, 0.0)),
+           ("`--rerank 32 --no-repeat-ngram-size 3`", setting(NO_REPEAT, 0.05, 0.0)),
+           ("same, `--edits 1`", setting(NO_REPEAT, 0.05, 0.0) + ", edits 1 (its margin)"))
+
+
+def cell(rows: dict, name: str) -> str:
+    test, comp = rows["test"][name], rows["compositional"][name]
+    return f"{100 * test['CIDEr']:.1f} / {100 * comp['CIDEr']:.1f} ({comp['names_heldout_pair']})"
+
+
+def table(result: dict) -> str:
+    """The README's table: each decoder's test / compositional CIDEr (held-out pairs named) read each way."""
+    lines = ["| decoder | " + " | ".join(title for title, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, rows in result["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(rows, key) for _, key in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="bench-run/loop")
+    parser.add_argument("--out", default="benchmarks/results/repeats_consensus.json")
+    parser.add_argument("--images", type=int, default=1000, help="images per split (test, compositional)")
+    parser.add_argument("--val-images", type=int, default=500)
+    args = parser.parse_args()
+    work = Path(args.work)
+    data = work / "scenes"
+    if not (data / "train" / "captions.json").is_file():
+        unembed("data", "scenes", "--out", str(data), "--n", "20000", "--seed", "0")
+    models = trained(main_world_plan(work, data), DECODERS)
+
+    import torch
+
+    from loop_scenes import BUNDLE
+    from unembed.decoders import load_decoder
+    from unembed.embedders import load_embedder
+
+    torch.manual_seed(0)
+    embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
+    splits = eval_splits(embedder, data, {"val": args.val_images, "test": args.images, "compositional": args.images})
+    in_image = pairs_in_images(data / "compositional")
+    decoder_at = decoder_loader(embedder)
+    decoders = {name: decoder_at(models[name], MERGED if name.startswith("viecap") else 0.0) for name in DECODERS}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    if result.get("embedder_id") != embedder.id or result.get("images") != [args.val_images, args.images]:
+        result = {}  # rows of another embedder or split size are not kept
+    result.update({"embedder_id": embedder.id, "data": "scenes world, 20000 training images, seed 0",
+                   "images": [args.val_images, args.images],
+                   "no_repeat": NO_REPEAT, "rerank": RERANK,
+                   "training": {name: training_summary(models[name]) for name in DECODERS}})
+    sweeps = result.setdefault("val_sweep", {})
+    for name, decoder in decoders.items():
+        if name not in sweeps:
+            sweeps[name] = val_sweep(decoder, embedder, *splits["val"])
+            print("val", name, json.dumps(sweeps[name]), flush=True)
+            write(args.out, result)
+    result["val_chosen"] = choices(sweeps)
+    rows = result.setdefault("rows", {})
+    for name, decoder in decoders.items():
+        settings = [result["val_chosen"][k]["setting"] for k in ("all", kind_of(name))]
+        if rows.get(name, {}).get("settings") != settings:  # measured at another choice
+            rows[name] = {"settings": settings}
+        for split in ("test", "compositional"):
+            if split not in rows[name]:
+                rows[name][split] = split_rows(decoder, embedder, *splits[split],
+                                               in_image if split == "compositional" else None,
+                                               [parse(s) for s in settings])
+                write(args.out, result)
+    shipped = result.setdefault("shipped", {})
+    for kind in SHIPPED:
+        if kind not in shipped:
+            decoder = load_decoder(BUNDLE / kind, device="cpu", embedder=embedder)
+            shipped[kind] = base_rows(decoder, splits, in_image)
+            print("shipped", kind, json.dumps(shipped[kind]), flush=True)
+            write(args.out, result)
+    print(json.dumps({k: v["setting"] for k, v in result["val_chosen"].items()}, indent=1))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
