@@ -19,8 +19,14 @@ yellow circle" where references say "two yellow circles" or name a second shape)
 3. The shipped bundle's LM decoders (clipcap, capdec, decap, viecap), each as shipped (its own beams, no
    rerank), without and with NO_REPEAT on test and compositional: is no_repeat_ngram_size a default
    every kind can take?
+4. With --speed: what blocking repeats costs. End to end, the shipped capdec and viecap caption the
+   test split (1,000 images, 100 a batch, their own beams) without and with NO_REPEAT (best of 2 runs
+   each); and the processor alone, unembed's batched NoRepeatNGram against transformers'
+   NoRepeatNGramLogitsProcessor, side by side on the same token ids (500 hypotheses, as 100 inputs x
+   5 beams, each step of a 20-token caption), at the shipped decoders' vocabulary and GPT-2's.
 
     python benchmarks/repeats_consensus.py --work bench-run/loop
+    python benchmarks/repeats_consensus.py --work bench-run/loop --speed   # adds "speed" to the JSON
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ NO_REPEAT = 3  # tokens: "a yellow circle" once (0.3% of the training captions r
 WEIGHTS = (0.05, 0.2)
 CONSENSUS = (0.0, 1.0, 3.0, 10.0)
 RERANK = 32
+GPT2_VOCABULARY = 50257  # a pretrained LM's width, for the processor's speed
 SHIPPED = ("clipcap", "capdec", "decap", "viecap")
 DECODERS = tuple(f"capdec, seed {s}" for s in SEEDS) + tuple(LESS_MASKED)
 
@@ -170,12 +177,56 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def best_seconds(run, repeats: int = 2) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def processor_speed(vocabulary: int, hypotheses: int = 500, length: int = 20) -> dict:
+    """Seconds for every step of a `length`-token caption, each processor on the same ids and scores."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from unembed.decoders.repeats import NoRepeatNGram
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (hypotheses, length), generator=generator)  # a caption's few dozen words
+    scores = torch.randn(hypotheses, vocabulary, generator=generator)
+    timed = {}
+    for name, processor in (("transformers NoRepeatNGramLogitsProcessor", NoRepeatNGramLogitsProcessor(NO_REPEAT)),
+                            ("unembed NoRepeatNGram", NoRepeatNGram(NO_REPEAT))):
+        timed[name] = best_seconds(lambda: [processor(ids[:, :t], scores) for t in range(1, length + 1)])
+    theirs, ours = timed.values()
+    return {"hypotheses": hypotheses, "steps": length, "vocabulary": vocabulary,
+            "seconds": {name: round(s, 5) for name, s in timed.items()}, "ratio": round(theirs / ours, 1)}
+
+
+def speed(embedder, embedded) -> dict:
+    """Part 4 (see the module docstring)."""
+    from loop_scenes import BUNDLE
+    from unembed.decoders import load_decoder
+
+    out = {"images": len(embedded)}
+    for kind in ("capdec", "viecap"):
+        decoder = load_decoder(BUNDLE / kind, device="cpu", embedder=embedder)
+        out[kind] = {f"no repeat {n}": round(best_seconds(lambda: based(decoder, embedded, n)), 2)
+                     for n in (0, NO_REPEAT)}
+    out["processor"] = processor_speed(decoder.tokenizer.vocab_size)
+    out["processor, GPT-2's vocabulary"] = processor_speed(GPT2_VOCABULARY)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bench-run/loop")
     parser.add_argument("--out", default="benchmarks/results/repeats_consensus.json")
     parser.add_argument("--images", type=int, default=1000, help="images per split (test, compositional)")
     parser.add_argument("--val-images", type=int, default=500)
+    parser.add_argument("--speed", action="store_true", help="only part 4, added to --out's JSON")
     args = parser.parse_args()
     work = Path(args.work)
     data = work / "scenes"
@@ -193,6 +244,11 @@ def main() -> None:
     embedder = load_embedder(str(BUNDLE / "embedder"), "cpu")
     splits = eval_splits(embedder, data, {"val": args.val_images, "test": args.images, "compositional": args.images})
     in_image = pairs_in_images(data / "compositional")
+    if args.speed:
+        result = json.loads(Path(args.out).read_text())
+        result["speed"] = speed(embedder, splits["test"][0])
+        write(args.out, result)
+        return print(json.dumps(result["speed"], indent=1))
     decoder_at = decoder_loader(embedder)
     decoders = {name: decoder_at(models[name], MERGED if name.startswith("viecap") else 0.0) for name in DECODERS}
     out = Path(args.out)

@@ -147,6 +147,24 @@ def test_text_only_decoders_block_repeats_by_default_and_older_ones_keep_their_c
     assert older.config.no_repeat_ngram_size == 0 and older.decode(embedded) == free
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_the_batched_no_repeat_processor_bans_what_transformers_bans(n):
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from unembed.decoders.repeats import NoRepeatNGram
+
+    generator, banned = torch.Generator().manual_seed(n), 0
+    for length in range(0, 12):
+        ids = torch.randint(0, 4, (6, length), generator=generator)  # 4 tokens: many repeats
+        scores = torch.randn(6, 7, generator=generator)
+        ours = NoRepeatNGram(n)(ids, scores.clone())
+        assert torch.equal(ours, NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())), (n, length)
+        banned += int(torch.isinf(ours).sum())
+        if length < n:
+            assert torch.equal(ours, scores)  # no n-gram is complete yet
+    assert banned > 0
+
+
 def test_no_repeat_ngram_size_in_coca_search(embedder, scenes_dir, tmp_path):
     decoder = decoder_class("coca").example(embedder, split_captions(scenes_dir / "train"), tmp_path)
     embedded = images(scenes_dir, decoder.embedder, with_tokens=True, n=4)
@@ -487,6 +505,12 @@ def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s(
     assert len(rows) == 2 + 6 and all(row in (ROOT / "README.md").read_text() for row in rows)
     assert result["val_chosen"] == bench.choices(result["val_sweep"])
     assert bench.NO_REPEAT == result["no_repeat"]
+    speed, readme = result["speed"], " ".join((ROOT / "README.md").read_text().split())
+    small, wide = speed["processor"], speed["processor, GPT-2's vocabulary"]
+    assert (f"{small['ratio']:.0f}x faster for 500 beams at the shipped decoders' {small['vocabulary']} tokens, "
+            f"{wide['ratio']:.0f}x at GPT-2's 50,257") in readme
+    assert (f"in {speed['capdec']['no repeat 3']:.2f} s with it against {speed['capdec']['no repeat 0']:.2f} s without "
+            f"(viecap {speed['viecap']['no repeat 3']:.2f} s and {speed['viecap']['no repeat 0']:.2f} s;") in readme
     assert [c().no_repeat_ngram_size for c in (CapDecConfig, ViECapConfig, DeCapConfig, ClipCapConfig)] == [
         bench.NO_REPEAT] * 3 + [0]
 

@@ -391,7 +391,9 @@ class CoCaDecoder(Decoder):
         if repetition_penalty != 1.0:
             processors.append(transformers.RepetitionPenaltyLogitsProcessor(repetition_penalty))
         if no_repeat_ngram_size:
-            processors.append(transformers.NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+            from unembed.decoders.repeats import NoRepeatNGram
+
+            processors.append(NoRepeatNGram(no_repeat_ngram_size))
         return processors
 
     @staticmethod

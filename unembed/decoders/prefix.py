@@ -304,8 +304,11 @@ class PrefixDecoder(LMWeights, Decoder):
         else:
             settings.update(do_sample=False, num_beams=max(n, options.get("num_beams") or self.config.num_beams))
         no_repeat = options.get("no_repeat_ngram_size", self.config.no_repeat_ngram_size)
-        if no_repeat:
-            settings.update(no_repeat_ngram_size=no_repeat)
+        if no_repeat:  # batched (transformers' own processor loops over hypotheses in Python)
+            from unembed.compat import import_transformers
+            from unembed.decoders.repeats import NoRepeatNGram
+
+            settings.update(logits_processor=import_transformers().LogitsProcessorList([NoRepeatNGram(no_repeat)]))
         if n > 1:
             settings.update(num_return_sequences=n, output_scores=True, return_dict_in_generate=True)
         if inputs.shape[1] == 1:
