@@ -287,6 +287,8 @@ def decoder_loader(embedder):
     def decoder_at(path: Path, entity_merge: float = UNMERGED):
         if (path, entity_merge) not in loaded:
             decoder = load_decoder(path, device="cpu", embedder=embedder)
+            if hasattr(decoder.config, "no_repeat_ngram_size"):  # every row was measured before decoders
+                decoder.config.no_repeat_ngram_size = 0        # blocked repeats (repeats_consensus.py)
             if hasattr(decoder.config, "entity_merge"):
                 decoder.config.entity_merge = entity_merge
                 if entity_merge and not decoder.config.has_entity_counts:  # a row called merged must be

@@ -52,7 +52,7 @@ def beams(decoder, embedded, no_repeat: int) -> tuple[list, float]:
     """The decoder's RERANK candidates for each input (100 a batch, each text once) and the seconds taken."""
     from unembed.decoders.rerank import dedupe
 
-    options = {"no_repeat_ngram_size": no_repeat} if no_repeat else {}
+    options = {"no_repeat_ngram_size": no_repeat}  # 0 too: a decoder trained today defaults to NO_REPEAT
     start = time.perf_counter()
     rows = [dedupe(row) for s in range(0, len(embedded), 100)
             for row in decoder.candidates(embedded.select(slice(s, s + 100)), RERANK, **options)]
@@ -71,7 +71,7 @@ def scores(captions: list[str], embedded, references: dict, in_image: dict | Non
 
 
 def based(decoder, embedded, no_repeat: int) -> list[str]:
-    options = {"no_repeat_ngram_size": no_repeat} if no_repeat else {}
+    options = {"no_repeat_ngram_size": no_repeat}  # 0 too: a decoder trained today defaults to NO_REPEAT
     return [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)), **options)]
 
 

@@ -506,6 +506,11 @@ def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s(
     assert result["val_chosen"] == bench.choices(result["val_sweep"])
     assert bench.NO_REPEAT == result["no_repeat"]
     speed, readme = result["speed"], " ".join((ROOT / "README.md").read_text().split())
+    mean = {(kind, n): sum(rows[split][f"beams, no repeat {n}, seconds"] for split in ("test", "compositional")
+                           for name, rows in result["rows"].items() if name.startswith(kind)) / 6
+            for kind in ("capdec", "viecap") for n in (0, 3)}
+    assert (f"took {mean['capdec', 3]:.1f} s instead of {mean['capdec', 0]:.1f} s for capdec, {mean['viecap', 3]:.1f} s "
+            f"instead of {mean['viecap', 0]:.1f} s for viecap") in readme
     small, wide = speed["processor"], speed["processor, GPT-2's vocabulary"]
     assert (f"{small['ratio']:.0f}x faster for 500 beams at the shipped decoders' {small['vocabulary']} tokens, "
             f"{wide['ratio']:.0f}x at GPT-2's 50,257") in readme

@@ -309,6 +309,7 @@ class PrefixDecoder(LMWeights, Decoder):
             from unembed.decoders.repeats import NoRepeatNGram
 
             settings.update(logits_processor=import_transformers().LogitsProcessorList([NoRepeatNGram(no_repeat)]))
+        settings.update(no_repeat_ngram_size=0)  # transformers' own: off even if the LM's generation config sets it
         if n > 1:
             settings.update(num_return_sequences=n, output_scores=True, return_dict_in_generate=True)
         if inputs.shape[1] == 1:

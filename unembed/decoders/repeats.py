@@ -31,7 +31,9 @@ class NoRepeatNGram:
             match = (windows[:, :-1] == windows[:, -1:]).all(-1)  # [B, L - n + 1]
             following = input_ids[:, self.n - 1:]  # the token after each earlier window
         rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(following)
-        # in place, as transformers' processors do; only the matches are touched (a GPT-2 vocabulary is
-        # 50,257 wide, and a dense mask of it per hypothesis would cost more than the search step)
-        return scores.index_put_((rows[match], following[match]), torch.tensor(-float("inf"), dtype=scores.dtype,
-                                                                             device=scores.device))
+        # Only the matches are written, in place: a GPT-2 vocabulary is 50,257 wide, and a mask or a copy
+        # of it per hypothesis costs more than the bans (transformers' processor copies). Every caller
+        # hands over scores of its own: transformers' generate a fresh copy of the step's logits (kept
+        # unprocessed only for output_logits, which unembed never asks for), CoCa's search a log_softmax.
+        return scores.index_put_((rows[match], following[match]),
+                                 torch.tensor(-float("inf"), dtype=scores.dtype, device=scores.device))

@@ -20,7 +20,9 @@ row's others (minimum Bayes risk, as in MBR decoding for translation and caption
 weighted by the softmax of their scores above, likeness the mean over n = 1 to 4 of the cosine between
 two candidates' n-gram counts (CIDEr's similarity without document frequencies). A phrase most
 candidates share is one the search is sure of; a word only one candidate has, such as the second
-"yellow circle" of "a yellow circle and a yellow circle", is not (benchmarks/loop_scenes.py, part 9).
+"yellow circle" of "a yellow circle and a yellow circle", is not (benchmarks/repeats_consensus.py). As in
+MBR's expectation, the candidate itself is among the others; a caption of fewer than four words, having
+no 4-grams, is less alike to itself (0.75 at three words).
 
 With `stop` (rerank_stop) or `calls` (rerank_calls), the candidates are embedded in turns: the
 decoder's best first, then each next one chosen by the decoder's score plus `guide` (rerank_guide) x
@@ -144,7 +146,7 @@ def predicted_cosines(shared: torch.Tensor, seen: list[int], cosines: list[float
 def pick(rows: list[list[tuple[str, float]]], cosines: list[float], weight: float | None = None,
          scale: float = 100.0, consensus: float = 0.0) -> list[str]:
     """Each row's best candidate, given every candidate's cosine (row-major, as `rows` lists them);
-    `consensus` > 0 adds that weight x each candidate's expected likeness to the others."""
+    `consensus` > 0 adds that weight x each candidate's expected likeness to the row's candidates."""
     from unembed.generation import RERANK_WEIGHT
 
     weight = RERANK_WEIGHT if weight is None else weight
