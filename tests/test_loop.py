@@ -412,6 +412,9 @@ def test_rerank_calls_embed_at_most_that_many_in_the_guided_order(embedder, retr
         assert [sorted(c) for c in chosen] == [[j for j in range(4) if row[j][0] in texts]
                                              for row, texts in zip(candidates, turns)]
         sets.append([sorted(c) for c in chosen])
+        # consensus among the candidates embedded: the same turns, the pick by_hand makes among them
+        assert decoder.decode(embedded, rerank=4, rerank_weight=0.5, rerank_calls=3, rerank_consensus=100.0,
+                              **options) == by_hand(embedder, embedded, kept, 0.5, 100.0)
     assert sets[0] != sets[1]  # here the guide embeds another third candidate than the decoder's order
     with pytest.raises(BadInputError) as caught:
         decoder.decode(embedded, rerank=4, rerank_guide=5.0)
