@@ -145,6 +145,16 @@ def test_text_only_decoders_block_repeats_by_default_and_older_ones_keep_their_c
     (tmp_path / "new" / "config.json").write_text(json.dumps({**saved, "format_version": 3}))
     older = load_decoder(tmp_path / "new", device="cpu")
     assert older.config.no_repeat_ngram_size == 0 and older.decode(embedded) == free
+    from unembed.errors import ModelLoadError
+
+    for bad in (-1, 2.5, "3"):  # a hand-edited config: refused when loaded, in one line naming it
+        (tmp_path / "new" / "config.json").write_text(json.dumps({**saved, "config": {
+            **saved["config"], "no_repeat_ngram_size": bad}}))
+        with pytest.raises(ModelLoadError) as caught:
+            load_decoder(tmp_path / "new", device="cpu")
+        assert str(caught.value) == (f"{tmp_path / 'new'}/config.json describes no buildable capdec decoder "
+                                     f"(ValueError: no_repeat_ngram_size must be a whole number from 0 (off), "
+                                     f"not {bad!r})")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

@@ -80,6 +80,12 @@ class PrefixConfig(DecoderConfig):
     stop: str = ""                  # a caption also ends with (and keeps) this token, e.g. ClipCap's "."
     start_token: bool = False       # captions begin with the tokenizer's start token (DeCap's checkpoints)
 
+    def __post_init__(self):
+        # a hand-edited config.json: refused when loaded (one line naming it), not at the first caption
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"no_repeat_ngram_size must be a whole number from 0 (off), not {n!r}")
+
 
 MODEL_OPTIONS = ("lm", "lm_config", "tokenizer", "lm_mode", "lora_r", "save_full_lm", "mapper", "prefix_length",
                  "mapper_length", "mapper_layers", "label_smoothing")

@@ -81,6 +81,7 @@ class ViECapConfig(CapDecConfig):  # CapDec's soft prompt (10 tokens, noise 0.01
     entity_counts: list = field(default_factory=list)  # how many training captions name each (none: no merging)
 
     def __post_init__(self):
+        super().__post_init__()
         check_fraction("entity_merge", self.entity_merge, "a cosine from 0 to 1 (0: off)")
         check_fraction("entity_min_precision", self.entity_min_precision, "a precision from 0 to 1 (0: trust the "
                        "detector)")
