@@ -200,27 +200,35 @@ def decoded(decoder, embedded, **generation) -> list[str]:
 
 
 def caption_scores(decoder, embedder, embedded, references, in_image=None, **generation) -> dict:
-    from unembed.eval.metrics import coco_caption_metrics
-
     calls, start = embedder.texts_embedded, time.perf_counter()
     captions = decoded(decoder, embedded, **generation)
     seconds = time.perf_counter() - start
+    row = scored(captions, embedded, references, in_image)
+    return {"CIDEr": row.pop("CIDEr"), "BLEU-4": row.pop("BLEU-4"),
+            "embedder_calls_per_caption": round((embedder.texts_embedded - calls) / len(captions), 2),
+            "seconds": round(seconds, 1), **row}
+
+
+def scored(captions: list[str], embedded, references: dict, in_image: dict | None = None) -> dict:
+    """CIDEr and BLEU-4 of the captions of `embedded`'s inputs, the first as an example, and the
+    held-out counts given `in_image` (the compositional split's pairs)."""
+    from unembed.eval.metrics import coco_caption_metrics
+
     predictions = dict(zip(embedded.ids, captions))
     metrics = coco_caption_metrics(predictions, references, spice=False, meteor=False)
-    row = {"CIDEr": round(metrics["CIDEr"], 4), "BLEU-4": round(metrics["BLEU-4"], 4),
-           "embedder_calls_per_caption": round((embedder.texts_embedded - calls) / len(captions), 2),
-           "seconds": round(seconds, 1), "example": captions[0]}
+    row = {"CIDEr": round(metrics["CIDEr"], 4), "BLEU-4": round(metrics["BLEU-4"], 4), "example": captions[0]}
     if in_image is not None:
         row.update(heldout_counts(predictions, in_image))
     return row
 
 
-def candidate_rows(decoder, embedded, n: int) -> list[list[tuple[str, float]]]:
-    """The decoder's n candidates for each input, 100 inputs a batch, each text once (rerank.dedupe)."""
+def candidate_rows(decoder, embedded, n: int, **generation) -> list[list[tuple[str, float]]]:
+    """The decoder's n candidates for each input (its decoding options `generation`), 100 inputs a
+    batch, each text once (rerank.dedupe)."""
     from unembed.decoders.rerank import dedupe
 
     return [dedupe(row) for s in range(0, len(embedded), 100)
-            for row in decoder.candidates(embedded.select(slice(s, s + 100)), n)]
+            for row in decoder.candidates(embedded.select(slice(s, s + 100)), n, **generation)]
 
 
 def weight_sweep(decoder, embedder, embedded, references) -> dict:

@@ -35,9 +35,9 @@ import json
 import time
 from pathlib import Path
 
-from entity_scenes import heldout_counts, pairs_in_images
-from loop_scenes import (LESS_MASKED, MERGED, SEEDS, decoder_loader, eval_splits, main_world_plan, trained,
-                         training_summary, unembed, write)
+from entity_scenes import pairs_in_images
+from loop_scenes import (LESS_MASKED, MERGED, SEEDS, candidate_rows, decoded, decoder_loader, eval_splits,
+                         main_world_plan, scored, trained, training_summary, unembed, write)
 
 NO_REPEAT = 3  # tokens: "a yellow circle" once (0.3% of the training captions repeat a 3-word run)
 WEIGHTS = (0.05, 0.2)
@@ -48,31 +48,18 @@ SHIPPED = ("clipcap", "capdec", "decap", "viecap")
 DECODERS = tuple(f"capdec, seed {s}" for s in SEEDS) + tuple(LESS_MASKED)
 
 
-def beams(decoder, embedded, no_repeat: int) -> tuple[list, float]:
-    """The decoder's RERANK candidates for each input (100 a batch, each text once) and the seconds taken."""
-    from unembed.decoders.rerank import dedupe
+# no_repeat_ngram_size is passed even when 0: a decoder trained today defaults to NO_REPEAT.
 
-    options = {"no_repeat_ngram_size": no_repeat}  # 0 too: a decoder trained today defaults to NO_REPEAT
+def beams(decoder, embedded, no_repeat: int) -> tuple[list, float]:
+    """The decoder's RERANK candidates for each input (candidate_rows) and the seconds taken."""
     start = time.perf_counter()
-    rows = [dedupe(row) for s in range(0, len(embedded), 100)
-            for row in decoder.candidates(embedded.select(slice(s, s + 100)), RERANK, **options)]
+    rows = candidate_rows(decoder, embedded, RERANK, no_repeat_ngram_size=no_repeat)
     return rows, time.perf_counter() - start
 
 
-def scores(captions: list[str], embedded, references: dict, in_image: dict | None) -> dict:
-    from unembed.eval.metrics import coco_caption_metrics
-
-    predictions = dict(zip(embedded.ids, captions))
-    metrics = coco_caption_metrics(predictions, references, spice=False, meteor=False)
-    row = {"CIDEr": round(metrics["CIDEr"], 4), "BLEU-4": round(metrics["BLEU-4"], 4), "example": captions[0]}
-    if in_image is not None:
-        row.update(heldout_counts(predictions, in_image))
-    return row
-
-
 def based(decoder, embedded, no_repeat: int) -> list[str]:
-    options = {"no_repeat_ngram_size": no_repeat}  # 0 too: a decoder trained today defaults to NO_REPEAT
-    return [c for s in range(0, len(embedded), 100) for c in decoder.decode(embedded.select(slice(s, s + 100)), **options)]
+    """The decoder's own captions (its beams, no rerank)."""
+    return decoded(decoder, embedded, no_repeat_ngram_size=no_repeat)
 
 
 def base_rows(decoder, splits: dict, in_image: dict) -> dict:
@@ -80,7 +67,7 @@ def base_rows(decoder, splits: dict, in_image: dict) -> dict:
     rows = {}
     for split in ("test", "compositional"):
         embedded, references = splits[split]
-        rows[split] = {f"no repeat {n}": scores(based(decoder, embedded, n), embedded, references,
+        rows[split] = {f"no repeat {n}": scored(based(decoder, embedded, n), embedded, references,
                                                 in_image if split == "compositional" else None) for n in (0, NO_REPEAT)}
     return rows
 
@@ -97,13 +84,13 @@ def val_sweep(decoder, embedder, embedded, references) -> dict:
 
     sweep = {}
     for no_repeat in (0, NO_REPEAT):
-        sweep[f"base, no repeat {no_repeat}"] = scores(based(decoder, embedded, no_repeat), embedded, references, None)["CIDEr"]
+        sweep[f"base, no repeat {no_repeat}"] = scored(based(decoder, embedded, no_repeat), embedded, references, None)["CIDEr"]
         rows, _ = beams(decoder, embedded, no_repeat)
         cosines = row_cosines(embedder, embedded, rows)
         for weight in WEIGHTS:
             for consensus in CONSENSUS:
                 captions = picked(embedder, embedded, rows, cosines, weight, consensus)
-                sweep[setting(no_repeat, weight, consensus)] = scores(captions, embedded, references, None)["CIDEr"]
+                sweep[setting(no_repeat, weight, consensus)] = scored(captions, embedded, references, None)["CIDEr"]
     return sweep
 
 
@@ -141,7 +128,7 @@ def split_rows(decoder, embedder, embedded, references, in_image, chosen_setting
     from unembed.decoders.edits import edited
     from unembed.decoders.rerank import row_cosines
 
-    rows = {f"base, no repeat {n}": scores(based(decoder, embedded, n), embedded, references, in_image)
+    rows = {f"base, no repeat {n}": scored(based(decoder, embedded, n), embedded, references, in_image)
             for n in (0, NO_REPEAT)}
     settings = {(0, 0.05, 0.0), (NO_REPEAT, 0.05, 0.0), *chosen_settings}
     for no_repeat in sorted({s[0] for s in settings}):
@@ -151,9 +138,9 @@ def split_rows(decoder, embedder, embedded, references, in_image, chosen_setting
         for n, weight, consensus in sorted(s for s in settings if s[0] == no_repeat):
             captions = picked(embedder, embedded, candidates, cosines, weight, consensus)
             name = setting(n, weight, consensus)
-            rows[name] = scores(captions, embedded, references, in_image)
+            rows[name] = scored(captions, embedded, references, in_image)
             edited_captions = edited(embedder, embedded.unit(), captions, decoder.substitutes, 1, decoder.edit_margin)
-            rows[f"{name}, edits 1 (its margin)"] = scores(edited_captions, embedded, references, in_image)
+            rows[f"{name}, edits 1 (its margin)"] = scored(edited_captions, embedded, references, in_image)
             print(name, json.dumps(rows[name]), json.dumps(rows[f"{name}, edits 1 (its margin)"]), flush=True)
     return rows
 

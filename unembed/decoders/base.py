@@ -24,7 +24,7 @@ from unembed.io import load_module, read_json, save_module, staged_dir, write_js
 DECODER_FORMAT = "unembed-decoder"
 FORMAT_VERSION = 4  # 2: an LM that is not fine-tuned is referenced (hub id + revision), not copied;
                     # 3: where the LM's weights are is recorded (lm_weights); embeddings arrive raw;
-                    # 4: prefix decoders block repeated token runs unless their config says 0
+                    # 4: prefix decoders record no_repeat_ngram_size (earlier ones block no repeats: 0)
 _REGISTRY: dict[str, type["Decoder"]] = {}
 
 

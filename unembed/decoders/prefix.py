@@ -73,9 +73,9 @@ class PrefixConfig(DecoderConfig):
     recombine_rate: float = option(1.0, "recombined copies per training caption (--recombine)")
     num_beams: int = 5              # generation defaults
     max_length: int = 30
-    # No run of this many tokens twice in a caption (0 = off). The text-only kinds default to 3 (their
-    # configs); ClipCap keeps 0, as do imported published decoders (their authors' code does not block
-    # repeats) and decoders saved before format 4 (as they captioned).
+    # No run of this many tokens twice in a caption (0 = off). CapDec's, DeCap's and ViECap's configs
+    # default to 3; ClipCap keeps 0, as do imported published decoders (their authors' code does not
+    # block repeats) and decoders saved before format 4 (as they captioned).
     no_repeat_ngram_size: int = 0
     stop: str = ""                  # a caption also ends with (and keeps) this token, e.g. ClipCap's "."
     start_token: bool = False       # captions begin with the tokenizer's start token (DeCap's checkpoints)
