@@ -11,6 +11,7 @@ model it came from, records the share of identical captions and the CIDEr of eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -23,6 +24,12 @@ from unembed.io import load_tensors, read_json, save_tensors, write_json
 # Beside config and weights; substitutes.json is what `--edits` rewrites with (unembed/decoders/edits.py).
 DECODER_EXTRAS = ("tokenizer.json", "captions.json", "memory_captions.json", "substitutes.json", "edits.json")
 SCORE_KEYS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore")
+# Decoding options a later decoder format added, with the format that added them. upgrade_config
+# keeps an older decoder writing what it wrote (the option off); but the bundle is what `make bundle`
+# builds, and that sets no decoding option (scripts/bundle.json), so with the data to score them again
+# `upgrade --data` gives the bundle's decoders each option's measured default instead.
+ADOPTED_DEFAULTS = {"no_repeat_ngram_size": 4}
+MERGED = "after `upgrade` gave it its entity counts (synonyms merged)"  # why bundle.json's scores were measured again
 # fp16 weights and the pruned embedder against the fp32 originals, on this many images of the split:
 CHECK_IMAGES = 200
 MIN_AGREEMENT = 0.85     # the share of captions that must be identical (beam search flips on near-ties)
@@ -147,7 +154,9 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
     substitutes training now writes gets them, from the same captions (`substitutes`), and one without
     the edit margin training now chooses gets it, chosen on the same val split (`choose_edit_margin`);
     an entity-aware one without the counts of its entities in those captions (which name its synonym
-    groups) gets them."""
+    groups) gets them; and one saved before a decoding option existed gets its default (ADOPTED_DEFAULTS).
+    A decoder that now writes other captions gets its margin chosen again and bundle.json's scores
+    measured again."""
     from unembed.data.splits import split_captions
     from unembed.decoders import decoder_class, prefix_kinds
     from unembed.decoders.base import FORMAT_VERSION, read_decoder_config
@@ -161,15 +170,27 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
     for name in info["decoders"]:
         path = bundle / name
         saved = read_decoder_config(path)
-        added = []
+        added, rescore = [], []  # what it gained; why it writes other captions now
         cls = decoder_class(saved["kind"])
-        config = cls.config_class(**cls.upgrade_config(saved["config"], saved.get("format_version", 1), path))
+        version = saved.get("format_version", 1)
+        config = cls.config_class(**cls.upgrade_config(saved["config"], version, path))
         if hasattr(config, "lm_weights"):
             record_lm(config)
         if captions and hasattr(config, "has_entity_counts") and not config.has_entity_counts:
             config.entity_counts = entity_counts(EntityVocabulary(config.entities, config.entity_vocabulary), captions)[0]
             added.append("entity counts")
-            (path / MARGIN_FILE).unlink(missing_ok=True)  # chosen on what it wrote unmerged: chosen again below
+            rescore.append(MERGED)
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for option, since in ADOPTED_DEFAULTS.items():
+            if captions and version < since and option in defaults and getattr(config, option) != defaults[option]:
+                setattr(config, option, defaults[option])
+                added.append(f"{option} {defaults[option]}")
+                rescore.append(f"after `upgrade` gave it {option} {defaults[option]}, the default since format {since}")
+        if rescore:
+            (path / MARGIN_FILE).unlink(missing_ok=True)  # chosen on what it wrote before: chosen again below
+            if name in info.get("scores", {}):  # noted first: an upgrade stopped before scoring scores it next time
+                info.setdefault("unscored", {})[name] = info.get("unscored", {}).get(name, []) + rescore
+                write_json(bundle / MANIFEST, info)
         saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
         refuse_machine_paths(saved, path / "config.json")
         write_json(path / "config.json", saved)  # first: the margin below is chosen on what it decodes
@@ -185,10 +206,17 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
                     write_json(path / MARGIN_FILE, record)
                     added.append(f"{MARGIN_FILE}, margin {record['margin']}")
         # it writes other captions now; also when an earlier upgrade stopped before scoring them
-        merged = getattr(config, "has_entity_counts", False) and config.entity_merge
-        if data_dir and merged and name in info.get("scores", {}) and name not in info.get("rescored", {}):
+        reasons = info.get("rescored", {}).get(name, [])
+        reasons = [reasons] if isinstance(reasons, str) else reasons  # one reason, as bundles kept it before
+        rescore = info.get("unscored", {}).get(name, rescore)
+        if version < 4 and getattr(config, "has_entity_counts", False) and config.entity_merge and not reasons:
+            rescore.append(MERGED)  # counted by an upgrade of a bundle from before `unscored` (format 4) was kept
+        if data_dir and rescore and name in info.get("scores", {}):
             info["scores"][name].update(_rescored(path, Path(data_dir), info))
-            info.setdefault("rescored", {})[name] = "after `upgrade` gave it its entity counts (synonyms merged)"
+            info.setdefault("rescored", {})[name] = reasons + [r for r in dict.fromkeys(rescore) if r not in reasons]
+            info.get("unscored", {}).pop(name, None)
+            if not info.get("unscored", True):
+                del info["unscored"]
             write_json(bundle / MANIFEST, info)
             added.append(f"{info['split']} CIDEr now {info['scores'][name]['CIDEr']:.4f}")
         done.append(f"{name} (added {'; '.join(added)})" if added else name)

@@ -253,11 +253,71 @@ def test_upgrade_gives_the_shipped_viecap_its_entity_counts_and_scores_it_again(
     # an upgrade that stopped after writing the counts, before scoring, scores them the next time
     info = json.loads((out / "bundle.json").read_text())
     info["scores"]["viecap"]["CIDEr"] = None
-    del info["rescored"]
+    info["unscored"] = info.pop("rescored")  # what upgrade notes before it writes the config
     (out / "bundle.json").write_text(json.dumps(info))
     assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     assert json.loads((out / "bundle.json").read_text())["scores"]["viecap"]["CIDEr"] == pytest.approx(expected)
     assert "viecap (added no edits.json: 12 val images" in capsys.readouterr().out  # not counted again
+    # a bundle upgraded before `unscored` was kept (format 3) that counted but did not score: scored now
+    saved = json.loads((out / "viecap" / "config.json").read_text())
+    (out / "viecap" / "config.json").write_text(json.dumps(dict(saved, format_version=3)))
+    info = json.loads((out / "bundle.json").read_text())
+    info["scores"]["viecap"]["CIDEr"] = None
+    del info["rescored"]
+    (out / "bundle.json").write_text(json.dumps(info))
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["scores"]["viecap"]["CIDEr"] == pytest.approx(expected)
+    assert info["rescored"] == {"viecap": ["after `upgrade` gave it its entity counts (synonyms merged)"]}
+
+
+def test_upgrade_gives_the_bundles_decoders_a_newer_decoding_default_and_scores_them_again(scenes_dir, tmp_path,
+                                                                                         capsys):
+    """`make bundle` sets no decoding option, so a bundle packed before no_repeat_ngram_size existed gets
+    its decoders' default from `upgrade --data` (capdec: 3), its margin chosen again and its scores
+    measured again from the image files; without the data to score it, it keeps writing what it wrote.
+    An upgrade stopped after writing the config is scored by the next one."""
+    import shutil
+
+    from unembed.data.splits import load_split
+    from unembed.decoders.capdec import CapDecConfig
+    from unembed.eval.metrics import coco_caption_metrics
+
+    out = tmp_path / "bundle"
+    for part in ("embedder", "capdec"):
+        shutil.copytree(BUNDLE_DIR / part, out / part)
+    saved = json.loads((out / "capdec" / "config.json").read_text())
+    saved["config"].pop("no_repeat_ngram_size", None)  # as packed before format 4
+    (out / "capdec" / "config.json").write_text(json.dumps(dict(saved, format_version=3)))
+    old_format = (out / "capdec" / "config.json").read_text()
+    manifest_text = json.dumps({
+        "format": "unembed-bundle", "default": "capdec", "decoders": ["capdec"], "embedder": "embedder",
+        "split": "test", "n_images": 6, "scores": {"capdec": {"CIDEr": None, "train_minutes": 2.5}}})
+    (out / "bundle.json").write_text(manifest_text)
+    assert pack_bundle().main(["upgrade", "--out", str(out)]) == 0  # no data: it writes what it wrote
+    assert json.loads((out / "capdec" / "config.json").read_text())["config"]["no_repeat_ngram_size"] == 0
+    assert json.loads((out / "bundle.json").read_text())["scores"]["capdec"]["CIDEr"] is None
+    (out / "capdec" / "config.json").write_text(old_format)
+    capsys.readouterr()
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    said = capsys.readouterr().out
+    assert CapDecConfig.no_repeat_ngram_size == 3
+    assert "capdec (added no_repeat_ngram_size 3; no edits.json: 12 val images" in said
+    assert not (out / "capdec" / "edits.json").exists()  # its margin was chosen on what it wrote before
+    assert json.loads((out / "capdec" / "config.json").read_text())["config"]["no_repeat_ngram_size"] == 3
+    paths, references, ids = (part[:6] for part in load_split(scenes_dir / "test"))
+    captions = caption([str(p) for p in paths], str(out / "capdec"), device="cpu")
+    expected = coco_caption_metrics(dict(zip(ids, captions)), dict(zip(ids, references)), spice=False)["CIDEr"]
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["scores"]["capdec"]["CIDEr"] == pytest.approx(expected) and info["scores"]["capdec"]["train_minutes"] == 2.5
+    assert info["rescored"]["capdec"] == ["after `upgrade` gave it no_repeat_ngram_size 3, the default since format 4"]
+    assert "unscored" not in info and f"test CIDEr now {expected:.4f}" in said
+    # stopped after writing the config (format 4 now), before scoring: the next upgrade scores it
+    (out / "bundle.json").write_text(json.dumps(dict(json.loads(manifest_text), unscored=info["rescored"])))
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    again = json.loads((out / "bundle.json").read_text())
+    assert again["scores"]["capdec"]["CIDEr"] == pytest.approx(expected) and "unscored" not in again
+    assert "capdec (added no edits.json" in capsys.readouterr().out  # not given the option again
 
 
 def test_the_shipped_viecap_merges_the_scene_synonyms_and_a_call_can_turn_that_off(capsys):
@@ -276,3 +336,23 @@ def test_the_shipped_viecap_merges_the_scene_synonyms_and_a_call_can_turn_that_o
                      *(["--entity-merge", bar] if bar else [])]) == EXIT_OK
         said[bar] = json.loads(capsys.readouterr().out)["caption"]
     assert "disc" in said["0"].split() and "circle" in said[None].split()
+
+
+def test_the_guides_bundle_table_gives_bundle_json_s_scores():
+    """docs/GUIDE.md's table of the bundle's scores is bundle.json's (x100, one decimal), so a bundle
+    whose scores are measured again (`pack_bundle.py upgrade`) cannot leave the page behind."""
+    import re
+
+    lines = (REPO / "docs" / "GUIDE.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| decoder | BLEU-4 | METEOR | ROUGE-L | CIDEr"))
+    rows = {}
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[re.sub(r" \(default\)$", "", cells[0])] = [float(c) for c in cells[1:6]]
+    scores = manifest(BUNDLE_DIR)["scores"]
+    assert set(rows) == set(scores)
+    for name, row in rows.items():
+        expected = [round(100 * scores[name][k], 1) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore")]
+        assert row == expected, name
