@@ -180,18 +180,27 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
             config.entity_counts = entity_counts(EntityVocabulary(config.entities, config.entity_vocabulary), captions)[0]
             added.append("entity counts")
             rescore.append(MERGED)
-        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        written = FORMAT_VERSION
+        fields = {f.name: f for f in dataclasses.fields(config)}
         for option, since in ADOPTED_DEFAULTS.items():
-            if captions and version < since and option in defaults and getattr(config, option) != defaults[option]:
-                setattr(config, option, defaults[option])
-                added.append(f"{option} {defaults[option]}")
-                rescore.append(f"after `upgrade` gave it {option} {defaults[option]}, the default since format {since}")
+            if version >= since or option not in fields:
+                continue
+            field = fields[option]
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            if getattr(config, option) != default:
+                if not captions:  # nothing to score it with: it stays before `since`, to be given it with --data
+                    written = min(written, since - 1)
+                    continue
+                setattr(config, option, default)
+                added.append(f"{option} {default}")
+                rescore.append(f"after `upgrade` gave it {option} {default}, the default since format {since}")
         if rescore:
             (path / MARGIN_FILE).unlink(missing_ok=True)  # chosen on what it wrote before: chosen again below
             if name in info.get("scores", {}):  # noted first: an upgrade stopped before scoring scores it next time
-                info.setdefault("unscored", {})[name] = info.get("unscored", {}).get(name, []) + rescore
+                pending = info.get("unscored", {}).get(name, [])
+                info.setdefault("unscored", {})[name] = list(dict.fromkeys(pending + rescore))
                 write_json(bundle / MANIFEST, info)
-        saved.update(format_version=FORMAT_VERSION, config=config.to_dict())
+        saved.update(format_version=written, config=config.to_dict())
         refuse_machine_paths(saved, path / "config.json")
         write_json(path / "config.json", saved)  # first: the margin below is chosen on what it decodes
         if table and saved["kind"] in prefix_kinds():
@@ -208,7 +217,7 @@ def upgrade(bundle: Path = BUNDLE_DIR, data_dir=None) -> list[str]:  # each deco
         # it writes other captions now; also when an earlier upgrade stopped before scoring them
         reasons = info.get("rescored", {}).get(name, [])
         reasons = [reasons] if isinstance(reasons, str) else reasons  # one reason, as bundles kept it before
-        rescore = info.get("unscored", {}).get(name, rescore)
+        rescore = list(info.get("unscored", {}).get(name, rescore))
         if version < 4 and getattr(config, "has_entity_counts", False) and config.entity_merge and not reasons:
             rescore.append(MERGED)  # counted by an upgrade of a bundle from before `unscored` (format 4) was kept
         if data_dir and rescore and name in info.get("scores", {}):
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("upgrade", help="rewrite a bundle's decoder configs in the current format (no retraining)")
     u.add_argument("--out", default=str(BUNDLE_DIR), help="the bundle directory")
     u.add_argument("--data", help="the data it was trained on: adds the substitutes `--edits` needs, and the edit "
-                                  "margin chosen on its val split, where missing")
+                                  "margin chosen on its val split, where missing; gives its decoders decoding "
+                                  "defaults added since they were packed and scores those again in bundle.json")
     args = parser.parse_args(argv)
     try:
         if args.command == "upgrade":

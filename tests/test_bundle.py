@@ -289,15 +289,14 @@ def test_upgrade_gives_the_bundles_decoders_a_newer_decoding_default_and_scores_
     saved = json.loads((out / "capdec" / "config.json").read_text())
     saved["config"].pop("no_repeat_ngram_size", None)  # as packed before format 4
     (out / "capdec" / "config.json").write_text(json.dumps(dict(saved, format_version=3)))
-    old_format = (out / "capdec" / "config.json").read_text()
     manifest_text = json.dumps({
         "format": "unembed-bundle", "default": "capdec", "decoders": ["capdec"], "embedder": "embedder",
         "split": "test", "n_images": 6, "scores": {"capdec": {"CIDEr": None, "train_minutes": 2.5}}})
     (out / "bundle.json").write_text(manifest_text)
-    assert pack_bundle().main(["upgrade", "--out", str(out)]) == 0  # no data: it writes what it wrote
-    assert json.loads((out / "capdec" / "config.json").read_text())["config"]["no_repeat_ngram_size"] == 0
+    assert pack_bundle().main(["upgrade", "--out", str(out)]) == 0  # no data: it writes what it wrote ...
+    unscored = json.loads((out / "capdec" / "config.json").read_text())
+    assert unscored["config"]["no_repeat_ngram_size"] == 0 and unscored["format_version"] == 3  # ... still owed it
     assert json.loads((out / "bundle.json").read_text())["scores"]["capdec"]["CIDEr"] is None
-    (out / "capdec" / "config.json").write_text(old_format)
     capsys.readouterr()
     assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     said = capsys.readouterr().out
@@ -317,7 +316,11 @@ def test_upgrade_gives_the_bundles_decoders_a_newer_decoding_default_and_scores_
     assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
     again = json.loads((out / "bundle.json").read_text())
     assert again["scores"]["capdec"]["CIDEr"] == pytest.approx(expected) and "unscored" not in again
+    assert again["rescored"] == info["rescored"]
     assert "capdec (added no edits.json" in capsys.readouterr().out  # not given the option again
+    assert pack_bundle().main(["upgrade", "--out", str(out), "--data", str(scenes_dir)]) == 0
+    assert "CIDEr now" not in capsys.readouterr().out  # nothing changed: nothing scored again
+    assert json.loads((out / "bundle.json").read_text()) == again
 
 
 def test_the_shipped_viecap_merges_the_scene_synonyms_and_a_call_can_turn_that_off(capsys):
