@@ -330,3 +330,33 @@ def test_the_readme_detector_check_numbers_are_the_benchmark_json():
     assert (f"is {precision[0]:.2f} to {precision[-1]:.2f} at every threshold, so viecap names none: test CIDEr "
             f"{merged['test']} -> {checked['test']}, compositional {merged['compositional']} -> "
             f"{checked['compositional']}, against CapDec's {capdec['test']} and {capdec['compositional']}") in readme
+
+
+def test_the_readme_small_world_seed_numbers_are_the_benchmark_json():
+    """README's three-seed sentence on the main world's recipe in the small world is `seeds` in
+    entity_merge_small.json, its means and its verdict included."""
+    from pathlib import Path
+    from statistics import mean
+
+    root = Path(__file__).resolve().parents[1]
+    seeds = json.loads((root / "benchmarks" / "results" / "entity_merge_small.json").read_text())["seeds"]
+    readme = " ".join((root / "README.md").read_text().split())
+
+    def cider(name):  # "test / compositional" at each seed
+        return [(100 * rows[name]["test"]["CIDEr"], 100 * rows[name]["compositional"]["CIDEr"]) for rows in seeds.values()]
+
+    def said(pairs):
+        return ", ".join(f"{t:.1f} / {c:.1f}" for t, c in pairs)
+
+    capdec, alone, recipe = cider("capdec"), cider("viecap, detector checked on val"), cider("same, --rerank 32 --edits 1")
+    means = [tuple(mean(split) for split in zip(*rows)) for rows in (recipe, capdec, alone)]
+    assert (f"capdec {said(capdec)}; the checked viecap with `--rerank 32 --edits 1` {said(recipe)}. Means: "
+            f"{said(means[:1])} against CapDec's {said(means[1:2])} (the checked viecap alone: {said(means[2:])})") in readme
+    assert all(r >= c for r, c in zip(means[0], means[1]))  # "level ... on both splits' means"
+    assert [(r[0] >= c[0], r[1] >= c[1]) for r, c in zip(recipe, capdec)] == [(False, True), (True, False), (False, False)]
+    assert (f"{capdec[0][0] - recipe[0][0]:.1f} below on test at seed 0, {capdec[1][1] - recipe[1][1]:.1f} below on "
+            "compositional at seed 1, below on both at seed 2") in readme
+    span = max(t for t, _ in capdec) - min(t for t, _ in capdec)
+    assert f"(capdec's seeds span {span:.1f} test CIDEr)" in readme
+    assert all(row[split]["names_heldout_pair"] == 0 for rows in seeds.values() for row in rows.values()
+               for split in ("compositional",))

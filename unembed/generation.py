@@ -66,7 +66,8 @@ GENERATION_OPTIONS: dict[str, GenerationOption] = {o.name: o for o in (
     GenerationOption("min_length", int, "shortest caption in tokens", 0, 128),
     GenerationOption("repetition_penalty", float, "penalty on repeated tokens (1 = none)", 0, 10, low_open=True),
     GenerationOption("no_repeat_ngram_size", int, "no run of this many tokens twice in a caption (0 = off; default: "
-                     "the decoder's: 3 for capdec, decap and viecap saved in decoder format 4 or later, else 0)",
+                     "the decoder's: 3 for capdec, decap and viecap trained in decoder format 4 or later and the "
+                     "bundled ones, 0 for imported published ones and all else)",
                      0, 16),
     GenerationOption("length_penalty", float, "beam search's length exponent", -10, 10),
     GenerationOption("k", int, "candidates re-ranked per token", 1, 1024),
