@@ -359,3 +359,11 @@ def test_the_guides_bundle_table_gives_bundle_json_s_scores():
     for name, row in rows.items():
         expected = [round(100 * scores[name][k], 1) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore")]
         assert row == expected, name
+
+
+def test_the_readme_names_the_shipped_decoders_edit_margins():
+    """README's list of the shipped margins is what their edits.json files say."""
+    margins = [json.loads((BUNDLE_DIR / name / "edits.json").read_text())["margin"]
+               for name in ("clipcap", "capdec", "decap", "viecap")]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"and their margins ({margins[0]:g}, {margins[1]:g}, {margins[2]:g} and {margins[3]:g}, chosen" in readme
