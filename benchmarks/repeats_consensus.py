@@ -24,6 +24,8 @@ yellow circle" where references say "two yellow circles" or name a second shape)
    each); and the processor alone, unembed's batched NoRepeatNGram against transformers'
    NoRepeatNGramLogitsProcessor, side by side on the same token ids (500 hypotheses, as 100 inputs x
    5 beams, each step of a 20-token caption), at the shipped decoders' vocabulary and GPT-2's.
+5. More candidates: the viecaps' MORE_CANDIDATES beams (NO_REPEAT) instead of 32, picked at the rerank
+   default, with and without one round of edits, on val, test and compositional (`more_candidates`).
 
     python benchmarks/repeats_consensus.py --work bench-run/loop
     python benchmarks/repeats_consensus.py --work bench-run/loop --speed   # adds "speed" to the JSON
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 from entity_scenes import pairs_in_images
+from unembed.generation import RERANK_WEIGHT  # the default: also the val sweep's choice over all six
 from loop_scenes import (LESS_MASKED, MERGED, SEEDS, candidate_rows, decoded, decoder_loader, eval_splits,
                          main_world_plan, scored, trained, training_summary, unembed, write)
 
@@ -43,6 +46,7 @@ NO_REPEAT = 3  # tokens: "a yellow circle" once (0.3% of the training captions r
 WEIGHTS = (0.05, 0.2)
 CONSENSUS = (0.0, 1.0, 3.0, 10.0)
 RERANK = 32
+MORE_CANDIDATES = 64  # part 5
 GPT2_VOCABULARY = 50257  # a pretrained LM's width, for the processor's speed
 SHIPPED = ("clipcap", "capdec", "decap", "viecap")
 DECODERS = tuple(f"capdec, seed {s}" for s in SEEDS) + tuple(LESS_MASKED)
@@ -125,7 +129,6 @@ def parse(name: str) -> tuple[int, float, float]:
 def split_rows(decoder, embedder, embedded, references, in_image, chosen_settings: list) -> dict:
     """One split's rows for one decoder (see the module docstring): `chosen_settings`, (no repeat,
     weight, consensus) tuples chosen on val, besides rerank as before with and without NO_REPEAT."""
-    from unembed.decoders.edits import edited
     from unembed.decoders.rerank import row_cosines
 
     rows = {f"base, no repeat {n}": scored(based(decoder, embedded, n), embedded, references, in_image)
@@ -136,12 +139,40 @@ def split_rows(decoder, embedder, embedded, references, in_image, chosen_setting
         cosines = row_cosines(embedder, embedded, candidates)
         rows[f"beams, no repeat {no_repeat}, seconds"] = round(seconds, 1)
         for n, weight, consensus in sorted(s for s in settings if s[0] == no_repeat):
-            captions = picked(embedder, embedded, candidates, cosines, weight, consensus)
             name = setting(n, weight, consensus)
-            rows[name] = scored(captions, embedded, references, in_image)
-            edited_captions = edited(embedder, embedded.unit(), captions, decoder.substitutes, 1, decoder.edit_margin)
-            rows[f"{name}, edits 1 (its margin)"] = scored(edited_captions, embedded, references, in_image)
+            rows[name], rows[f"{name}, edits 1 (its margin)"] = picked_and_edited(
+                decoder, embedder, embedded, references, in_image, candidates, cosines, weight, consensus)
             print(name, json.dumps(rows[name]), json.dumps(rows[f"{name}, edits 1 (its margin)"]), flush=True)
+    return rows
+
+
+def picked_and_edited(decoder, embedder, embedded, references, in_image, candidates, cosines, weight: float,
+                      consensus: float) -> tuple[dict, dict]:
+    """The pick among `candidates` at (weight, consensus), scored, and the same after one round of edits
+    at the decoder's own margin, scored."""
+    from unembed.decoders.edits import edited
+
+    captions = picked(embedder, embedded, candidates, cosines, weight, consensus)
+    edited_captions = edited(embedder, embedded.unit(), captions, decoder.substitutes, 1, decoder.edit_margin)
+    return scored(captions, embedded, references, in_image), scored(edited_captions, embedded, references, in_image)
+
+
+def more_candidates(decoder, embedder, splits: dict, in_image: dict) -> dict:
+    """Part 5: split -> MORE_CANDIDATES candidates (NO_REPEAT) picked at the rerank default, without and
+    with one round of edits, and the seconds the candidates took."""
+    from unembed.decoders.rerank import row_cosines
+
+    rows = {}
+    for split, (embedded, references) in splits.items():
+        start = time.perf_counter()
+        candidates = candidate_rows(decoder, embedded, MORE_CANDIDATES, no_repeat_ngram_size=NO_REPEAT)
+        seconds = time.perf_counter() - start
+        cosines = row_cosines(embedder, embedded, candidates)
+        name = f"rerank {MORE_CANDIDATES}, no repeat {NO_REPEAT}, weight {RERANK_WEIGHT:g}"
+        rows[split] = dict(zip((name, f"{name}, edits 1 (its margin)"), picked_and_edited(
+            decoder, embedder, embedded, references, in_image if split == "compositional" else None,
+            candidates, cosines, RERANK_WEIGHT, 0.0)), seconds=round(seconds, 1))
+        print(split, json.dumps(rows[split]), flush=True)
     return rows
 
 
@@ -162,6 +193,20 @@ def table(result: dict) -> str:
     for name, rows in result["rows"].items():
         lines.append(f"| {name} | " + " | ".join(cell(rows, key) for _, key in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def more_candidates_sentence(result: dict) -> str:
+    """README's sentence on part 5: val CIDEr at 32 and MORE_CANDIDATES candidates, and the cells with edits."""
+    base = setting(NO_REPEAT, RERANK_WEIGHT, 0.0)
+    more = f"rerank {MORE_CANDIDATES}, no repeat {NO_REPEAT}, weight {RERANK_WEIGHT:g}"
+    val = ", ".join(f"{100 * result['val_sweep'][name][base]:.1f} -> {100 * rows['val'][more]['CIDEr']:.1f}"
+                    for name, rows in result["more_candidates"].items())
+    cells = ", ".join(f"{100 * rows['test'][more + ', edits 1 (its margin)']['CIDEr']:.1f} / "
+                      f"{100 * rows['compositional'][more + ', edits 1 (its margin)']['CIDEr']:.1f} / "
+                      f"{rows['compositional'][more + ', edits 1 (its margin)']['names_heldout_pair']}"
+                      for rows in result["more_candidates"].values())
+    return (f"{MORE_CANDIDATES} candidates instead of {RERANK} (part 5, `more_candidates` in the JSON) raise the "
+            f"viecaps' val CIDEr at every seed ({val}) and, with `--edits 1`, give {cells}")
 
 
 def best_seconds(run, repeats: int = 2) -> float:
@@ -270,6 +315,11 @@ def main() -> None:
             decoder = load_decoder(BUNDLE / kind, device="cpu", embedder=embedder)
             shipped[kind] = base_rows(decoder, splits, in_image)
             print("shipped", kind, json.dumps(shipped[kind]), flush=True)
+            write(args.out, result)
+    more = result.setdefault("more_candidates", {})
+    for name in LESS_MASKED:
+        if name not in more:
+            more[name] = more_candidates(decoders[name], embedder, splits, in_image)
             write(args.out, result)
     print(json.dumps({k: v["setting"] for k, v in result["val_chosen"].items()}, indent=1))
     print(table(result))

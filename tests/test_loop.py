@@ -531,6 +531,14 @@ def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s(
             f"(viecap {speed['viecap']['no repeat 3']:.2f} s and {speed['viecap']['no repeat 0']:.2f} s;") in readme
     assert [c().no_repeat_ngram_size for c in (CapDecConfig, ViECapConfig, DeCapConfig, ClipCapConfig)] == [
         bench.NO_REPEAT] * 3 + [0]
+    assert bench.more_candidates_sentence(result) in readme
+    more = f"rerank {bench.MORE_CANDIDATES}, no repeat {bench.NO_REPEAT}, weight {bench.RERANK_WEIGHT:g}"
+    assert all(rows["val"][more]["CIDEr"] > result["val_sweep"][name][bench.setting(bench.NO_REPEAT, bench.RERANK_WEIGHT, 0.0)]
+               for name, rows in result["more_candidates"].items())  # "raise ... at every seed"
+    seconds_64 = [rows[split]["seconds"] for rows in result["more_candidates"].values() for split in ("test", "compositional")]
+    seconds_32 = [rows[split]["beams, no repeat 3, seconds"] for name, rows in result["rows"].items()
+                  if name in result["more_candidates"] for split in ("test", "compositional")]
+    assert f"({sum(seconds_64) / 6:.0f} s against {sum(seconds_32) / 6:.0f} s a 1,000 images here)" in readme
 
 
 def test_the_readme_margin_table_is_the_margin_sweep_and_its_choice_is_trainings():
