@@ -28,6 +28,18 @@ from loop_scenes import SMALL_RECIPE, UNMERGED, MERGED, caption_scores, decoder_
 from entity_scenes import pairs_in_images
 
 
+RUNS = {"capdec": ("capdec", []), "viecap": ("viecap", ["--mapper", "mlp"])}  # kind -> (command, its flags)
+
+
+def train_missing(work: Path, runs: dict, extra: list[str] = ()) -> None:
+    """Each of `runs` (directory name under `work` -> RUNS entry) trained by SMALL_RECIPE at 600 steps on
+    work/scenes with work/embedder, where its directory holds no decoder yet."""
+    for name, (kind, flags) in runs.items():
+        if not (work / name / "config.json").is_file():
+            unembed("train", kind, "--data", str(work / "scenes"), "--embedder", str(work / "embedder"),
+                    "--out", str(work / name), *SMALL_RECIPE, "--max-steps", "600", *extra, *flags)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bench-run/merge-small")
@@ -46,12 +58,8 @@ def main() -> None:
         unembed("train", "clip", "--data", str(data), "--out", str(embedder_dir), "--epochs", "5")
     # viecap-checked: the same recipe and seed as viecap, trained after the val check existed (the
     # same weights: the check reads no weights and draws no random number)
-    runs = {"capdec": ("capdec", []), "viecap": ("viecap", ["--mapper", "mlp"]),
-            "viecap-checked": ("viecap", ["--mapper", "mlp"])}
-    for name, (kind, extra) in runs.items():
-        if not (work / name / "config.json").is_file():
-            unembed("train", kind, "--data", str(data), "--embedder", str(embedder_dir), "--out", str(work / name),
-                    *SMALL_RECIPE, "--max-steps", "600", *extra)
+    train_missing(work, {name: RUNS[kind] for name, kind in
+                         (("capdec", "capdec"), ("viecap", "viecap"), ("viecap-checked", "viecap"))})
 
     from unembed.embedders import load_embedder
 
@@ -102,11 +110,8 @@ def seeds(work: Path, out: str, images: int) -> None:
     if embedder.id != result["embedder_id"]:
         raise SystemExit(f"{embedder_dir} is not the embedder {out} was measured with: run without --seeds first")
     for seed in SEEDS[1:]:
-        for name, (kind, extra) in {"capdec": ("capdec", []), "viecap-checked": ("viecap", ["--mapper", "mlp"])}.items():
-            target = work / f"{name}-seed-{seed}"
-            if not (target / "config.json").is_file():
-                unembed("train", kind, "--data", str(data), "--embedder", str(embedder_dir), "--out", str(target),
-                        *SMALL_RECIPE, "--max-steps", "600", "--seed", str(seed), *extra)
+        train_missing(work, {f"capdec-seed-{seed}": RUNS["capdec"], f"viecap-checked-seed-{seed}": RUNS["viecap"]},
+                      ["--seed", str(seed)])
     splits = eval_splits(embedder, data, {"test": images, "compositional": images})
     in_image = pairs_in_images(data / "compositional")
     decoder_at = decoder_loader(embedder)

@@ -46,7 +46,8 @@ NO_REPEAT = 3  # tokens: "a yellow circle" once (0.3% of the training captions r
 WEIGHTS = (0.05, 0.2)
 CONSENSUS = (0.0, 1.0, 3.0, 10.0)
 RERANK = 32
-MORE_CANDIDATES = 64  # part 5
+MORE_CANDIDATES = 64  # part 5, its rows named:
+MORE_CANDIDATES_ROW = f"rerank {MORE_CANDIDATES}, no repeat {NO_REPEAT}, weight {RERANK_WEIGHT:g}"
 GPT2_VOCABULARY = 50257  # a pretrained LM's width, for the processor's speed
 SHIPPED = ("clipcap", "capdec", "decap", "viecap")
 DECODERS = tuple(f"capdec, seed {s}" for s in SEEDS) + tuple(LESS_MASKED)
@@ -168,7 +169,7 @@ def more_candidates(decoder, embedder, splits: dict, in_image: dict) -> dict:
         candidates = candidate_rows(decoder, embedded, MORE_CANDIDATES, no_repeat_ngram_size=NO_REPEAT)
         seconds = time.perf_counter() - start
         cosines = row_cosines(embedder, embedded, candidates)
-        name = f"rerank {MORE_CANDIDATES}, no repeat {NO_REPEAT}, weight {RERANK_WEIGHT:g}"
+        name = MORE_CANDIDATES_ROW
         rows[split] = dict(zip((name, f"{name}, edits 1 (its margin)"), picked_and_edited(
             decoder, embedder, embedded, references, in_image if split == "compositional" else None,
             candidates, cosines, RERANK_WEIGHT, 0.0)), seconds=round(seconds, 1))
@@ -198,7 +199,7 @@ def table(result: dict) -> str:
 def more_candidates_sentence(result: dict) -> str:
     """README's sentence on part 5: val CIDEr at 32 and MORE_CANDIDATES candidates, and the cells with edits."""
     base = setting(NO_REPEAT, RERANK_WEIGHT, 0.0)
-    more = f"rerank {MORE_CANDIDATES}, no repeat {NO_REPEAT}, weight {RERANK_WEIGHT:g}"
+    more = MORE_CANDIDATES_ROW
     val = ", ".join(f"{100 * result['val_sweep'][name][base]:.1f} -> {100 * rows['val'][more]['CIDEr']:.1f}"
                     for name, rows in result["more_candidates"].items())
     cells = ", ".join(f"{100 * rows['test'][more + ', edits 1 (its margin)']['CIDEr']:.1f} / "

@@ -532,7 +532,7 @@ def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s(
     assert [c().no_repeat_ngram_size for c in (CapDecConfig, ViECapConfig, DeCapConfig, ClipCapConfig)] == [
         bench.NO_REPEAT] * 3 + [0]
     assert bench.more_candidates_sentence(result) in readme
-    more = f"rerank {bench.MORE_CANDIDATES}, no repeat {bench.NO_REPEAT}, weight {bench.RERANK_WEIGHT:g}"
+    more = bench.MORE_CANDIDATES_ROW
     assert all(rows["val"][more]["CIDEr"] > result["val_sweep"][name][bench.setting(bench.NO_REPEAT, bench.RERANK_WEIGHT, 0.0)]
                for name, rows in result["more_candidates"].items())  # "raise ... at every seed"
     seconds_64 = [rows[split]["seconds"] for rows in result["more_candidates"].values() for split in ("test", "compositional")]
