@@ -359,6 +359,14 @@ def test_the_guides_bundle_table_gives_bundle_json_s_scores():
     for name, row in rows.items():
         expected = [round(100 * scores[name][k], 1) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore")]
         assert row == expected, name
+    # and the sentences on what `upgrade` changed end at the scores it measured
+    now = {name: f"{100 * scores[name]['CIDEr']:.1f}" for name in ("capdec", "decap", "viecap")}
+    assert all(any("no_repeat_ngram_size 3" in r for r in manifest(BUNDLE_DIR)["rescored"][name]) for name in now)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    guide = " ".join((REPO / "docs" / "GUIDE.md").read_text().split())
+    assert f"CIDEr 192.0 -> {now['capdec']}, 194.4 -> {now['decap']} and 179.1 -> {now['viecap']}" in readme
+    assert (f"(capdec 192.0 -> {now['capdec']}, decap 194.4 -> {now['decap']}, viecap 179.1 -> {now['viecap']})"
+            in guide)
 
 
 def test_the_readme_names_the_shipped_decoders_edit_margins():
