@@ -541,6 +541,58 @@ def test_the_readme_repeats_table_is_the_benchmark_json_and_its_choice_is_val_s(
     assert f"({sum(seconds_64) / 6:.0f} s against {sum(seconds_32) / 6:.0f} s a 1,000 images here)" in readme
 
 
+def choice_by_hand(by_image: dict, z: float):
+    """rerank_choice.chosen_weight's rule written out: of the weights whose mean per-image CIDEr gain over
+    the decoder's own captions ("off") exceeds z standard errors of the mean, the best; else "off"."""
+    import statistics
+
+    kept = {}
+    for weight, scores in by_image.items():
+        if weight != "off":
+            gains = [scores[i] - by_image["off"][i] for i in by_image["off"]]
+            if statistics.mean(gains) > z * statistics.stdev(gains) / math.sqrt(len(gains)):
+                kept[weight] = statistics.mean(gains)
+    return max(sorted(kept), key=kept.get) if kept else "off"  # sorted: a tie goes to the smaller weight
+
+
+def test_a_val_chosen_rerank_weight_is_kept_only_where_its_gain_is_beyond_chance():
+    """rerank_choice.chosen_weight keeps the best of the weights that beat the decoder's own captions by
+    more than TRUST_Z standard errors, paired image by image: a weight with the best mean but a gain
+    chance could give loses to a smaller, steady one, and where no weight is steady the choice is "off"."""
+    bench = benchmark("rerank_choice")
+    off = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    steady = {"a": 1.2, "b": 1.3, "c": 1.2, "d": 1.3}        # +0.25, every image
+    noisy = {"a": 2.9, "b": 0.2, "c": 2.5, "d": 0.1}         # +0.425 on average, two images worse
+    for by_image, expected in (({"off": off, 0.05: steady, 0.5: noisy}, 0.05), ({"off": off, 0.5: noisy}, "off")):
+        assert bench.chosen_weight(by_image)[0] == choice_by_hand(by_image, bench.TRUST_Z) == expected
+    choice, evidence = bench.chosen_weight({"off": off, 0.05: steady, 0.1: dict(steady)})
+    assert choice == 0.05 and evidence["gain"] == {"0.05": 0.25, "0.1": 0.25}  # a tie: the smaller weight
+    assert evidence["standard_error"]["0.05"] == pytest.approx(0.0289, abs=1e-4)  # sd 0.0577 over 4 images
+
+
+def test_the_readme_rerank_choice_table_is_the_benchmark_json_and_what_it_says_holds():
+    """README's table and sentence on choosing the rerank weight per decoder are rerank_choice.py's JSON;
+    each recorded choice follows chosen_weight's rule from the recorded gains and errors; and what the
+    sentence says holds: every small-world choice "off", every main-world one a weight, and the choices'
+    mean CIDEr under the default weight's on both splits in both worlds."""
+    bench = benchmark("rerank_choice")
+    result = json.loads((ROOT / "benchmarks" / "results" / "rerank_choice.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert bench.table(result) in readme
+    assert " ".join(bench.sentence(result).split()) in " ".join(readme.split())
+    for row in [*result["small"].values(), *result["main"].values()]:
+        choice = row["choice"]
+        kept = [w for w in choice["gain"] if choice["gain"][w] > bench.TRUST_Z * choice["standard_error"][w]]
+        best = max(kept, key=lambda w: (choice["gain"][w], -float(w))) if kept else None
+        assert choice["weight"] == ("off" if best is None else float(best))
+    assert all(row["choice"]["weight"] == "off" for row in result["small"].values())
+    assert all(row["choice"]["weight"] != "off" for row in result["main"].values())
+    earlier = bench.earlier_rows()
+    for world, names in (("main", list(result["main"])), ("small", [n for n in result["small"] if n.startswith("viecap")])):
+        for k, split in enumerate(("test", "compositional")):
+            assert sum(result[world][n][split]["CIDEr"] for n in names) < sum(earlier[world][n]["0.05"][k] for n in names)
+
+
 def test_the_readme_margin_table_is_the_margin_sweep_and_its_choice_is_trainings():
     """Each row of the README's table of margins chosen on val is the benchmark's sweep
     (benchmarks/loop_scenes.py --margin-sweep), and each chosen margin is the one training would

@@ -73,6 +73,22 @@ def test_cider_of_each_set_is_its_own_coco_cider(scored):
     assert got["other"] == alone and alone != got["corpus"]
 
 
+def test_cider_by_image_is_paired_and_averages_to_the_corpus_cider(scored):
+    """cider_by_image_of_each gives each set its corpus CIDEr and every image's, keyed by image id, the
+    images' mean being the corpus score; an image captioned alike in two sets scores alike in both."""
+    other = dict(PREDICTIONS)
+    other[1] = "a red double decker bus"
+    got = metrics.cider_by_image_of_each({"corpus": PREDICTIONS, "other": other}, REFERENCES)
+    for name, predictions in (("corpus", PREDICTIONS), ("other", other)):
+        corpus, by_image = got[name]
+        assert set(by_image) == {i for i in predictions if i in REFERENCES}  # one without references is skipped
+        assert sum(by_image.values()) / len(by_image) == pytest.approx(corpus, abs=1e-12)
+        assert corpus == metrics.coco_caption_metrics(predictions, REFERENCES, spice=False, meteor=False)["CIDEr"]
+    same = [i for i in PREDICTIONS if i != 1 and i in REFERENCES]
+    assert [got["corpus"][1][i] for i in same] == [got["other"][1][i] for i in same]
+    assert got["corpus"][1][1] != got["other"][1][1]
+
+
 def test_bleu_by_hand(scored):
     result, _ = scored
     # Per image: clipped n-gram matches / hypothesis n-grams, and the reference length closest to

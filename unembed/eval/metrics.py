@@ -81,6 +81,14 @@ def cider_of_each(prediction_sets: Mapping[Hashable, Mapping[Hashable, str]],
     """CIDEr of each of several prediction sets for the same images ({set: CIDEr}), as
     coco_caption_metrics scores each alone, with two PTB tokenizer runs in all instead of two a set
     (each run starts a JVM): the references once, every set's captions together."""
+    return {k: corpus for k, (corpus, _) in cider_by_image_of_each(prediction_sets, references).items()}
+
+
+def cider_by_image_of_each(prediction_sets: Mapping[Hashable, Mapping[Hashable, str]],
+                           references: Mapping[Hashable, Sequence[str]]) -> dict:
+    """{set: (its CIDEr, {image id: that image's CIDEr})} as cider_of_each scores the sets. The corpus
+    CIDEr is the mean of the images' (their document frequencies are the references', the same for every
+    set), so two sets' per-image scores are paired differences of it."""
     _need_java()
     sets = list(prediction_sets)
     paired = [_pair(prediction_sets[k], references)[:2] for k in sets]
@@ -89,8 +97,11 @@ def cider_of_each(prediction_sets: Mapping[Hashable, Mapping[Hashable, str]],
     res = _tokenize({(n, i): caption for n, (r, _) in enumerate(paired) for i, caption in r.items()})
     from pycocoevalcap.cider.cider import Cider
 
-    return {k: float(Cider().compute_score({i: gts[i] for i in g}, {i: res[(n, i)] for i in r})[0])
-            for n, (k, (r, g)) in enumerate(zip(sets, paired))}
+    out = {}
+    for n, (k, (r, g)) in enumerate(zip(sets, paired)):
+        corpus, by_image = Cider().compute_score({i: gts[i] for i in g}, {i: res[(n, i)] for i in r})
+        out[k] = (float(corpus), {i: float(v) for i, v in zip(g, by_image)})  # in gts' order, as Cider scores
+    return out
 
 
 def _pair(predictions, references) -> tuple[dict, dict, list]:
