@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 
 from entity_scenes import pairs_in_images
-from loop_scenes import BUNDLE, LESS_MASKED, MERGED, SEEDS, caption_scores, eval_splits, write
+from loop_scenes import BUNDLE, LESS_MASKED, MERGED, SEEDS, candidate_rows, caption_scores, decoded, eval_splits, write
+from repeats_consensus import NO_REPEAT, setting
+from unembed.generation import RERANK_WEIGHT
 
-NO_REPEAT = 3
 RECIPE = {"rerank": 32, "edits": 1, "no_repeat_ngram_size": NO_REPEAT}
 WEIGHT_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 CHOICE_CANDIDATES = 8  # rerank 8, the README's first recipe: a quarter of 32's beams
 TRUST_Z = 2.0          # a weight is kept when its paired val gain over "off" is this many standard errors
 OFF = "off"            # the decoder's own captions
-VAL_BATCH = 100
+SPLITS = ("test", "compositional")
 RESULTS = Path(__file__).parent / "results"
 VIECAP = list(LESS_MASKED)  # the main world's viecaps, seeds 0, 1, 2
 
@@ -83,23 +84,17 @@ def chosen_weight(by_image: dict) -> tuple[float | str, dict]:
                     "standard_error": {f"{w:g}": round(e, 4) for w, e in errors.items()}}
 
 
-def in_batches(decode, embedded) -> list:
-    """`decode` (captions or candidates of an Embedded) over `embedded`, VAL_BATCH rows at a time."""
-    return [out for start in range(0, len(embedded), VAL_BATCH)
-            for out in decode(embedded.select(slice(start, start + VAL_BATCH)))]
-
-
 def val_choice(decoder, embedder, validation) -> dict:
     """The weight `decoder` chooses on `validation` (chosen_weight), with the val CIDEr of each weight
     and of OFF: the candidates generated and embedded once, picked at every weight (rerank.pick, as
     Decoder.decode picks)."""
-    from unembed.decoders.rerank import dedupe, logit_scale, pick, row_cosines
+    from unembed.decoders.rerank import logit_scale, pick, row_cosines
     from unembed.eval.metrics import cider_by_image_of_each
 
     embedded, references = validation
-    rows = [dedupe(row) for row in in_batches(lambda part: decoder.candidates(part, CHOICE_CANDIDATES), embedded)]
+    rows = candidate_rows(decoder, embedded, CHOICE_CANDIDATES)
     cosines = row_cosines(embedder, embedded, rows)
-    picked = {OFF: in_batches(decoder.decode, embedded),
+    picked = {OFF: decoded(decoder, embedded),
               **{w: pick(rows, cosines, w, logit_scale(embedder)) for w in WEIGHT_GRID}}
     scored = cider_by_image_of_each({w: dict(zip(embedded.ids, c)) for w, c in picked.items()}, references)
     weight, evidence = chosen_weight({w: by_image for w, (_, by_image) in scored.items()})
@@ -125,32 +120,33 @@ def measure(world: str, data: Path, embedder_dir: Path, decoders: dict, done: di
                "choice_seconds": round(time.perf_counter() - start, 1)}
         options = ({k: v for k, v in RECIPE.items() if k != "rerank"} if choice["weight"] == OFF
                    else {**RECIPE, "rerank_weight": choice["weight"]})
-        for split in ("test", "compositional"):
+        for split in SPLITS:
             row[split] = caption_scores(decoder, embedder, *splits[split],
                                         in_image if split == "compositional" else None, **options)
         done[name] = row
-        print(world, name, choice["weight"], {s: row[s]["CIDEr"] for s in ("test", "compositional")}, flush=True)
+        print(world, name, choice["weight"], ciders(row), flush=True)
         save()
+
+
+def ciders(by_split: dict, row: str | None = None) -> tuple:
+    """(test, compositional) CIDEr of a decoder's {split: scores}, or of its `row` in each split."""
+    return tuple((by_split[split][row] if row else by_split[split])["CIDEr"] for split in SPLITS)
 
 
 def earlier_rows() -> dict:
     """world -> row name -> {"own": (test, comp CIDEr) of the decoder alone, "0.05": the same with
-    --rerank 32 --edits 1 at the old default}, from the JSONs that measured them."""
+    --rerank 32 --edits 1 at the default weight}, from the JSONs that measured them."""
     small = json.loads((RESULTS / "entity_merge_small.json").read_text())["seeds"]
     main = json.loads((RESULTS / "repeats_consensus.json").read_text())["rows"]
-    pair = lambda rows, key: tuple(rows[split][key]["CIDEr"] if key else rows[split]["CIDEr"]
-                                   for split in ("test", "compositional"))
-    old = "rerank 32, no repeat 3, weight 0.05, consensus 0, edits 1 (its margin)"
+    own, default = f"base, no repeat {NO_REPEAT}", f"{setting(NO_REPEAT, RERANK_WEIGHT, 0.0)}, edits 1 (its margin)"
     out = {"small": {}, "main": {}}
     for s in SEEDS:
         seed = small[f"seed {s}"]
-        out["small"][f"capdec, seed {s}"] = {"own": pair(seed["capdec"], None)}
-        out["small"][f"viecap checked, seed {s}"] = {"own": pair(seed["viecap, detector checked on val"], None),
-                                                     "0.05": pair(seed["same, --rerank 32 --edits 1"], None)}
-        out["main"][f"capdec, seed {s}"] = {"own": pair(main[f"capdec, seed {s}"], "base, no repeat 3"),
-                                            "0.05": pair(main[f"capdec, seed {s}"], old)}
-        out["main"][f"viecap, seed {s}"] = {"own": pair(main[VIECAP[s]], "base, no repeat 3"),
-                                            "0.05": pair(main[VIECAP[s]], old)}
+        out["small"][f"capdec, seed {s}"] = {"own": ciders(seed["capdec"])}
+        out["small"][f"viecap checked, seed {s}"] = {"own": ciders(seed["viecap, detector checked on val"]),
+                                                     "0.05": ciders(seed["same, --rerank 32 --edits 1"])}
+        for name, rows in ((f"capdec, seed {s}", main[f"capdec, seed {s}"]), (f"viecap, seed {s}", main[VIECAP[s]])):
+            out["main"][name] = {"own": ciders(rows, own), "0.05": ciders(rows, default)}
     return out
 
 
@@ -164,9 +160,8 @@ def table(result: dict) -> str:
     for world in ("small", "main"):
         for name, row in result[world].items():
             old = earlier[world][name]
-            chosen = (row["test"]["CIDEr"], row["compositional"]["CIDEr"])
             lines.append(f"| {world}, {name} | {row['choice']['weight']} | {cell(old['own'])} | "
-                         f"{cell(old.get('0.05'))} | {cell(chosen)} |")
+                         f"{cell(old.get('0.05'))} | {cell(ciders(row))} |")
     return "\n".join(lines)
 
 
@@ -178,7 +173,6 @@ def mean_pair(pairs: list) -> str:
 def sentence(result: dict) -> str:
     """The README's account of the table: what the val split chose, and what acting on it gave."""
     earlier = earlier_rows()
-    chosen = lambda world, name: (result[world][name]["test"]["CIDEr"], result[world][name]["compositional"]["CIDEr"])
     weights = sorted({row["choice"]["weight"] for row in result["main"].values()})
     small = [n for n in result["small"] if n.startswith("viecap")]
     return (f"Every small-world decoder chose \"off\" ({sum(r['choice']['weight'] == OFF for r in result['small'].values())}"
@@ -186,9 +180,9 @@ def sentence(result: dict) -> str:
             f"({', '.join(f'{w:g}' for w in weights)}), so the val split does tell an unsure embedder from a sure one. "
             f"Acting on it loses to the one default all the same: in the main world `--rerank 32 --edits 1` at each "
             f"decoder's choice gives a mean test / compositional CIDEr of "
-            f"{mean_pair([chosen('main', n) for n in result['main']])} against "
+            f"{mean_pair([ciders(result['main'][n]) for n in result['main']])} against "
             f"{mean_pair([earlier['main'][n]['0.05'] for n in result['main']])} at 0.05, and in the small world the "
-            f"checked viecaps' \"off\" gives {mean_pair([chosen('small', n) for n in small])} against "
+            f"checked viecaps' \"off\" gives {mean_pair([ciders(result['small'][n]) for n in small])} against "
             f"{mean_pair([earlier['small'][n]['0.05'] for n in small])}.")
 
 
