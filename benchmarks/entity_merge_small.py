@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from loop_scenes import SMALL_RECIPE, UNMERGED, MERGED, caption_scores, decoder_loader, eval_splits, unembed, write
+from loop_scenes import SEEDS, SMALL_RECIPE, UNMERGED, MERGED, caption_scores, decoder_loader, eval_splits, unembed, write
 from entity_scenes import pairs_in_images
 
 
@@ -93,7 +93,6 @@ def main() -> None:
     write(args.out, result)
 
 
-SEEDS = (0, 1, 2)
 # no_repeat_ngram_size given explicitly: seed 0's decoders were saved before it was their default
 SEED_ROWS = {"capdec": ("capdec", {"no_repeat_ngram_size": 3}),
              "viecap, detector checked on val": ("viecap-checked", {"no_repeat_ngram_size": 3}),
