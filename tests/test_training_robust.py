@@ -12,7 +12,9 @@ import torch
 from tests.conftest import TINY_ARCH
 from tests.test_training import CONFIG, _task
 from unembed.cli import main
-from unembed.training.loop import fit
+from unembed.errors import BadInputError
+from unembed.io import load_tensors, save_module
+from unembed.training.loop import Task, fit
 
 TINY_ARCH_OPTIONS = json.dumps({"image_size": 32, "embed_dim": 32, "vision_width": 8, "text_width": 32,
                                 "text_layers": 1, "context_length": 24})
@@ -83,6 +85,138 @@ def test_a_validation_that_cannot_run_keeps_the_model_and_resume_finishes(scenes
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["validation"].startswith("not run: pycocoevalcap needs Java") and metrics["train_steps"] == 2
+
+
+# --- B2: keep the best validation ----------------------------------------------------------------
+
+class ScoredTask(Task):
+    """A linear model whose validations score as scripted (step -> score), recording the weights each
+    validation saw; `stop_at`: the run is killed after that many steps; `start`: the step it resumes from."""
+
+    def __init__(self, scores: dict, stop_at: int | None = None, start: int = 0):
+        torch.manual_seed(0)
+        self.model, self.scores, self.stop_at, self.seen = torch.nn.Linear(4, 1), scores, stop_at, {}
+        self.steps = start
+
+    def num_examples(self):
+        return 16
+
+    def batch(self, indices, generator):
+        if self.steps == self.stop_at:
+            raise KeyboardInterrupt
+        self.steps += 1
+        return {"x": torch.randn(len(indices), 4, generator=generator)}
+
+    def loss(self, model, batch):
+        return (model(batch["x"]) - 1).pow(2).mean(), {}
+
+    def validate(self, model):
+        # weights validated before (the best, restored at the end) score as they did then
+        weight = model.weight.detach().clone()
+        step = next((s for s, w in self.seen.items() if torch.equal(w, weight)), self.steps)
+        self.seen.setdefault(step, weight)
+        return {"score": self.scores[step]}
+
+    def selection_score(self, metrics):
+        return metrics.get("score")
+
+    def save(self, model, out_dir, metrics):
+        save_module(Path(out_dir) / "model.safetensors", model)
+        Path(out_dir, "metrics.json").write_text(json.dumps(metrics))
+
+
+def _saved_weight(out: Path) -> torch.Tensor:
+    return load_tensors(out / "model.safetensors")[0]["weight"]
+
+
+KEEP_BEST = replace(CONFIG, max_steps=8, validate_every=2, keep_best=True, checkpoint_every=2, keep_checkpoints=1)
+
+
+def test_keep_best_saves_the_weights_of_the_best_validation_and_says_which_step(tmp_path):
+    task = ScoredTask({2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2})
+    fit(task, KEEP_BEST, tmp_path, progress=False)
+    assert torch.equal(_saved_weight(tmp_path), task.seen[4]) and not torch.equal(task.seen[4], task.seen[8])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["kept_step"] == 4 and metrics["last_step_score"] == 0.2 and metrics["score"] == 0.9
+    assert [r["step"] for r in _log(tmp_path) if r.get("kept_as_best")] == [2, 4]
+    # the last step's weights when they validate best
+    task = ScoredTask({2: 0.1, 4: 0.9, 6: 0.3, 8: 0.95})
+    fit(task, KEEP_BEST, tmp_path / "last", progress=False)
+    assert torch.equal(_saved_weight(tmp_path / "last"), task.seen[8])
+    assert json.loads((tmp_path / "last" / "metrics.json").read_text())["kept_step"] == 8
+
+
+def test_keep_best_with_validations_that_give_no_score_says_so_once_and_keeps_the_last_step(tmp_path, capsys):
+    task = ScoredTask(dict.fromkeys((2, 4, 6, 8)))  # a val split that is not there: every score None
+    fit(task, KEEP_BEST, tmp_path, progress=False)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "note: --keep-best: the validation at step 2 gave no score to choose by (is there a val split?); the last "
+        "step's weights will be kept"]
+    assert torch.equal(_saved_weight(tmp_path), task.seen[8]) and not (tmp_path / "checkpoints" / "best").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["kept_step"] == 8
+
+
+def test_a_resumed_run_keeps_the_best_from_before_it_stopped(tmp_path):
+    scores = {2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2}
+    first = ScoredTask(scores, stop_at=5)  # killed after step 5: its last checkpoint is step 4's
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, KEEP_BEST, tmp_path, progress=False)
+    assert sorted(first.seen) == [2, 4]
+    resumed = ScoredTask(scores, start=4)
+    fit(resumed, KEEP_BEST, tmp_path, resume=True, progress=False)
+    assert sorted(resumed.seen) == [6, 8]
+    assert torch.equal(_saved_weight(tmp_path), first.seen[4])
+    assert json.loads((tmp_path / "metrics.json").read_text())["kept_step"] == 4
+
+
+def test_train_keep_best_keeps_a_decoders_best_val_cider(scenes_dir, embedder_dir, tmp_path):
+    """From the command line: capdec validated every 10 of 60 steps keeps the weights of its best val
+    CIDEr (the first of equals, the last step's when it ties), and its metrics are that step's."""
+    out = tmp_path / "capdec"
+    assert main(["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--out", str(out),
+                 "--lm", "scratch", "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2",
+                 "--max-steps", "60", "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "5", "--device", "cpu",
+                 "--validate-every", "10", "--keep-best"]) == 0
+    scores = {r["step"]: r["val_CIDEr"] for r in _log(out) if "val_CIDEr" in r}
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores[60] = metrics.get("last_step_score", metrics["val_CIDEr"])
+    assert sorted(scores) == [10, 20, 30, 40, 50, 60] and len(set(scores.values())) > 1  # the choice is a real one
+    best = max(scores.values())
+    kept = 60 if scores[60] == best else min(s for s, v in scores.items() if v == best)
+    assert metrics["kept_step"] == kept and metrics["val_CIDEr"] == best
+    saved, last = load_tensors(out / "model.safetensors")[0], load_tensors(out / "checkpoints" / "step-00000060" /
+                                                                            "model.safetensors")[0]
+    assert all(torch.equal(saved[k], last[k]) for k in saved) == (kept == 60)
+    if kept < 60:
+        best_weights = load_tensors(out / "checkpoints" / "best" / "model.safetensors")[0]
+        assert json.loads((out / "checkpoints" / "best" / "best.json").read_text())["step"] == kept
+        assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
+
+
+def test_keep_best_without_validations_or_a_score_is_one_line_and_exit_2(scenes_dir, embedder_dir, tmp_path, capsys):
+    argv = ["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--lm", "scratch",
+            "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2", "--max-steps", "2",
+            "--batch-size", "8", "--device", "cpu", "--keep-best"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "unembed: --keep-best: needs --validate-every N: the weights it keeps are those of a validation"]
+    assert not (tmp_path / "a" / "config.json").exists()
+    with pytest.raises(BadInputError, match="^--keep-best: this model has no validation score to choose by$"):
+        fit(Tiny(), KEEP_BEST, tmp_path / "b", progress=False)
+
+
+class Tiny(Task):  # trains, validates nothing
+    def __init__(self):
+        self.model = torch.nn.Linear(4, 1)
+
+    def num_examples(self):
+        return 16
+
+    def batch(self, indices, generator):
+        return {"x": torch.randn(len(indices), 4, generator=generator)}
+
+    def loss(self, model, batch):
+        return model(batch["x"]).pow(2).mean(), {}
 
 
 # --- C: a non-finite loss on one process stops them all ------------------------------------------

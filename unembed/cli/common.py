@@ -140,6 +140,8 @@ def add_train_flags(p, resume: bool = True) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--validate-every", type=int, help="steps between validations (default: only at the end)")
+    p.add_argument("--keep-best", action="store_true", default=None,
+                   help="keep the weights of the best validation (--validate-every N) instead of the last step's")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
 
@@ -149,7 +151,7 @@ def train_config(args, defaults: dict):
 
     return TrainConfig(**{**defaults, **given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
                                                        "mixed_precision", "warmup_steps", "checkpoint_every",
-                                                       "validate_every", "workers"))})
+                                                       "validate_every", "workers", "keep_best"))})
 
 
 def add_out_option(p, help: str | None = None) -> None:

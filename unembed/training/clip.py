@@ -198,6 +198,12 @@ class ClipTask(Task):
         self.embedder.device = next(model.parameters()).device
         return evaluate_embedder(self.embedder, self.eval_dir)
 
+    def selection_score(self, metrics):
+        # retrieval both ways at rank 1: what an embedder is for
+        if "i2t_R@1" in metrics and "t2i_R@1" in metrics:
+            return (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+        return None
+
     def save(self, model, out_dir, metrics):
         self.embedder.save(out_dir)
         write_json(Path(out_dir) / "metrics.json", metrics)

@@ -126,6 +126,9 @@ class CoCaTask(ClipTask):
             return metrics
         return {**metrics, **self._caption_metrics()}
 
+    def selection_score(self, metrics):
+        return metrics.get("val_CIDEr")  # a CoCa is kept for its captions
+
     def _caption_metrics(self) -> dict:
         from unembed.data.splits import load_split
         from unembed.data.images import load_image

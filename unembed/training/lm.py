@@ -81,6 +81,9 @@ class LMTask(Task):
         loss = total / count
         return {"val_loss": round(loss, 4), "val_perplexity": round(math.exp(loss), 3)}
 
+    def selection_score(self, metrics):
+        return -metrics["val_loss"] if "val_loss" in metrics else None  # the lowest loss is the best
+
     def save(self, model, out_dir, metrics):
         save_pretrained(model, Path(out_dir))
         write_json(Path(out_dir) / "metrics.json", metrics)

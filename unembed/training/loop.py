@@ -27,6 +27,12 @@ Checkpoint layout, under OUT/checkpoints/:
     step-00000400/{model.safetensors, optimizer.safetensors, state.json (step, optimiser scalars,
                    config, grad scaler)}
     latest.json   {"step": 400, "dir": "step-00000400"}  (replaced atomically after the directory is complete)
+    best/{model.safetensors, best.json (step, score)}  (with keep_best: the best validated weights so far)
+
+With keep_best, each validation (validate_every) that beats the best score so far (the task's
+`selection_score` of its validation) writes the model's weights to checkpoints/best/; at the end,
+when the last step validates worse, the best weights replace the model before it is saved and
+calibrated, and metrics.json says which step was kept. On disk, so a resumed run keeps its best.
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     max_bad_steps: int = 5       # steps in a row with non-finite gradients before the run stops
     workers: int = 0             # processes reading a task's files ahead of the model (image tasks)
+    keep_best: bool = False      # keep the weights of the best validation (needs validate_every)
 
 
 # What may change when a run resumes: where and how often it writes, not what it computes (steps,
@@ -118,6 +125,10 @@ class Task:
 
     def validate(self, model: torch.nn.Module) -> dict:
         return {}
+
+    def selection_score(self, metrics: dict) -> float | None:
+        """The number keep_best maximises, from what `validate` returned (None: none to choose by)."""
+        return None
 
     def describe(self, model: torch.nn.Module) -> dict:
         """What the trained model records of itself in metrics.json and the report (not measured)."""
@@ -273,6 +284,44 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | Non
     return int(state["step"])
 
 
+BEST_DIR = "best"
+
+
+def best_so_far(ckpt_root: Path) -> dict | None:
+    """{"step", "score"} of the best validated weights kept under ckpt_root, or None."""
+    record = ckpt_root / BEST_DIR / "best.json"
+    return read_json(record) if record.is_file() else None
+
+
+def keep_if_best(ckpt_root: Path, step: int, model, score: float | None) -> bool:
+    """Write the model's weights as the best so far when `score` beats the kept one (the directory is
+    replaced whole: a crash leaves the old best or the new one)."""
+    best = best_so_far(ckpt_root)
+    if score is None or (best is not None and score <= best["score"]):
+        return False
+    tmp = ckpt_root / f".{BEST_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_module(tmp / "model.safetensors", model)
+    write_json(tmp / "best.json", {"step": step, "score": score})
+    old = ckpt_root / f".{BEST_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (ckpt_root / BEST_DIR).exists():
+        os.replace(ckpt_root / BEST_DIR, old)
+    os.replace(tmp, ckpt_root / BEST_DIR)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _check_keep_best(task: Task, config: TrainConfig) -> None:
+    if not config.keep_best:
+        return
+    if not config.validate_every:
+        raise BadInputError("--keep-best", "needs --validate-every N: the weights it keeps are those of a validation")
+    if type(task).selection_score is Task.selection_score:
+        raise BadInputError("--keep-best", "this model has no validation score to choose by")
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 def _synchronise_batch_norm(model: torch.nn.Module, accelerator) -> None:
@@ -334,6 +383,31 @@ def _validate(task: Task, model, step: str = "validate", what: str = "validation
         return {what: f"not run: {reason}"}
 
 
+def _keep_if_best_validated(task: Task, ckpt_root: Path, step: int, record: dict, unscored: bool) -> bool:
+    """keep_best after the validation of `step` (in its log `record`): its weights kept when they score
+    best so far. A validation with no score (no val split) is said once; returns whether one was."""
+    score = task.selection_score(record)
+    if score is None and not unscored:
+        print(f"note: --keep-best: the validation at step {step} gave no score to choose by (is there a val "
+              "split?); the last step's weights will be kept", file=sys.stderr, flush=True)
+    if keep_if_best(ckpt_root, step, task.model, score):
+        record["kept_as_best"] = True
+    return unscored or score is None
+
+
+def _restore_best(task: Task, ckpt_root: Path, out_dir: Path, metrics: dict, summary: dict,
+                  total: int) -> tuple[dict, dict]:
+    """keep_best at the end: the last step's validation against the best kept one. When the best is
+    earlier, its weights replace the model, which is saved again and validated again."""
+    best, last = best_so_far(ckpt_root), task.selection_score(metrics)
+    if best is None or last is None or last >= best["score"]:
+        return metrics, {**summary, "kept_step": total}
+    load_module(task.model, ckpt_root / BEST_DIR / "model.safetensors")
+    summary = {**summary, "kept_step": best["step"], "last_step_score": last}
+    task.save(task.model, out_dir, summary)
+    return {**_validate(task, task.model, "describe", "description"), **_validate(task, task.model)}, summary
+
+
 def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
         grad_scaler=None) -> TrainResult:
     """Train `task` under `config` into out_dir. `grad_scaler` replaces accelerate's fp16 grad scaler
@@ -347,6 +421,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     accelerator = _make_accelerator(task, config, grad_scaler)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    _check_keep_best(task, config)
     n = task.num_examples()
     if n == 0:
         raise TrainingError("no training examples")
@@ -367,6 +442,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     t0, loss_value, seen, bad_in_a_row, skipped, overflows = time.time(), float("nan"), 0, 0, 0, 0
+    unscored = False  # keep_best's note, said once
     steps = range(start, total)
     with open(log_path, "a", encoding="utf-8") as log:
         for step, (indices, batch) in zip(steps, task.batches(steps, batch_size, config.seed, config.workers)):
@@ -413,6 +489,8 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
             if (config.validate_every and done % config.validate_every == 0 and done < total
                     and accelerator.is_main_process):
                 record.update(_validate(task, task.model))
+                if config.keep_best:
+                    unscored = _keep_if_best_validated(task, ckpt_root, done, record, unscored)
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
             bar.update(1)
@@ -427,6 +505,8 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                    "skipped_steps": skipped, "fp16_overflow_steps": overflows}
         task.save(task.model, out_dir, summary)  # first: the model never waits on its validation
         metrics = {**_validate(task, task.model, "describe", "description"), **_validate(task, task.model)}
+        if config.keep_best:
+            metrics, summary = _restore_best(task, ckpt_root, out_dir, metrics, summary, total)
         if "validation" not in metrics:  # what it could not run, the calibration cannot either
             metrics.update(_validate(task, task.model, "calibrate", "calibration"))
         task.save_metrics(task.model, out_dir, {**metrics, **summary})

@@ -72,6 +72,9 @@ class PrefixTask(Task):
         return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
                 "val_example": captions[0]}
 
+    def selection_score(self, metrics):
+        return metrics.get("val_CIDEr")
+
     def describe(self, model):
         return model.text_summary()
 
