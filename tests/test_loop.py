@@ -495,9 +495,9 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
                  f"{r['embedder_calls_per_caption']:.1f}") for r in result["inversion"].values()}
     section = (root / "README.md").read_text().split("## Closing the loop")[1].split("\n## ")[0]
     tables = [t for t in section.split("\n\n") if t.startswith("| ")]
-    assert [t.split(" |")[0] for t in tables] == ["| decoder", "| decoder", "| world, decoder", "| inversion",
-                                                  "| world: decoder"]
-    tables = [tables[0], tables[3]]  # the repeats, rerank choice and margin tables have their own tests
+    assert [t.split(" |")[0] for t in tables] == ["| decoder", "| decoder", "| world, decoder",
+                                                  "| decoder, 1,800 steps", "| inversion", "| world: decoder"]
+    tables = [tables[0], tables[4]]  # the repeats, rerank choice, keep-best and margin tables have their own tests
     for table, measured, columns, least in ((tables[0], captioned, slice(2, 5), 10), (tables[1], inverted, slice(2, 6), 4)):
         rows = [line.split("|")[columns] for line in table.splitlines()[2:]]
         assert len(rows) >= least
@@ -613,3 +613,43 @@ def test_the_readme_margin_table_is_the_margin_sweep_and_its_choice_is_trainings
             val = {(math.inf if m == "off" else float(m)): r["CIDEr"] for m, r in row["val"].items()}
             chosen = chosen_margin(val)
             assert row["val_chosen"]["margin"] == ("off" if chosen == math.inf else f"{chosen:g}")
+
+
+def test_the_readme_keep_best_table_is_the_benchmark_json_and_what_it_says_holds():
+    """README's table and sentence on keeping the best val checkpoint are keep_best.py's JSON; each kept step
+    is the first best of its recorded val curve, as --keep-best keeps it (the last step's when it ties);
+    the last-step decoders measured beside it are the same runs (identical weights at the last step);
+    and the goals the sentence counts are recomputed from the rows."""
+    bench = benchmark("keep_best")
+    result = json.loads((ROOT / "benchmarks" / "results" / "keep_best.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert bench.table(result) in readme
+    assert " ".join(bench.sentence(result).split()) in " ".join(readme.split())
+    rows = dict(bench.runs_in(result))
+    assert len(rows) == 6
+    for row in rows.values():
+        curve = {int(step): score for step, score in row["val_CIDEr"].items()}
+        last, best = max(curve), max(curve.values())
+        assert sorted(curve) == list(range(bench.VALIDATE_EVERY, last + 1, bench.VALIDATE_EVERY))
+        assert row["kept_step"] == (last if curve[last] == best else min(s for s, v in curve.items() if v == best))
+        assert row["last_step_weights_identical"] is True
+    # what the paragraph after the sentence says: the kept step beats the last everywhere, and the 600-step
+    # decoders on test at all six, on compositional at the three viecaps and one capdec
+    earlier = benchmark("rerank_choice").earlier_rows()["main"]
+    for name, row in rows.items():
+        for read in ("own", bench.LOOP):
+            for split in ("test", "compositional"):
+                assert row["kept"][read][split]["CIDEr"] > row["last"][read][split]["CIDEr"], (name, read, split)
+        assert row["kept"][bench.LOOP]["test"]["CIDEr"] > earlier[name]["0.05"][0]
+    capdecs = [row["val_CIDEr"] for n, row in rows.items() if n.startswith("capdec")]
+    for step, said in (("400", 182), ("1800", 162)):  # "falls from 182 at step 400 to 162 at step 1,800"
+        assert round(100 * sum(c[step] for c in capdecs) / len(capdecs)) == said
+    assert "from 182 at step 400 to 162 at step 1,800" in " ".join(readme.split())
+    above = [n for n, row in rows.items() if row["kept"][bench.LOOP]["compositional"]["CIDEr"] > earlier[n]["0.05"][1]]
+    assert sorted(above) == ["capdec, seed 0", "viecap, seed 0", "viecap, seed 1", "viecap, seed 2"]
+    for seed, met in bench.goals(result).items():
+        viecap = rows[f"viecap, seed {seed}"]["kept"][bench.LOOP]
+        capdec = rows[f"capdec, seed {seed}"]["kept"]["own"]
+        assert met == {"heldout": viecap["compositional"]["names_heldout_pair"] >= 600,
+                       "compositional": viecap["compositional"]["CIDEr"] > bench.paired_clipcap(),
+                       "test": viecap["test"]["CIDEr"] >= capdec["test"]["CIDEr"]}
