@@ -193,6 +193,22 @@ def test_train_keep_best_keeps_a_decoders_best_val_cider(scenes_dir, embedder_di
         assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
 
 
+def test_val_images_sets_how_many_val_images_val_cider_reads_and_a_bad_count_is_one_line(scenes_dir, embedder_dir,
+                                                                                        tmp_path, capsys):
+    argv = ["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--lm", "scratch",
+            "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2", "--max-steps", "4",
+            "--batch-size", "8", "--device", "cpu", "--validate-every", "2"]
+    for images, read in ((None, 12), ("5", 5), ("500", 12)):  # the fixture's val split has 12 images
+        out = tmp_path / f"capdec-{images}"
+        assert main(argv + ["--out", str(out)] + (["--val-images", images] if images else [])) == 0
+        assert [r["val_images"] for r in _log(out) if "val_images" in r] == [read]
+        assert json.loads((out / "metrics.json").read_text())["val_images"] == read
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "bad"), "--val-images", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["unembed: --val-images: must be at least 1 (got 0)"]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_keep_best_without_validations_or_a_score_is_one_line_and_exit_2(scenes_dir, embedder_dir, tmp_path, capsys):
     argv = ["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--lm", "scratch",
             "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2", "--max-steps", "2",

@@ -39,6 +39,7 @@ def cmd_train_prefix(args) -> int:
     cls = decoder_class(args.what)
     _refuse_other_kinds_options(args)
     check_out(args)
+    images = validation_images(args)
     check_sources(args.what, args.data, getattr(args, "captions", None) or ())  # before the embedder loads
     options = config_options(args, cls.config_class, cls.cli_options)
     if args.init and options:  # the decoder being trained further has its settings
@@ -50,7 +51,7 @@ def cmd_train_prefix(args) -> int:
     embedder = load_embedder(args.embedder, args.device)
     report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
                           caption_files=getattr(args, "captions", None) or (), resume=args.resume, init=args.init,
-                          **options)
+                          validation_images=images, **options)
     print(json.dumps(report, indent=2))
     return EXIT_OK
 
@@ -64,6 +65,7 @@ def cmd_train_corrector(args) -> int:
     from unembed.training.prefix import check_sources
 
     check_out(args)
+    images = validation_images(args)
     check_sources("corrector", args.data, args.captions or ())  # before any model loads
     base = _decoder_dir(args.base)
     spec = args.embedder or resolve_embedder_spec(read_decoder_config(base)["config"], base)
@@ -71,9 +73,25 @@ def cmd_train_corrector(args) -> int:
     report = train_corrector(base, load_embedder(spec, args.device), args.out,
                              train_config(args, CorrectorDecoder.train_defaults), data_dir=args.data,
                              caption_files=args.captions or (), resume=args.resume, max_captions=args.max_captions,
-                             **options)
+                             validation_images=images, **options)
     print(json.dumps(report, indent=2))
     return EXIT_OK
+
+
+def add_validation_images_option(t) -> None:
+    from unembed.training.prefix import VALIDATION_IMAGES
+
+    t.add_argument("--val-images", type=int, default=VALIDATION_IMAGES, metavar="N",
+                   help=f"val images read for val CIDEr at each validation, which --keep-best chooses by (default "
+                   f"{VALIDATION_IMAGES}: more choose more surely, each validation taking longer)")
+
+
+def validation_images(args) -> int:
+    from unembed.errors import BadInputError
+
+    if args.val_images < 1:
+        raise BadInputError("--val-images", f"must be at least 1 (got {args.val_images})")
+    return args.val_images
 
 
 def _refuse_other_kinds_options(args) -> None:
@@ -212,6 +230,7 @@ def _add_prefix_kinds(train) -> None:
         t.add_argument("--init", help=f"a saved {cls.kind} decoder (a directory or a bundled decoder's name) to "
                        "train further, keeping its settings, tokenizer and bridge: e.g. more steps at a lower --lr")
         add_train_flags(t)
+        add_validation_images_option(t)
         add_config_options(t, cls.config_class, cls.cli_options)
         # every other kind's options too, unlisted, so that one given here is refused by name
         others = {name: owners for name, owners in takers.items() if cls not in owners}
@@ -251,6 +270,7 @@ def register(sub, decoders: bool = True) -> None:
         t.add_argument("--max-captions", type=int, default=0, help="train on a seeded sample of this many distinct "
                        "captions (each costs the base one decode before training; default: all)")
         add_train_flags(t)
+        add_validation_images_option(t)
         add_config_options(t, CorrectorDecoder.config_class, CorrectorDecoder.cli_options)
         t.set_defaults(func=cmd_train_corrector)
 

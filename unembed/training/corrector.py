@@ -18,7 +18,7 @@ from unembed.decoders.bridges import add_noise
 from unembed.decoders.edits import substitutes
 from unembed.errors import BadInputError
 from unembed.training.loop import TrainConfig, fit
-from unembed.training.prefix import PrefixTask, check_sources, validation_set
+from unembed.training.prefix import VALIDATION_IMAGES, PrefixTask, check_sources, validation_set
 
 HYPOTHESIS_BATCH = 256
 def hypotheses(base, embedder, captions: list[str], noise_variance: float, clean_share: float,
@@ -41,7 +41,8 @@ def hypotheses(base, embedder, captions: list[str], noise_variance: float, clean
 
 
 def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
-                    resume: bool = False, progress: bool = True, max_captions: int = 0, **options) -> dict:
+                    resume: bool = False, progress: bool = True, max_captions: int = 0,
+                    validation_images: int = VALIDATION_IMAGES, **options) -> dict:
     """Train a corrector over the base decoder in `base_dir` and save it (with the base inside) to out_dir;
     `max_captions` > 0: a seeded sample of that many distinct captions (each costs the base a decode)."""
     from unembed.data.captions import caption_corpus
@@ -72,7 +73,8 @@ def train_corrector(base_dir, embedder, out_dir, config: TrainConfig, data_dir=N
     decoder.substitutes = substitutes(captions)
     inputs = decoder.inputs(targets, written_vectors)
     task = PrefixTask(decoder, inputs, torch.arange(len(unique)), unique, text_only=False,
-                      validation=validation_set(embedder, Path(data_dir) if data_dir else None))
+                      validation=validation_set(embedder, Path(data_dir) if data_dir else None),
+                      validation_images=validation_images)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     already = sum(h == c for h, c in zip(written, unique))
     return {"kind": "corrector", "base": str(base_dir), "base_kind": base.kind, "captions": len(unique),

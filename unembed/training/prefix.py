@@ -21,14 +21,14 @@ from unembed.io import write_json
 from unembed.tokenizers import make_tokenizer, pad_right
 from unembed.training.loop import Task, TrainConfig, fit
 
-VALIDATION_IMAGES = 200  # val CIDEr during and after training
+VALIDATION_IMAGES = 200  # val CIDEr during and after training (--val-images): what --keep-best chooses by
 MARGIN_IMAGES = 1000     # the edit margin's choice at the end (edits.chosen_margin): small CIDEr differences
 MIN_MARGIN_IMAGES = 100  # fewer val images choose no margin
 
 
 class PrefixTask(Task):
     def __init__(self, decoder, vectors: torch.Tensor, pair_vector: torch.Tensor, captions: list[str],
-                 text_only: bool, validation=None):
+                 text_only: bool, validation=None, validation_images: int = VALIDATION_IMAGES):
         self.model = decoder
         self.vectors = vectors            # [V, D]: image embeddings (clipcap) or caption embeddings
         self.pair_vector = pair_vector    # [P]: which vector each caption is paired with
@@ -36,6 +36,7 @@ class PrefixTask(Task):
         self.tokens, self.lengths = decoder.encode_captions(captions)
         self.text_only = text_only
         self.validation = validation      # (Embedded of val images, {image_id: refs}) or None
+        self.validation_images = validation_images  # how many of them val CIDEr reads
 
     def num_examples(self) -> int:
         return len(self.pair_vector)
@@ -66,11 +67,11 @@ class PrefixTask(Task):
         from unembed.eval.metrics import coco_caption_metrics
 
         embedded, references = self.validation
-        embedded = embedded.select(range(min(VALIDATION_IMAGES, len(embedded))))
+        embedded = embedded.select(range(min(self.validation_images, len(embedded))))
         captions = model.decode(embedded)
         scores = coco_caption_metrics(dict(zip(embedded.ids, captions)), references, spice=False, meteor=False)
         return {"val_BLEU-4": round(scores["BLEU-4"], 4), "val_CIDEr": round(scores["CIDEr"], 4),
-                "val_example": captions[0]}
+                "val_images": len(captions), "val_example": captions[0]}
 
     def selection_score(self, metrics):
         return metrics.get("val_CIDEr")
@@ -160,9 +161,11 @@ def check_sources(kind: str, data_dir=None, caption_files=()) -> None:
 
 
 def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=None, caption_files=(),
-                 resume: bool = False, progress: bool = True, init=None, **decoder_options) -> dict:
+                 resume: bool = False, progress: bool = True, init=None, validation_images: int = VALIDATION_IMAGES,
+                 **decoder_options) -> dict:
     """Train a clipcap / capdec / decap decoder and save it to out_dir; with `init` (a saved decoder of
-    this kind and embedder), train that one further instead of a new one."""
+    this kind and embedder), train that one further instead of a new one. Val CIDEr reads the first
+    `validation_images` val images."""
     from unembed.data.captions import caption_corpus
     from unembed.decoders import decoder_class
     from unembed.decoders.edits import substitutes, with_earlier
@@ -215,7 +218,7 @@ def train_prefix(kind: str, embedder, out_dir, config: TrainConfig, data_dir=Non
     warning = decoder.check_on_val(validation)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only, validation)
+    task = PrefixTask(decoder, vectors, pair_vector, captions, cls.text_only, validation, validation_images)
     result = fit(task, config, out_dir, resume=resume, progress=progress)
     return {"kind": kind, "train_steps": result.steps, "train_seconds": round(result.seconds, 1),
             "final_loss": round(result.final_loss, 4), **({} if init is None else {"init": str(init)}),
