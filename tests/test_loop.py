@@ -661,3 +661,18 @@ def test_the_readme_keep_best_table_is_the_benchmark_json_and_what_it_says_holds
                        "test": viecap["test"]["CIDEr"] >= capdec["test"]["CIDEr"]}
         assert fair[seed] == {**met, "compositional": viecap["compositional"]["CIDEr"] > clipcap["compositional"]["CIDEr"]}
     assert [s for s, g in fair.items() if all(g.values())] == [1]  # "at one seed of three (seed 1)"
+    # the viecaps chosen on the whole val split
+    assert " ".join(bench.surer_sentence(result).split()) in " ".join(readme.split())
+    surer = result[f"chosen on {bench.MORE_VAL_IMAGES} val images"]
+    assert [surer[f"viecap, seed {s}"]["kept_step"] == rows[f"viecap, seed {s}"]["kept_step"] for s in (0, 1, 2)] == [
+        True, True, False]  # "Seeds 0 and 1 keep the same step"
+    new, old = surer["viecap, seed 2"]["kept"][bench.LOOP], rows["viecap, seed 2"]["kept"][bench.LOOP]
+    assert (round(100 * (old["compositional"]["CIDEr"] - new["compositional"]["CIDEr"]), 1),
+            round(100 * (new["test"]["CIDEr"] - old["test"]["CIDEr"]), 1),
+            new["compositional"]["names_heldout_pair"] - old["compositional"]["names_heldout_pair"]) == (1.4, 3.8, 37)
+    for s in (0, 1, 2):
+        curve = {int(step): v for step, v in surer[f"viecap, seed {s}"]["val_CIDEr"].items()}
+        assert max(curve, key=lambda step: (curve[step], -step)) == surer[f"viecap, seed {s}"]["kept_step"]
+    late = [v for step, v in surer["viecap, seed 0"]["val_CIDEr"].items() if int(step) >= 300]
+    assert (f"{100 * min(late):.1f}", f"{100 * max(late):.1f}") == ("172.5", "184.5")
+    assert "(seed 0: 172.5 to 184.5)" in readme
