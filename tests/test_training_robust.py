@@ -203,6 +203,12 @@ def test_val_images_sets_how_many_val_images_val_cider_reads_and_a_bad_count_is_
         assert main(argv + ["--out", str(out)] + (["--val-images", images] if images else [])) == 0
         assert [r["val_images"] for r in _log(out) if "val_images" in r] == [read]
         assert json.loads((out / "metrics.json").read_text())["val_images"] == read
+    # the corrector takes it too (over the capdec just trained)
+    corrector = tmp_path / "corrector"
+    assert main(["train", "corrector", "--base", str(tmp_path / "capdec-5"), "--data", str(scenes_dir), "--out",
+                 str(corrector), "--lm-config", NO_DROPOUT_LM, "--max-captions", "16", "--max-steps", "2",
+                 "--batch-size", "8", "--device", "cpu", "--val-images", "3"]) == 0
+    assert json.loads((corrector / "metrics.json").read_text())["val_images"] == 3
     capsys.readouterr()
     assert main(argv + ["--out", str(tmp_path / "bad"), "--val-images", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["unembed: --val-images: must be at least 1 (got 0)"]
