@@ -52,9 +52,9 @@ def runs(work: Path, loop: Path) -> dict:
 
 
 def paired(work: Path) -> dict:
-    """name -> directory of paired ClipCap (the bundle's recipe, as its compositional bar was trained), seeds
+    """name -> (seed, directory) of paired ClipCap (the bundle's recipe, as its compositional bar was trained), seeds
     0-2, trained the same way: the compositional goal's bar when the text-only decoders keep their best step."""
-    return {f"clipcap, seed {seed}": work / f"clipcap-seed-{seed}" for seed in SEEDS}
+    return {f"clipcap, seed {seed}": (seed, work / f"clipcap-seed-{seed}") for seed in SEEDS}
 
 
 def surer(work: Path) -> dict:
@@ -69,13 +69,14 @@ def train(kind: str, options: list, seed: int, out: Path, data: Path) -> None:
                 *KEEP_BEST)
 
 
-def val_curve(out: Path) -> dict:
-    """step -> val CIDEr of a keep-best run (its log's validations and the last step's)."""
+def choice(out: Path) -> dict:
+    """What a keep-best run chose: the step kept and its val CIDEr curve (step -> score: the log's
+    validations and the last step's)."""
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
     curve = {r["step"]: r["val_CIDEr"] for r in log if "val_CIDEr" in r}
     curve[metrics["train_steps"]] = metrics.get("last_step_score", metrics["val_CIDEr"])
-    return curve
+    return {"kept_step": metrics["kept_step"], "val_CIDEr": {str(step): score for step, score in curve.items()}}
 
 
 def same_weights(run: Path, last: Path) -> bool:
@@ -108,9 +109,7 @@ def measure(work: Path, loop: Path, result: dict, save) -> None:
     in_image = pairs_in_images(data / "compositional")
     for name, (_, _, _, out, last) in runs(work, loop).items():
         row = result.setdefault(name, {})
-        curve = val_curve(out)
-        row["kept_step"] = json.loads((out / "metrics.json").read_text())["kept_step"]
-        row["val_CIDEr"] = {str(step): score for step, score in curve.items()}
+        row.update(choice(out))
         row["last_step_weights_identical"] = same_weights(out, last)
         for which, path in (("kept", out), ("last", last)):
             if which not in row:
@@ -122,9 +121,7 @@ def measure(work: Path, loop: Path, result: dict, save) -> None:
     for name, (seed, out) in surer(work).items():
         train("viecap", [*VIECAP_OPTIONS, "--val-images", str(MORE_VAL_IMAGES)], seed, out, data)
         if "kept" not in into.get(name, {}):
-            into[name] = {"kept_step": json.loads((out / "metrics.json").read_text())["kept_step"],
-                          "val_CIDEr": {str(step): score for step, score in val_curve(out).items()},
-                          "kept": measured(out, embedder, splits, in_image)}
+            into[name] = {**choice(out), "kept": measured(out, embedder, splits, in_image)}
             print(name, MORE_VAL_IMAGES, into[name]["kept_step"], {r: ciders(into[name]["kept"][r]) for r in ROWS},
                   flush=True)
             save()
@@ -135,15 +132,13 @@ def measure_paired(work: Path, data: Path, embedder, splits: dict, in_image: dic
     no-repeat 0), as the bundle's paired ClipCap was read for the bar."""
     from unembed.decoders import load_decoder
 
-    for seed, (name, out) in zip(SEEDS, paired(work).items()):
+    for name, (seed, out) in paired(work).items():
         train("clipcap", [], seed, out, data)
         if "own" not in into.get(name, {}):
             decoder = load_decoder(out, device="cpu", embedder=embedder)
-            into[name] = {"kept_step": json.loads((out / "metrics.json").read_text())["kept_step"],
-                          "val_CIDEr": {str(step): score for step, score in val_curve(out).items()},
-                          "own": {split: caption_scores(decoder, embedder, *splits[split],
-                                                        in_image if split == "compositional" else None)
-                                  for split in SPLITS}}
+            into[name] = {**choice(out), "own": {split: caption_scores(decoder, embedder, *splits[split],
+                                                                   in_image if split == "compositional" else None)
+                                             for split in SPLITS}}
             print(name, into[name]["kept_step"], ciders(into[name]["own"]), flush=True)
             save()
 

@@ -49,7 +49,7 @@ import torch
 
 from unembed.distributed import use_cpu
 from unembed.errors import BadInputError, UnembedError
-from unembed.io import load_module, load_tensors, read_json, save_module, save_tensors, write_json
+from unembed.io import load_module, load_tensors, read_json, save_module, save_tensors, staged_dir, write_json
 
 
 class TrainingError(UnembedError):
@@ -295,21 +295,13 @@ def best_so_far(ckpt_root: Path) -> dict | None:
 
 def keep_if_best(ckpt_root: Path, step: int, model, score: float | None) -> bool:
     """Write the model's weights as the best so far when `score` beats the kept one (the directory is
-    replaced whole: a crash leaves the old best or the new one)."""
+    replaced whole, io.staged_dir: a crash leaves the old best or the new one)."""
     best = best_so_far(ckpt_root)
     if score is None or (best is not None and score <= best["score"]):
         return False
-    tmp = ckpt_root / f".{BEST_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_module(tmp / "model.safetensors", model)
-    write_json(tmp / "best.json", {"step": step, "score": score})
-    old = ckpt_root / f".{BEST_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (ckpt_root / BEST_DIR).exists():
-        os.replace(ckpt_root / BEST_DIR, old)
-    os.replace(tmp, ckpt_root / BEST_DIR)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_dir(ckpt_root / BEST_DIR, keep_others=False) as staging:
+        save_module(staging / "model.safetensors", model)
+        write_json(staging / "best.json", {"step": step, "score": score})
     return True
 
 
