@@ -14,7 +14,7 @@ from tests.test_training import CONFIG, _task
 from unembed.cli import main
 from unembed.errors import BadInputError
 from unembed.io import load_tensors, save_module
-from unembed.training.loop import Task, fit
+from unembed.training.loop import Task, TrainingError, fit
 
 TINY_ARCH_OPTIONS = json.dumps({"image_size": 32, "embed_dim": 32, "vision_width": 8, "text_width": 32,
                                 "text_layers": 1, "context_length": 24})
@@ -225,6 +225,88 @@ def test_keep_best_without_validations_or_a_score_is_one_line_and_exit_2(scenes_
     assert not (tmp_path / "a" / "config.json").exists()
     with pytest.raises(BadInputError, match="^--keep-best: this model has no validation score to choose by$"):
         fit(Tiny(), KEEP_BEST, tmp_path / "b", progress=False)
+
+
+# --- B3: a moving average of the weights (--ema) -------------------------------------------------
+
+class AveragedTask(ScoredTask):
+    """ScoredTask recording its weights before training and after every optimiser step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raw = [self.model.weight.detach().clone()]
+
+    def after_step(self, model):
+        self.raw.append(model.weight.detach().clone())
+
+
+def _by_hand(raw: list, decay: float) -> list:
+    """The moving average after each step, written out: d = min(decay, (1 + n) / (10 + n)) at update n."""
+    average, out = raw[0].clone(), [raw[0].clone()]
+    for n, weight in enumerate(raw[1:], 1):
+        d = min(decay, (1 + n) / (10 + n))
+        average = d * average + (1 - d) * weight
+        out.append(average)
+    return out
+
+
+EMA = replace(KEEP_BEST, keep_best=False, ema=0.9, lr=0.1)  # weights that move, so the average lags
+
+
+def test_ema_saves_and_validates_the_moving_average_and_leaves_training_unchanged(tmp_path):
+    scores = {2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2}
+    plain = AveragedTask(scores)
+    fit(plain, replace(EMA, ema=0.0), tmp_path / "plain", progress=False)
+    averaged = AveragedTask(scores)
+    fit(averaged, EMA, tmp_path / "ema", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.raw, averaged.raw, strict=True))  # the same training
+    expected = _by_hand(averaged.raw, 0.9)
+    assert not torch.allclose(expected[8], averaged.raw[8], atol=1e-3)  # the average is not the last step
+    assert torch.allclose(_saved_weight(tmp_path / "ema"), expected[8], atol=1e-6)
+    for step in (2, 4, 6):  # each validation read the average of its step
+        assert torch.allclose(averaged.seen[step], expected[step], atol=1e-6)
+    last = load_tensors(tmp_path / "ema" / "checkpoints" / "step-00000008" / "model.safetensors")[0]["weight"]
+    assert torch.equal(last, averaged.raw[8])  # checkpoints hold the weights, and the average beside them
+    assert json.loads((tmp_path / "ema" / "metrics.json").read_text())["ema_decay"] == 0.9
+    assert "ema_decay" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+
+
+def test_ema_with_keep_best_keeps_the_best_average_and_a_resumed_run_averages_as_an_unbroken_one(tmp_path):
+    scores, config = {2: 0.1, 4: 0.9, 6: 0.3, 8: 0.2}, replace(EMA, keep_best=True)
+    whole = AveragedTask(scores)
+    fit(whole, config, tmp_path / "whole", progress=False)
+    assert torch.allclose(_saved_weight(tmp_path / "whole"), _by_hand(whole.raw, 0.9)[4], atol=1e-6)
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["kept_step"] == 4
+    first = AveragedTask(scores, stop_at=5)  # killed after step 5: its last checkpoint is step 4's
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, config, tmp_path / "broken", progress=False)
+    fit(AveragedTask(scores, start=4), config, tmp_path / "broken", resume=True, progress=False)
+    assert torch.equal(_saved_weight(tmp_path / "broken"), _saved_weight(tmp_path / "whole"))
+    # without the average it was trained with, the run does not resume
+    with pytest.raises(TrainingError, match=r"would change the run \(ema 0.9 -> 0.0\)"):
+        fit(AveragedTask(scores), replace(config, ema=0.0), tmp_path / "broken", resume=True, progress=False)
+
+
+def test_train_ema_from_the_command_line_and_a_bad_decay_is_one_line_and_exit_2(scenes_dir, embedder_dir, tmp_path,
+                                                                                capsys):
+    argv = ["train", "capdec", "--embedder", str(embedder_dir), "--data", str(scenes_dir), "--lm", "scratch",
+            "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM, "--prefix-length", "2", "--max-steps", "4",
+            "--batch-size", "8", "--device", "cpu"]
+    out = tmp_path / "capdec"
+    assert main(argv + ["--out", str(out), "--ema", "0.5", "--lr", "1e-2", "--warmup-steps", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["ema_decay"] == 0.5
+    checkpoint = out / "checkpoints" / "step-00000004"
+    saved, last, average = (load_tensors(path)[0] for path in (out / "model.safetensors", checkpoint / "model.safetensors",
+                                                                checkpoint / "ema.safetensors"))
+    assert int(average.pop("updates")) == 4 and "mapper.net.0.weight" in average
+    assert all(torch.equal(saved[k], average[k]) for k in average if k in saved)  # the decoder saved is the average
+    assert not torch.equal(saved["mapper.net.0.weight"], last["mapper.net.0.weight"])
+    capsys.readouterr()
+    for bad in ("1.5", "1", "-0.1"):  # (0 is no average, the default)
+        code = main(argv + ["--out", str(tmp_path / "bad"), "--ema", bad])
+        assert (code, capsys.readouterr().err.strip().splitlines()) == (2, [
+            f"unembed: --ema: the decay must be between 0 and 1, such as 0.999 (got {float(bad)})"])
+        assert not (tmp_path / "bad").exists()
 
 
 class Tiny(Task):  # trains, validates nothing

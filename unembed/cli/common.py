@@ -142,6 +142,9 @@ def add_train_flags(p, resume: bool = True) -> None:
     p.add_argument("--validate-every", type=int, help="steps between validations (default: only at the end)")
     p.add_argument("--keep-best", action="store_true", default=None,
                    help="keep the weights of the best validation (--validate-every N) instead of the last step's")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep a moving average of the weights (a decay such as 0.999) and validate, keep and save it "
+                        "instead of the last step's weights")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
 
@@ -151,7 +154,7 @@ def train_config(args, defaults: dict):
 
     return TrainConfig(**{**defaults, **given(args, ("epochs", "batch_size", "lr", "seed", "device", "max_steps",
                                                        "mixed_precision", "warmup_steps", "checkpoint_every",
-                                                       "validate_every", "workers", "keep_best"))})
+                                                       "validate_every", "workers", "keep_best", "ema"))})
 
 
 def add_out_option(p, help: str | None = None) -> None:

@@ -48,8 +48,9 @@ def cmd_train_prefix(args) -> int:
     if set(TEXT_OPTIONS) & set(options):  # refused before the embedder loads
         classes = check_recombine(options.get("recombine", ""), options.get("recombine_rate"))
         options["recombine"] = inline_classes(classes)  # its files read once, here
+    config = train_config(args, cls.train_defaults)  # its bad values refused before the embedder loads
     embedder = load_embedder(args.embedder, args.device)
-    report = train_prefix(args.what, embedder, args.out, train_config(args, cls.train_defaults), data_dir=args.data,
+    report = train_prefix(args.what, embedder, args.out, config, data_dir=args.data,
                           caption_files=getattr(args, "captions", None) or (), resume=args.resume, init=args.init,
                           validation_images=images, **options)
     print(json.dumps(report, indent=2))

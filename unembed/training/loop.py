@@ -33,6 +33,14 @@ With keep_best, each validation (validate_every) that beats the best score so fa
 `selection_score` of its validation) writes the model's weights to checkpoints/best/; at the end,
 when the last step validates worse, the best weights replace the model before it is saved and
 calibrated, and metrics.json says which step was kept. On disk, so a resumed run keeps its best.
+
+With ema (a decay such as 0.999), the loop also keeps an exponential moving average of the trainable
+weights (Polyak averaging, as timm's --model-ema and TensorFlow's ExponentialMovingAverage): after each
+optimiser step, average <- d * average + (1 - d) * weights, with d = min(ema, (1 + n) / (10 + n)) at the
+n-th update so that the first steps' random weights fade fast. Training itself is unchanged (the raw
+weights follow the same path); validations, keep_best and the saved model read the average. It is
+carried in each checkpoint (ema.safetensors), so a resumed run averages as an uninterrupted one.
+Buffers (BatchNorm's running statistics) and frozen weights are the model's own.
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +83,11 @@ class TrainConfig:
     max_bad_steps: int = 5       # steps in a row with non-finite gradients before the run stops
     workers: int = 0             # processes reading a task's files ahead of the model (image tasks)
     keep_best: bool = False      # keep the weights of the best validation (needs validate_every)
+    ema: float = 0.0             # decay of a moving average of the weights, saved instead of them (0 = none)
+
+    def __post_init__(self):
+        if self.ema and not 0 < self.ema < 1:  # checked before anything loads
+            raise BadInputError("--ema", f"the decay must be between 0 and 1, such as 0.999 (got {self.ema})")
 
 
 # What may change when a run resumes: where and how often it writes, not what it computes (steps,
@@ -212,6 +226,61 @@ def parameter_groups(model: torch.nn.Module, trainable, weight_decay: float) -> 
     return [g for g in groups if g["params"]]
 
 
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights (see the module's docstring): float32
+    copies beside the weights, updated after each optimiser step, swapped in to be read."""
+
+    def __init__(self, model: torch.nn.Module, trainable, decay: float):
+        wanted = {id(p) for p in trainable}
+        self.weights = {name: p for name, p in model.named_parameters() if id(p) in wanted}
+        self.average = {name: p.detach().float().clone() for name, p in self.weights.items()}
+        self.decay, self.updates = decay, 0
+
+    def follow_weights(self) -> None:
+        """Put each average where its weights are (after accelerate moved the model to its device)."""
+        self.average = {name: a.to(self.weights[name].device) for name, a in self.average.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        rate = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in self.weights.items():
+            self.average[name].lerp_(p.detach().float(), rate)
+
+    @contextmanager
+    def swapped_in(self):
+        """The average in the model's weights for the block (to validate or save it), the weights back after."""
+        held = {name: p.detach().clone() for name, p in self.weights.items()}
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.weights.items():
+                    p.copy_(held[name])
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for name, p in self.weights.items():
+            p.copy_(self.average[name].to(p.dtype))
+
+    def state(self) -> dict:
+        return {**self.average, "updates": torch.tensor(self.updates)}
+
+    def restore(self, tensors: dict) -> None:
+        if tensors.keys() - {"updates"} != self.average.keys():
+            raise TrainingError("the checkpoint's weight average does not fit this model; start without --resume")
+        self.updates = int(tensors["updates"])
+        for name in self.average:
+            self.average[name].copy_(tensors[name])
+
+
+def _weight_average(task: Task, config: TrainConfig) -> WeightAverage | None:
+    if not config.ema:
+        return None
+    return WeightAverage(task.model, task.trainable_parameters(task.model), config.ema)
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -233,7 +302,7 @@ def _restore_optimizer(optimizer, tensors: dict, rest: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainConfig, keep: int,
-                    scaler=None) -> Path:
+                    scaler=None, average: WeightAverage | None = None) -> Path:
     name = f"step-{step:08d}"
     tmp = ckpt_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +310,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainC
     save_module(tmp / "model.safetensors", model)
     opt_tensors, opt_rest = _optimizer_tensors(optimizer)
     save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    if average is not None:
+        save_tensors(tmp / "ema.safetensors", average.state())
     write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "config": asdict(config),
                                     "grad_scaler": scaler.state_dict() if scaler is not None else None})
     final = ckpt_root / name
@@ -253,7 +324,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, config: TrainC
     return final
 
 
-def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | None = None, scaler=None) -> int:
+def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | None = None, scaler=None,
+                    average: WeightAverage | None = None) -> int:
     """Restore the latest complete checkpoint; return its step (0 when there is none). With `config`,
     refuse to resume under settings that would change what the run computes."""
     latest = ckpt_root / "latest.json"
@@ -281,6 +353,11 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, config: TrainConfig | Non
         raise TrainingError(f"checkpoint {directory} does not fit this optimiser ({e}); start without --resume") from None
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
+    if average is not None:
+        if not (directory / "ema.safetensors").is_file():
+            raise TrainingError(f"checkpoint {directory} has no weight average (it was trained without --ema); "
+                                "give the same values, or start without --resume")
+        average.restore(load_tensors(directory / "ema.safetensors")[0])
     return int(state["step"])
 
 
@@ -414,6 +491,7 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     rank, world = accelerator.process_index, accelerator.num_processes
 
     _check_keep_best(task, config)
+    average = _weight_average(task, config)
     n = task.num_examples()
     if n == 0:
         raise TrainingError("no training examples")
@@ -424,11 +502,13 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
     if world > 1:
         _synchronise_batch_norm(task.model, accelerator)
     scaler = accelerator.scaler  # fp16 only
-    start = load_checkpoint(ckpt_root, task.model, optimizer, config, scaler) if resume else 0
+    start = load_checkpoint(ckpt_root, task.model, optimizer, config, scaler, average) if resume else 0
     if not resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)
     accelerator.wait_for_everyone()
     model, optimizer = accelerator.prepare(_TaskLoss(task), optimizer)
+    if average is not None:
+        average.follow_weights()
     log_path = out_dir / "train_log.jsonl" if accelerator.is_main_process else os.devnull
 
     bar = tqdm(total=total, initial=start, disable=not progress or not accelerator.is_main_process,
@@ -474,27 +554,34 @@ def fit(task: Task, config: TrainConfig, out_dir, resume: bool = False, progress
                 continue
             bad_in_a_row = 0
             task.after_step(task.model)
+            if average is not None:
+                average.update()
             loss_value = accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item()
             seen += len(indices)
             done = step + 1
             record = {"step": done, "loss": round(loss_value, 5), "lr": group["lr"], **logs}
             if (config.validate_every and done % config.validate_every == 0 and done < total
                     and accelerator.is_main_process):
-                record.update(_validate(task, task.model))
-                if config.keep_best:
-                    unscored = _keep_if_best_validated(task, ckpt_root, done, record, unscored)
+                with average.swapped_in() if average is not None else nullcontext():
+                    record.update(_validate(task, task.model))
+                    if config.keep_best:
+                        unscored = _keep_if_best_validated(task, ckpt_root, done, record, unscored)
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
             bar.update(1)
             if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == total):
                 log.flush()
-                save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints, scaler)
+                save_checkpoint(ckpt_root, done, task.model, optimizer, config, config.keep_checkpoints, scaler,
+                                average)
     bar.close()
     seconds = time.time() - t0
     metrics = {}
+    if average is not None:
+        average.copy_to_model()  # training is over: the average is the model
     if accelerator.is_main_process:
         summary = {"train_steps": total, "train_seconds": round(seconds, 1), "final_loss": loss_value,
-                   "skipped_steps": skipped, "fp16_overflow_steps": overflows}
+                   "skipped_steps": skipped, "fp16_overflow_steps": overflows,
+                   **({"ema_decay": config.ema} if average is not None else {})}
         task.save(task.model, out_dir, summary)  # first: the model never waits on its validation
         metrics = {**_validate(task, task.model, "describe", "description"), **_validate(task, task.model)}
         if config.keep_best:
