@@ -244,8 +244,8 @@ class WeightAverage:
     def update(self) -> None:
         self.updates += 1
         rate = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in self.weights.items():
-            self.average[name].lerp_(p.detach().float(), rate)
+        # one fused call over every tensor (a kernel launch per tensor would add up on a GPU)
+        torch._foreach_lerp_(list(self.average.values()), [p.detach().float() for p in self.weights.values()], rate)
 
     @contextmanager
     def swapped_in(self):
