@@ -676,3 +676,48 @@ def test_the_readme_keep_best_table_is_the_benchmark_json_and_what_it_says_holds
     late = [v for step, v in surer["viecap, seed 0"]["val_CIDEr"].items() if int(step) >= 300]
     assert (f"{100 * min(late):.1f}", f"{100 * max(late):.1f}") == ("172.5", "184.5")
     assert "(seed 0: 172.5 to 184.5)" in readme
+
+
+def test_the_readme_weight_average_table_is_the_benchmark_json_and_what_it_says_holds():
+    """README's table and sentences on `--ema` are weight_average.py's JSON beside keep_best.py's; every
+    averaged run trained the same raw weights as keep_best.py's (identical at the last step); each kept step
+    is the first best of its recorded val curve; and the goals the sentence counts are recomputed."""
+    bench = benchmark("weight_average")
+    result = json.loads((ROOT / "benchmarks" / "results" / "weight_average.json").read_text())
+    kept = json.loads((ROOT / "benchmarks" / "results" / "keep_best.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert bench.table(result, kept) in (ROOT / "README.md").read_text()
+    for said in (bench.sentence(result, kept), bench.spread_sentence(result, kept)):
+        assert " ".join(said.split()) in readme
+    rows = {name: row for name, row in result.items() if name != "recipe"}
+    assert sorted(rows) == sorted(f"{kind}, seed {s}" for kind in ("capdec", "viecap", "clipcap") for s in (0, 1, 2))
+    assert result["recipe"]["ema"] == bench.DECAY
+    for row in rows.values():
+        assert row["raw_weights_as_keep_best"] is True
+        curve = {int(step): score for step, score in row["val_CIDEr"].items()}
+        last, best = max(curve), max(curve.values())
+        assert row["kept_step"] == (last if curve[last] == best else min(s for s, v in curve.items() if v == best))
+    averaged = bench.as_keep_best(result)
+    fair = bench.goals(averaged, compositional_bar=bench.paired_kept(averaged))
+    for seed, met in fair.items():
+        viecap = rows[f"viecap, seed {seed}"]["kept"][bench.LOOP]
+        assert met == {"heldout": viecap["compositional"]["names_heldout_pair"] >= 600,
+                       "compositional": viecap["compositional"]["CIDEr"] >
+                       rows[f"clipcap, seed {seed}"]["kept"]["own"]["compositional"]["CIDEr"],
+                       "test": viecap["test"]["CIDEr"] >= rows[f"capdec, seed {seed}"]["kept"]["own"]["test"]["CIDEr"]}
+    # the curve's swings, by hand for one run: the mean absolute change between validations from step 300 on
+    late = [rows["viecap, seed 0"]["val_CIDEr"][str(step)] for step in range(300, 1801, 100)]
+    assert bench.curve_jitter(rows["viecap, seed 0"]) == pytest.approx(
+        100 * sum(abs(late[i + 1] - late[i]) for i in range(len(late) - 1)) / (len(late) - 1))
+    # what the paragraph after the sentences says
+    assert [s for s, g in fair.items() if all(g.values())] == []  # "the goals hold at no seed"
+    before = lambda name: kept["paired"][name]["own"] if name.startswith("clipcap") else kept[name]["kept"]["own"]
+    lower_test = [n for n, row in rows.items() if row["kept"]["own"]["test"]["CIDEr"] < before(n)["test"]["CIDEr"]]
+    assert len(lower_test) == 8  # "own captions lose test CIDEr at eight runs of nine"
+    for seed in (0, 1, 2):  # "viecap ... loses on both splits at every seed, with and without the loop"
+        name = f"viecap, seed {seed}"
+        for read in ("own", bench.LOOP):
+            for split in ("test", "compositional"):
+                assert rows[name]["kept"][read][split]["CIDEr"] < kept[name]["kept"][read][split]["CIDEr"]
+    assert ("own captions lose test CIDEr at eight runs of nine, and viecap, the decoder nearest the goals, loses on "
+            "both splits at every seed, with and without the loop") in readme
