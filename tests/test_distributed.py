@@ -49,7 +49,7 @@ def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
 def test_every_trainer_at_two_processes_gives_the_one_process_weights_with_an_uneven_batch(
         tmp_path, scenes_dir, embedder_dir):
     """CLIP, CoCa (both objectives, and captioning only, whose contrastive head gets no gradient),
-    clipcap, capdec, decap and the LM, each on a global batch of 33 rows (17 + 16 on two processes):
+    clipcap, capdec (saving a moving average of its weights, --ema), decap and the LM, each on a global batch of 33 rows (17 + 16 on two processes):
     the same losses, step by step, and the same weights."""
     coca_arch = json.dumps({"image_size": 32, "embed_dim": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
                             "text_layers": 1, "decoder_layers": 1, "image_tokens": 4, "context_length": 16})
@@ -67,7 +67,7 @@ def test_every_trainer_at_two_processes_gives_the_one_process_weights_with_an_un
                     ["train", "coca", "--data", str(scenes_dir), "--arch", coca_arch],
                     ["train", "coca", "--data", str(scenes_dir), "--init", str(init)],
                     ["train", "clipcap", *prefix],
-                    ["train", "capdec", *prefix],
+                    ["train", "capdec", *prefix, "--ema", "0.5"],  # saves its weight average: the same too
                     ["train", "decap", *prefix, "--projection-size", "40"],
                     ["train", "lm", "--data", str(scenes_dir), "--tokenizer", "corpus:64", "--lm-config", NO_DROPOUT_LM]]
         commands = [[*c, "--out", str(run / out), *steps] for c, out in zip(commands, outs)]
