@@ -496,8 +496,10 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
     section = (root / "README.md").read_text().split("## Closing the loop")[1].split("\n## ")[0]
     tables = [t for t in section.split("\n\n") if t.startswith("| ")]
     assert [t.split(" |")[0] for t in tables] == ["| decoder", "| decoder", "| world, decoder",
-                                                  "| decoder, 1,800 steps", "| inversion", "| world: decoder"]
-    tables = [tables[0], tables[4]]  # the repeats, rerank choice, keep-best and margin tables have their own tests
+                                                  "| decoder, 1,800 steps", "| decoder, 1,800 steps", "| inversion",
+                                                  "| world: decoder"]
+    tables = [tables[0], tables[5]]  # the repeats, rerank choice, keep-best, weight-average and margin tables have
+    # their own tests
     for table, measured, columns, least in ((tables[0], captioned, slice(2, 5), 10), (tables[1], inverted, slice(2, 6), 4)):
         rows = [line.split("|")[columns] for line in table.splitlines()[2:]]
         assert len(rows) >= least
