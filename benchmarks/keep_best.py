@@ -203,6 +203,12 @@ def met_at(goals_by_seed: dict) -> str:
     return f"{len(seeds)} of {len(goals_by_seed)} seeds ({', '.join(seeds) or 'none'})"
 
 
+def missed(goals_by_seed: dict) -> str:
+    """"seed s: goal, goal; ...": the goals missed at each seed that misses one."""
+    return "; ".join(f"seed {seed}: {', '.join(k for k, ok in g.items() if not ok)}"
+                     for seed, g in goals_by_seed.items() if not all(g.values()))
+
+
 def mean_of(result: dict, kind: str, pick) -> str:
     """The mean test / compositional CIDEr (x100) over the seeds of `kind`, each (test, comp) from pick(name, row)."""
     pairs = [pick(name, row) for name, row in runs_in(result) if name.startswith(kind)]
@@ -217,8 +223,6 @@ def sentence(result: dict) -> str:
     means = {kind: (mean_of(result, kind, lambda n, r: earlier[n]["0.05"]),
                     mean_of(result, kind, lambda n, r: ciders(r["last"][LOOP])),
                     mean_of(result, kind, lambda n, r: ciders(r["kept"][LOOP]))) for kind in ("capdec", "viecap")}
-    missed = lambda by_seed: "; ".join(f"seed {seed}: {', '.join(k for k, ok in g.items() if not ok)}"
-                                       for seed, g in by_seed.items() if not all(g.values()))
     same_way, before = goals(result), goals(result, capdec_600)
     clipcaps = [result["paired"][f"clipcap, seed {seed}"] for seed in SEEDS]
     kept_paired = ", ".join(str(c["kept_step"]) for c in clipcaps)
