@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from entity_scenes import pairs_in_images
-from loop_scenes import BUNDLE, BUNDLE_RECIPE, SEEDS, caption_scores, eval_splits, run_dir, unembed, write
-from rerank_choice import RESULTS, SPLITS, as_trained_today, ciders
+from keep_best import split_scores
+from loop_scenes import BUNDLE, BUNDLE_RECIPE, SEEDS, eval_splits, run_dir, unembed, write
+from rerank_choice import RESULTS, as_trained_today, ciders
 
 LR = "5e-4"
 STEPS = 600  # the bundle's
@@ -46,8 +47,7 @@ def main() -> None:
         row = {}
         for rate, path in (("1e-3", run_dir(loop, f"capdec, seed {seed}")), (LR, lowered)):
             decoder = as_trained_today(path, embedder)
-            row[rate] = {split: caption_scores(decoder, embedder, *splits[split],
-                                               in_image if split == "compositional" else None) for split in SPLITS}
+            row[rate] = split_scores(decoder, embedder, splits, in_image)
         result[name] = row
         print(name, {rate: ciders(scores) for rate, scores in row.items()}, flush=True)
         write(str(out), result)

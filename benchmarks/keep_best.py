@@ -90,12 +90,16 @@ def same_weights(run: Path, last: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def split_scores(decoder, embedder, splits: dict, in_image: dict, **options) -> dict:
+    """split -> caption_scores of `decoder` (its generation `options`) on the test and compositional images."""
+    return {split: caption_scores(decoder, embedder, *splits[split], in_image if split == "compositional" else None,
+                                  **options) for split in SPLITS}
+
+
 def measured(path: Path, embedder, splits: dict, in_image: dict) -> dict:
     """row -> split -> caption_scores of the decoder at `path`, as unembed trains it today."""
     decoder = as_trained_today(path, embedder)
-    return {row: {split: caption_scores(decoder, embedder, *splits[split],
-                                        in_image if split == "compositional" else None, **options)
-                  for split in SPLITS} for row, options in ROWS.items()}
+    return {row: split_scores(decoder, embedder, splits, in_image, **options) for row, options in ROWS.items()}
 
 
 def measure(work: Path, loop: Path, result: dict, save) -> None:
@@ -136,9 +140,7 @@ def measure_paired(work: Path, data: Path, embedder, splits: dict, in_image: dic
         train("clipcap", [], seed, out, data)
         if "own" not in into.get(name, {}):
             decoder = load_decoder(out, device="cpu", embedder=embedder)
-            into[name] = {**choice(out), "own": {split: caption_scores(decoder, embedder, *splits[split],
-                                                                   in_image if split == "compositional" else None)
-                                             for split in SPLITS}}
+            into[name] = {**choice(out), "own": split_scores(decoder, embedder, splits, in_image)}
             print(name, into[name]["kept_step"], ciders(into[name]["own"]), flush=True)
             save()
 
@@ -176,13 +178,13 @@ def capdec_600(seed: int) -> float:
     return rows[f"capdec, seed {seed}"]["test"]["base, no repeat 0"]["CIDEr"]
 
 
-def goals(result: dict, test_bar=None, compositional_bar=None) -> dict:
+def goals(result: dict, test_bar=None, compositional_bar=None, seeds=SEEDS) -> dict:
     """seed -> viecap's kept step with `--rerank 32 --edits 1` against issue 27's three bars: at least 600
     held-out pairs, compositional CIDEr above `compositional_bar(seed)` (by default the bundle's paired
     ClipCap's), test CIDEr at least `test_bar(seed)` (by default the same seed's capdec trained the same
-    way: its own captions, the step it kept)."""
+    way: its own captions, the step it kept), at each of `seeds`."""
     out = {}
-    for seed in SEEDS:
+    for seed in seeds:
         viecap = result[f"viecap, seed {seed}"]["kept"][LOOP]
         bar = test_bar(seed) if test_bar else result[f"capdec, seed {seed}"]["kept"]["own"]["test"]["CIDEr"]
         out[seed] = {"heldout": viecap["compositional"]["names_heldout_pair"] >= 600,

@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from keep_best import LOOP, met_at, missed, paired_kept
+from keep_best import LOOP, goals, met_at, missed, paired_kept
 from loop_scenes import write
-from rerank_choice import RESULTS, ciders, mean_pair
-from weight_average import as_keep_best, measure, table
+from rerank_choice import RESULTS, mean_pair
+from weight_average import as_keep_best, kept_ciders, measure, table
 
 LR = "5e-4"
 
@@ -34,10 +34,8 @@ def sentence(result: dict, kept: dict) -> str:
     bars trained the same way (paired ClipCap and capdec at the same rate, kept on val)."""
     seeds, lowered = seeds_in(result), as_keep_best(result)
     steps = lambda kind: ", ".join(str(result[f"{kind}, seed {s}"]["kept_step"]) for s in seeds)
-    judged = lambda rows, kind, read: mean_pair([ciders((rows["paired"][f"clipcap, seed {s}"]["own"]
-                                                         if kind == "clipcap" else rows[f"{kind}, seed {s}"]["kept"][read]))
-                                                 for s in seeds])
-    fair = {s: _goals_at(lowered, s) for s in seeds}
+    judged = lambda rows, kind, read: mean_pair(kept_ciders(rows, kind, read, seeds))
+    fair = goals(lowered, compositional_bar=paired_kept(lowered), seeds=seeds)
     return (f"At lr {LR} the runs keep steps {steps('viecap')} (viecap), {steps('clipcap')} (ClipCap) and "
             f"{steps('capdec')} (capdec) at seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}. Mean test / compositional CIDEr there, "
             f"at lr {LR} and at 1e-3: viecap with `--rerank 32 --edits 1` {judged(lowered, 'viecap', LOOP)} and "
@@ -45,14 +43,6 @@ def sentence(result: dict, kept: dict) -> str:
             f"{judged(kept, 'capdec', 'own')}; paired ClipCap's {judged(lowered, 'clipcap', 'own')} and "
             f"{judged(kept, 'clipcap', 'own')}. Against bars trained the same way, the kept viecap meets all three "
             f"goals at {met_at(fair)} (missed: {missed(fair) or 'nothing'}).")
-
-
-def _goals_at(rows: dict, seed: int) -> dict:
-    """keep_best.goals against bars trained the same way, for one seed (goals() reads all three)."""
-    viecap = rows[f"viecap, seed {seed}"]["kept"][LOOP]
-    return {"heldout": viecap["compositional"]["names_heldout_pair"] >= 600,
-            "compositional": viecap["compositional"]["CIDEr"] > paired_kept(rows)(seed),
-            "test": viecap["test"]["CIDEr"] >= rows[f"capdec, seed {seed}"]["kept"]["own"]["test"]["CIDEr"]}
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import keep_best
 from entity_scenes import pairs_in_images
-from keep_best import LOOP, SEEDS, VIECAP_OPTIONS, choice, goals, measured, met_at, missed, paired_kept
-from loop_scenes import caption_scores, eval_splits, write
-from rerank_choice import RESULTS, SPLITS, ciders, mean_pair
+from keep_best import LOOP, SEEDS, VIECAP_OPTIONS, choice, goals, measured, met_at, missed, paired_kept, split_scores
+from loop_scenes import eval_splits, write
+from rerank_choice import RESULTS, ciders, mean_pair
 
 DECAY = 0.999
 KINDS = {"viecap": VIECAP_OPTIONS, "clipcap": [], "capdec": []}  # kind -> its options (keep_best.py's)
@@ -57,10 +57,7 @@ def measure(work: Path, loop: Path, result: dict, save, flags: list, unaveraged:
             continue
         keep_best.train(kind, [*options, *flags], seed, out, data)
         if kind == "clipcap":  # read as the bar was: its own captions, its own settings
-            decoder = load_decoder(out, device="cpu", embedder=embedder)
-            kept = {"own": {split: caption_scores(decoder, embedder, *splits[split],
-                                                  in_image if split == "compositional" else None)
-                            for split in SPLITS}}
+            kept = {"own": split_scores(load_decoder(out, device="cpu", embedder=embedder), embedder, splits, in_image)}
         else:
             kept = measured(out, embedder, splits, in_image)
         result[name] = {**choice(out), "kept": kept}
@@ -99,18 +96,23 @@ def table(result: dict, kept: dict, label: str = "average") -> str:
     return "\n".join(lines)
 
 
+def kept_ciders(rows: dict, kind: str, read: str, seeds=SEEDS) -> list:
+    """(test, compositional) CIDEr of `kind`'s kept step read as `read` at each of `seeds`, from rows in
+    keep_best.json's shape (paired ClipCap under "paired", its own captions)."""
+    return [ciders(rows["paired"][f"clipcap, seed {s}"]["own"] if kind == "clipcap"
+                   else rows[f"{kind}, seed {s}"]["kept"][read]) for s in seeds]
+
+
 def sentence(result: dict, kept: dict) -> str:
     """The README's account: means over seeds without and with the average, and the goals against bars
     trained the same way (paired ClipCap and capdec with the average, kept on val)."""
     averaged = as_keep_best(result)
-    judged = lambda rows, kind: [ciders(rows[f"{kind}, seed {s}"]["kept"][LOOP if kind != "clipcap" else "own"])
-                                 for s in SEEDS]
-    clipcap = lambda rows: [ciders(rows["paired"][f"clipcap, seed {s}"]["own"]) for s in SEEDS]
+    judged = lambda rows, kind: kept_ciders(rows, kind, LOOP if kind != "clipcap" else "own")
     fair = goals(averaged, compositional_bar=paired_kept(averaged))
     return (f"Mean test / compositional CIDEr over three seeds, kept step without and with `--ema {DECAY}`: "
             f"capdec (`--rerank 32 --edits 1`) {mean_pair(judged(kept, 'capdec'))} and {mean_pair(judged(averaged, 'capdec'))}; "
             f"viecap (same) {mean_pair(judged(kept, 'viecap'))} and {mean_pair(judged(averaged, 'viecap'))}; paired ClipCap "
-            f"(own captions) {mean_pair(clipcap(kept))} and {mean_pair(clipcap(averaged))}. With the average everywhere, the "
+            f"(own captions) {mean_pair(judged(kept, 'clipcap'))} and {mean_pair(judged(averaged, 'clipcap'))}. With the average everywhere, the "
             f"kept viecap meets all three goals at {met_at(fair)} (missed: {missed(fair) or 'nothing'}); without it, at "
             f"{met_at(goals(kept, compositional_bar=paired_kept(kept)))}.")
 
