@@ -83,7 +83,7 @@ def test_bad_configs_are_refused_before_weights_load(retrieval_dir, tmp_path):
 # with the embedder's own towers). The CLI, compare and the trainers act on these declarations.
 NEEDS = {"retrieval": (False, True, False), "clipcap": (False, False, False), "capdec": (False, True, False),
          "decap": (False, True, False), "viecap": (False, True, False), "iterative": (False, True, True),
-         "coca": (True, False, True), "corrector": (False, True, True)}
+         "coca": (True, False, True), "corrector": (False, True, True), "ensemble": (False, False, True)}
 
 
 @pytest.mark.parametrize("kind", list_decoders())

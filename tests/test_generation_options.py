@@ -40,8 +40,9 @@ def test_every_kind_declares_only_known_options():
 BUNDLED = manifest()["decoders"]  # the kinds the library, the CLI and serve reach by name with no files
 
 
-def test_every_kind_is_bundled_but_the_corrector():
-    assert sorted(BUNDLED) == sorted(k for k in list_decoders() if k != "corrector")  # a corrector is trained
+def test_every_kind_is_bundled_but_those_made_of_others():
+    # a corrector is trained over a base decoder, an ensemble is built from members: both made by the user
+    assert sorted(BUNDLED) == sorted(k for k in list_decoders() if k not in ("corrector", "ensemble"))
     line = "option k: the corrector decoder does not take it (it takes correct, num_beams, max_length, margin, edits, rerank)"
     with pytest.raises(BadInputError) as e:
         decoder_class("corrector").check_generation({"k": 1})

@@ -175,8 +175,10 @@ def test_loop_commands_rerank_correct_and_invert(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     result = run_in_one_process(commands("loop"), tmp_path, small)
     captions = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"file"')]
-    assert len(captions) == 5 * len(list((ROOT / "examples").glob("*.png")))
-    assert {c["decoder"] for c in captions} == {"capdec", "corrector", "viecap"}
+    assert len(captions) == 6 * len(list((ROOT / "examples").glob("*.png")))
+    assert {c["decoder"] for c in captions} == {"capdec", "corrector", "viecap", "ensemble"}
+    assert json.loads((tmp_path / "text-only" / "config.json").read_text())["config"]["member_kinds"] == [
+        "capdec", "viecap"]
     assert (tmp_path / "corrector" / "base" / "config.json").is_file()
     assert result.stdout.count("| exact match | BLEU-4 | cosine | embedder calls / caption |") == 2
     saved = [json.loads((tmp_path / name / "config.json").read_text())["config"] for name in ("inverter", "inverter-more")]

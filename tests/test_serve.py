@@ -57,13 +57,13 @@ def serve_process(options: list[str], cwd, env):
 class Server:
     """uvicorn serving create_app(config) in a thread, on a free loopback port."""
 
-    def __init__(self, **options):
+    def __init__(self, decoders=tuple(DECODERS), **options):
         import uvicorn
 
         from unembed.serve import ServeConfig, create_app
 
         self.config = ServeConfig(port=free_port(), device="cpu", **options)
-        self.app = create_app(self.config, decoders=DECODERS)
+        self.app = create_app(self.config, decoders=list(decoders))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.config.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

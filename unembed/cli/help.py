@@ -59,6 +59,9 @@ EXAMPLES = {
     "train viecap": ["unembed train viecap --data scenes --embedder models/scenes-clip --out models/viecap"],
     "build retrieval": ["unembed build retrieval --captions captions.txt --embedder bundle --out models/retrieval"],
     "build iterative": ["unembed build iterative --embedder ViT-B-32:openai --lm gpt2 --out models/magic"],
+    "build ensemble": ["unembed build ensemble --member models/viecap-seed-0 --member models/viecap-seed-1 "
+                       "--member models/viecap-seed-2 --out models/viecaps",
+                       "unembed build ensemble --member capdec --member viecap --out models/text-only"],
     "build coca": ["unembed build coca --embedder coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k --out models/coca"],
     "import": ["unembed import clipcap coco_weights.pt --out models/clipcap-coco",
                "unembed import decap decap_coco.pt --memory captions.txt --out models/decap-coco"],

@@ -177,6 +177,22 @@ def cmd_build_coca(args) -> int:
     return EXIT_OK
 
 
+def cmd_build_ensemble(args) -> int:
+    from unembed.decoders import find_decoder, load_decoder, read_decoder_config, resolve_embedder_spec
+    from unembed.decoders.ensemble import EnsembleDecoder, check_member_count
+    from unembed.embedders import load_embedder
+
+    check_out(args)
+    check_member_count(len(args.member))
+    paths = [find_decoder(name)[0] for name in args.member]  # every name read before a model loads
+    first = read_decoder_config(paths[0])
+    embedder = load_embedder(args.embedder or resolve_embedder_spec(first["config"], paths[0]), args.device)
+    decoder = EnsembleDecoder.build([load_decoder(path, device=args.device, embedder=embedder) for path in paths])
+    decoder.save(args.out)
+    log(f"ensemble of {len(paths)} decoders ({', '.join(decoder.config.member_kinds)}) saved to {args.out}")
+    return EXIT_OK
+
+
 def _note_renamed(args) -> None:
     if args.command == "train":
         log(f"note: `unembed train {args.what}` is now `unembed {RENAMED[args.what]}` (it trains nothing); "
@@ -306,6 +322,14 @@ def register(sub, decoders: bool = True) -> None:
     build = p.add_subparsers(dest="what", required=True)
     _add_retrieval(build.add_parser("retrieval", help="the nearest-caption baseline from a caption corpus"))
     _add_iterative(build.add_parser("iterative", help="package an LM and an embedder as a training-free MAGIC decoder"))
+    p = build.add_parser("ensemble", help="several decoders of one embedder as one: each writes candidates, the "
+                         "embedder picks (with --rerank N, N from each)")
+    p.add_argument("--member", required=True, action="append", metavar="DECODER",
+                   help="a decoder directory or name; give it once per member, at least twice")
+    p.add_argument("--embedder", help="default: the one the first member was built for")
+    add_out_option(p)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_build_ensemble)
     p = build.add_parser("coca", help="a decoder over a pretrained open_clip CoCa, e.g. "
                          "coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k")
     p.add_argument("--embedder", required=True, help="the CoCa: an open_clip spec, hf-hub:ORG/NAME or a directory")

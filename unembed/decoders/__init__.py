@@ -22,6 +22,7 @@ BUILTIN_DECODERS = {
     "iterative": "unembed.decoders.iterative",
     "coca": "unembed.decoders.coca",
     "corrector": "unembed.decoders.corrector",
+    "ensemble": "unembed.decoders.ensemble",
 }
 
 

@@ -275,8 +275,8 @@ class PrefixDecoder(LMWeights, Decoder):
     def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
         """n beams (num_beams raised to n) or n samples per row, each with its mean token log-probability
         (beam search's own score, at length penalty 1)."""
-        out = self.generate(embedded, options, n)
-        if options.get("do_sample"):
+        out = self.generate(embedded, options, n, scored=True)
+        if options.get("do_sample") or getattr(out, "sequences_scores", None) is None:  # sampled, or greedy
             steps = self.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
             kept = torch.isfinite(steps) & (steps != 0)  # transformers scores finished rows' padding 0
             scores = (steps.masked_fill(~kept, 0).sum(-1) / kept.sum(-1).clamp(min=1)).tolist()
@@ -285,16 +285,18 @@ class PrefixDecoder(LMWeights, Decoder):
         texts = [self.text_of(row) for row in out.sequences]
         return [list(zip(texts[i:i + n], scores[i:i + n])) for i in range(0, len(texts), n)]
 
-    def generate(self, embedded, options: dict, n: int = 1):
+    def generate(self, embedded, options: dict, n: int = 1, scored: bool = False):
         """The LM's `generate` over the prefix of each row (options checked): token ids [N * n, L]
-        (n > 1: n beams or samples per row, row-major, with their scores as `generate` returns them)."""
+        (n > 1 or `scored`: n beams or samples per row, row-major, with their scores as `generate`
+        returns them)."""
         self.eval()
         # Raw as the embedder made them for a decoder that feeds them raw (ClipCap's release), else unit length.
         raw = embedded.unit() if self.config.normalize else embedded.vectors.float()
         vectors = self.bridge.for_inference(raw, "text" if embedded.modality == "text" else "image")
-        return self.generate_from(vectors, self.text_prompts(embedded, vectors, options), options, n)
+        return self.generate_from(vectors, self.text_prompts(embedded, vectors, options), options, n, scored)
 
-    def generate_from(self, vectors: torch.Tensor, prompts: list[list[int]] | None, options: dict, n: int = 1):
+    def generate_from(self, vectors: torch.Tensor, prompts: list[list[int]] | None, options: dict, n: int = 1,
+                      scored: bool = False):
         """`generate` from bridged vectors [N, D] and each row's prompt token ids (None: no prompt)."""
         seed = options.get("seed")
         inputs, attention = self.lm_inputs(self.prefix(vectors), prompts)
@@ -316,7 +318,7 @@ class PrefixDecoder(LMWeights, Decoder):
 
             settings.update(logits_processor=import_transformers().LogitsProcessorList([NoRepeatNGram(no_repeat)]))
         settings.update(no_repeat_ngram_size=0)  # transformers' own: off even if the LM's generation config sets it
-        if n > 1:
+        if n > 1 or scored:
             settings.update(num_return_sequences=n, output_scores=True, return_dict_in_generate=True)
         if inputs.shape[1] == 1:
             # transformers takes "as many cache positions as inputs_embeds" to mean the first step, so a
