@@ -3,10 +3,13 @@ scored, timed and reported; a broken decoder is one failed row, not a failed com
 import json
 import shutil
 
+import pytest
+
 from unembed.cli import EXIT_OK, EXIT_PARTIAL, main
 from unembed.data.splits import CACHE_DIR, load_split
 from unembed.embedders import Embedder
 from unembed.compare import parse_decoders
+from unembed.errors import BadInputError
 
 
 def test_compare_trains_captions_scores_and_reports_every_decoder(compare_dir, scenes_dir, embedder_dir, capsys):
@@ -57,7 +60,11 @@ def test_decoder_list_names_kinds_or_directories(tmp_path, retrieval_dir, scenes
     entries = parse_decoders(f"clipcap, mine={retrieval_dir}", tmp_path)
     assert [(e.name, e.kind, e.given) for e in entries] == [("clipcap", "clipcap", False), ("mine", "retrieval", True)]
     assert entries[0].path == tmp_path / "clipcap"
-    for bad in ("nonsense", "clipcap,clipcap"):
+    for kind in ("ensemble", "corrector"):
+        with pytest.raises(BadInputError) as caught:
+            parse_decoders(f"clipcap,{kind}", tmp_path)
+        assert str(caught.value).startswith(f"{kind}: a {kind} decoder is made from other decoders (unembed ")
+    for bad in ("nonsense", "clipcap,clipcap", "mine=ensemble"):
         assert main(["compare", "--data", str(scenes_dir), "--decoders", bad, "--out", str(tmp_path / "x")]) == 2
         assert not (tmp_path / "x").exists()  # refused before any work
 

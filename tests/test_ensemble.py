@@ -191,3 +191,13 @@ def test_an_ensemble_of_the_bundled_text_only_decoders_names_no_folder_of_this_m
     shutil.move(out, moved)
     captions = cli_captions(moved, files[:2], "--rerank", "4")
     assert len(captions) == 2 and all(captions)
+
+
+def test_compare_reads_an_ensemble_beside_its_members(ensemble, members, scenes_dir, embedder_dir, tmp_path):
+    out = tmp_path / "compare"
+    got = run("compare", "--data", scenes_dir, "--decoders", f"both={ensemble},first={members[0]}", "--embedder",
+              embedder_dir, "--out", out, "--no-spice", "--no-meteor", "--no-gap", "--max-images", "4",
+              "--device", "cpu")
+    assert got.code == EXIT_OK, got.stderr
+    rows = {d["name"]: d for d in json.loads((out / "compare.json").read_text())["decoders"]}
+    assert rows["both"]["kind"] == "ensemble" and rows["both"]["error"] is None and rows["first"]["error"] is None

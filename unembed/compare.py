@@ -65,16 +65,27 @@ def parse_decoders(spec: str, models_dir: Path) -> list[Entry]:
         if not path and Path(name).is_dir():
             name, path = Path(name).name, name
         if path in list_decoders() and not Path(path).is_dir():
-            entries.append(Entry(name, path, models_dir / name, False))
+            entries.append(Entry(name, trained_here(item, path), models_dir / name, False))
         elif path:
             entries.append(Entry(name, read_decoder_config(path)["kind"], Path(path), True))
         elif name in list_decoders():
-            entries.append(Entry(name, name, models_dir / name, False))
+            entries.append(Entry(name, trained_here(item, name), models_dir / name, False))
         else:
             raise BadInputError(item, f"is neither a decoder kind ({', '.join(list_decoders())}) nor a decoder directory")
     if len({e.name for e in entries}) < len(entries):
         raise BadInputError(spec, "names a decoder twice")
     return entries
+
+
+def trained_here(item: str, kind: str) -> str:
+    """`kind`, if compare trains it (train_job): not one made over other saved decoders."""
+    from unembed.decoders import decoder_class
+
+    if decoder_class(kind).wraps_base or kind == "ensemble":
+        how = f"unembed train {kind} --base DIR" if kind != "ensemble" else "unembed build ensemble --member DIR ..."
+        raise BadInputError(item, f"a {kind} decoder is made from other decoders ({how}), not trained by compare: "
+                                  "give its directory (NAME=DIR)")
+    return kind
 
 
 def recipe(name: str, kind: str, overrides: dict, max_steps: int | None) -> dict:
