@@ -82,7 +82,8 @@ def test_rerank_picks_what_the_embedder_and_the_decoder_agree_on(kind, embedder,
     decoder.attach_embedder(own)
     embedded = images(scenes_dir, own, cls.needs_tokens)
     candidates = decoder.candidates(embedded, 3)
-    assert len(candidates) == 3 and all(1 <= len(row) <= 3 for row in candidates)
+    most = 3 * len(decoder.members) if kind == "ensemble" else 3  # an ensemble: 3 from each member
+    assert len(candidates) == 3 and all(1 <= len(row) <= most for row in candidates)
     scores = [s for row in candidates for _, s in row]
     assert all(isinstance(s, float) for s in scores)
     for weight in (0.0, 0.05, 100.0):
@@ -497,9 +498,10 @@ def test_the_readme_loop_tables_are_the_benchmark_json():
     tables = [t for t in section.split("\n\n") if t.startswith("| ")]
     assert [t.split(" |")[0] for t in tables] == ["| decoder", "| decoder", "| world, decoder",
                                                   "| decoder, 1,800 steps", "| decoder, 1,800 steps",
-                                                  "| decoder, 1,800 steps", "| inversion", "| world: decoder"]
-    tables = [tables[0], tables[6]]  # the repeats, rerank choice, keep-best, weight-average, lower-lr and margin
-    # tables have their own tests
+                                                  "| decoder, 1,800 steps", "| ensemble of seeds 0-2", "| inversion",
+                                                  "| world: decoder"]
+    tables = [tables[0], tables[7]]  # the repeats, rerank choice, keep-best, weight-average, lower-lr, ensemble
+    # and margin tables have their own tests
     for table, measured, columns, least in ((tables[0], captioned, slice(2, 5), 10), (tables[1], inverted, slice(2, 6), 4)):
         rows = [line.split("|")[columns] for line in table.splitlines()[2:]]
         assert len(rows) >= least
@@ -769,3 +771,42 @@ def test_the_readme_lower_lr_table_is_the_benchmark_json_and_what_it_says_holds(
     assert ("capdec's own captions gain compositional CIDEr at every seed (+7.3 to +12.0) and name the held-out "
             "pair in 105 to 145 more captions, at level test CIDEr, and paired ClipCap gains 0.9 to 4.8") in readme
     assert "(its own captions: -22.1 to +0.7 compositional CIDEr)" in readme
+
+
+def test_the_readme_ensemble_table_is_the_benchmark_json_and_what_it_says_holds():
+    """README's table and sentences on ensembles are ensemble_scenes.py's JSON beside the members' own rows
+    (keep_best.json, entity_merge_small.json); the goals the sentences count are recomputed from them."""
+    bench = benchmark("ensemble_scenes")
+    result = json.loads((ROOT / "benchmarks" / "results" / "ensemble_scenes.json").read_text())
+    kept = json.loads((ROOT / "benchmarks" / "results" / "keep_best.json").read_text())
+    small = json.loads((ROOT / "benchmarks" / "results" / "entity_merge_small.json").read_text())["seeds"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert bench.table(result) in (ROOT / "README.md").read_text()
+    for said in (bench.sentence(result), bench.small_sentence(result)):
+        assert " ".join(said.split()) in readme
+    assert sorted(result["main"]) == sorted(bench.MAIN_KINDS) and sorted(result["small"]) == sorted(bench.SMALL_KINDS)
+    loop, test, comp = "rerank 32, edits 1", "test", "compositional"
+    viecap = result["main"]["viecap"][loop]
+    cider = lambda scores, split: scores[split]["CIDEr"]
+    clipcaps = [kept["paired"][f"clipcap, seed {s}"]["own"] for s in (0, 1, 2)]
+    capdecs = [kept[f"capdec, seed {s}"]["kept"]["own"] for s in (0, 1, 2)]
+    heldout = viecap[comp]["names_heldout_pair"] >= 600
+    met = bench.goals(result)
+    assert met["main"]["each seed"] == {"heldout": heldout,
+                                        "compositional": cider(viecap, comp) > max(cider(c, comp) for c in clipcaps),
+                                        "test": cider(viecap, test) >= max(cider(c, test) for c in capdecs)}
+    assert met["main"]["alike"] == {"heldout": heldout,
+                                    "compositional": cider(viecap, comp) > cider(result["main"]["clipcap"]["own"], comp),
+                                    "test": cider(viecap, test) >= cider(result["main"]["capdec"]["own"], test)}
+    checked, capdec_small = result["small"]["viecap checked"][loop], result["small"]["capdec"]["own"]
+    assert met["small"]["alike"] == {split: cider(checked, split) >= cider(capdec_small, split) for split in (test, comp)}
+    assert met["small"]["each seed"] == {split: all(cider(checked, split) >= cider(small[f"seed {s}"]["capdec"], split)
+                                                    for s in (0, 1, 2)) for split in (test, comp)}
+    # what the paragraph after the table says
+    for world, rows in (("main", result["main"]), ("small", result["small"])):
+        for kind, row in rows.items():
+            for read in ("own", loop):
+                seeds = [m.get(read) for m in bench.members(world, kind)]
+                if all(seeds):  # "the ensemble beats its seeds' mean on both splits, every kind and reading"
+                    for split in (test, comp):
+                        assert cider(row[read], split) > sum(cider(s, split) for s in seeds) / 3, (world, kind, read)

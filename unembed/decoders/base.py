@@ -116,7 +116,8 @@ class Decoder(torch.nn.Module):
 
     def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
         """Per row, up to `n` (caption, score) pairs from the kind's own search, its score higher for a
-        caption it prefers (a length-normalised log-probability, for an LM). Reranking reads these."""
+        caption it prefers (a length-normalised log-probability, for an LM). Reranking reads these. (An
+        ensemble's search is its members': up to `n` from each.)"""
         raise NotImplementedError
 
     def embedder_for_rerank(self):
