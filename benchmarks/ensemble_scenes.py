@@ -9,6 +9,9 @@ make different mistakes, and the embedder can tell which caption of the pool lan
 - Small world (entity_merge_small.py's: 3,000 scenes, seed 7, a 5-epoch CLIP): its 600-step capdec (the
   bar) and viecap whose detector is checked on val, seeds 0, 1, 2.
 
+- The README's example: the bundled capdec and viecap as shipped, alone and as one ensemble, read as the
+  README reads them (own captions; `--rerank 8 --edits 1`) on the main world's images.
+
 Each kind's three seeds are made into one ensemble, as unembed trains them today
 (rerank_choice.as_trained_today), and read as its members were read: its own captions (each member's own,
 the embedder's pick) and `--rerank 32 --edits 1` (32 from each member, no-repeat 3, synonyms merged; edits
@@ -67,6 +70,35 @@ def measure(places: dict, result: dict, save) -> None:
                     row[name] = split_scores(ensemble, embedder, splits, in_image, **options)
                     print(world, kind, name, {s: row[name][s]["CIDEr"] for s in row[name]}, flush=True)
                     save()
+
+
+BUNDLED = ("capdec", "viecap")  # the README's example: the bundle's two entity-free and entity-aware text-only kinds
+README_READ = {"own": {}, "rerank 8, edits 1": {"rerank": 8, "edits": 1}}  # as the README's command reads it
+
+
+def measure_bundled(data: Path, result: dict, save) -> None:
+    """The README's `unembed build ensemble --member capdec --member viecap`: the bundled decoders as
+    shipped, alone and as one ensemble, each read as the README reads it, on the main world's images."""
+    from unembed.decoders import find_decoder, load_decoder
+    from unembed.decoders.ensemble import EnsembleDecoder
+    from unembed.embedders import BUNDLED as BUNDLE_EMBEDDER, load_embedder
+
+    rows = result.setdefault("bundled", {})
+    names = [*BUNDLED, " + ".join(BUNDLED)]
+    if all(read in rows.get(name, {}) for name in names for read in README_READ):
+        return
+    embedder = load_embedder(BUNDLE_EMBEDDER, "cpu")
+    splits = eval_splits(embedder, data, {"test": 1000, "compositional": 1000})
+    in_image = pairs_in_images(data / "compositional")
+    decoders = [load_decoder(find_decoder(name)[0], device="cpu", embedder=embedder) for name in BUNDLED]
+    decoders.append(EnsembleDecoder.build(decoders))
+    for name, decoder in zip(names, decoders):
+        row = rows.setdefault(name, {})
+        for read, options in README_READ.items():
+            if read not in row:
+                row[read] = split_scores(decoder, embedder, splits, in_image, **options)
+                print("bundled", name, read, {s: row[read][s]["CIDEr"] for s in row[read]}, flush=True)
+                save()
 
 
 def members(world: str, kind: str) -> list[dict]:
@@ -176,6 +208,17 @@ def small_sentence(result: dict) -> str:
             f"against the capdec ensemble it {verdict(met['alike'])}.")
 
 
+def bundled_sentence(result: dict) -> str:
+    """The README's account of its own example, the bundled capdec and viecap as one ensemble."""
+    rows = result["bundled"]
+    both = " + ".join(BUNDLED)
+    said = lambda read: "; ".join(f"{name} {pair(rows[name][read])} ({rows[name][read]['compositional']['names_heldout_pair']})"
+                                  for name in (both, *BUNDLED))
+    return (f"The README's example above, the bundle's capdec and viecap as one ensemble, read on the same main-world "
+            f"images (test / compositional CIDEr, held-out pairs): own captions {said('own')}; with `--rerank 8 "
+            f"--edits 1` {said('rerank 8, edits 1')}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-best", default="bench-run/keep-best", help="keep_best.py's --work")
@@ -188,10 +231,12 @@ def main() -> None:
     result["recipe"] = {"members": "seeds 0, 1, 2 of keep_best.py's kept decoders (main world) and of "
                         "entity_merge_small.py's (small world)", "read_with": ROWS}
     measure(worlds(Path(args.keep_best), Path(args.loop), Path(args.small)), result, lambda: write(str(out), result))
+    measure_bundled(Path(args.loop) / "scenes", result, lambda: write(str(out), result))
     print(table(result))
     print(sentence(result))
     if "small" in result:
         print(small_sentence(result))
+    print(bundled_sentence(result))
 
 
 if __name__ == "__main__":
