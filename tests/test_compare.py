@@ -63,7 +63,8 @@ def test_decoder_list_names_kinds_or_directories(tmp_path, retrieval_dir, scenes
     for kind in ("ensemble", "corrector"):
         with pytest.raises(BadInputError) as caught:
             parse_decoders(f"clipcap,{kind}", tmp_path)
-        assert str(caught.value).startswith(f"{kind}: a {kind} decoder is made from other decoders (unembed ")
+        article = "an" if kind == "ensemble" else "a"
+        assert str(caught.value).startswith(f"{kind}: {article} {kind} decoder is made from other decoders (unembed ")
     for bad in ("nonsense", "clipcap,clipcap", "mine=ensemble"):
         assert main(["compare", "--data", str(scenes_dir), "--decoders", bad, "--out", str(tmp_path / "x")]) == 2
         assert not (tmp_path / "x").exists()  # refused before any work

@@ -165,7 +165,7 @@ def test_bad_members_and_options_are_refused_in_one_line(ensemble, members, embe
         f"unembed: {damaged}/members/1 is missing: one of the ensemble's members"]
 
 
-def test_a_corrector_or_a_coca_is_no_member(embedder, scenes_dir, tmp_path):
+def test_a_corrector_or_candidates_on_another_scale_make_no_member(embedder, scenes_dir, retrieval_dir, tmp_path):
     from unembed.data.splits import split_captions
     from unembed.decoders import decoder_class
 
@@ -175,8 +175,40 @@ def test_a_corrector_or_a_coca_is_no_member(embedder, scenes_dir, tmp_path):
     with pytest.raises(BadInputError) as caught:
         EnsembleDecoder.build([capdec, corrector])
     assert str(caught.value) == ("corrector: an ensemble pools decoders of embedding vectors that write candidates, "
-                                 "and a corrector decoder is not one (members: retrieval, clipcap, capdec, decap, "
-                                 "viecap, iterative)")
+                                 "and a corrector decoder is not one")
+    # retrieval scores a cosine near 1, an LM a log-probability below 0: pooled as they are, one would
+    # decide every pick
+    retrieval = load_decoder(retrieval_dir, device="cpu", embedder=embedder)
+    with pytest.raises(BadInputError) as caught:
+        EnsembleDecoder.build([capdec, retrieval])
+    assert str(caught.value) == (f"{retrieval_dir}: a retrieval decoder scores its candidates by cosine with the "
+                                 "input, the first member (capdec) by mean token log-probability: an ensemble's "
+                                 "members score on one scale")
+
+
+def test_a_damaged_ensemble_is_refused_in_one_line_naming_what(ensemble, files, tmp_path):
+    def damaged(name, change):
+        copy = tmp_path / name
+        shutil.copytree(ensemble, copy)
+        change(copy)
+        got = run("caption", files[0], "--decoder", copy, "--device", "cpu")
+        assert got.code == EXIT_FAILED, got.stderr
+        return got.stderr.strip().splitlines(), copy
+
+    def config(copy, path, **values):
+        saved = json.loads((copy / path).read_text())
+        saved["config"].update(values) if "member_kinds" in values else saved.update(values)
+        (copy / path).write_text(json.dumps(saved))
+
+    for name, kinds in (("none", None), ("number", 5), ("one", ["capdec"]), ("numbers", [1, 2])):
+        lines, copy = damaged(name, lambda c: config(c, "config.json", member_kinds=kinds))
+        assert lines == [f"unembed: {copy}/config.json: an ensemble's member_kinds is a list of at least two "
+                         f"decoder kinds (got {kinds!r})"]
+    lines, copy = damaged("listed", lambda c: config(c, "config.json", member_kinds=["capdec", "viecap"]))
+    assert lines == [f"unembed: {copy}/members/1 is a capdec decoder, but the ensemble's config.json lists a viecap "
+                     "there"]
+    lines, copy = damaged("unknown", lambda c: config(c, "members/1/config.json", kind="nonesuch"))
+    assert len(lines) == 1 and lines[0].startswith(f"unembed: {copy}/members/1: unknown decoder kind 'nonesuch'")
 
 
 def test_an_ensemble_of_the_bundled_text_only_decoders_names_no_folder_of_this_machine(files, tmp_path):
@@ -187,6 +219,7 @@ def test_an_ensemble_of_the_bundled_text_only_decoders_names_no_folder_of_this_m
     assert got.code == EXIT_OK, got.stderr
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["embedder_spec"] == "bundle" and config["member_kinds"] == ["capdec", "viecap"]
+    assert "base_model" not in (out / "README.md").read_text()  # "bundle" is no hub repo
     moved = tmp_path / "elsewhere" / "text-only"
     shutil.move(out, moved)
     captions = cli_captions(moved, files[:2], "--rerank", "4")
@@ -201,3 +234,27 @@ def test_compare_reads_an_ensemble_beside_its_members(ensemble, members, scenes_
     assert got.code == EXIT_OK, got.stderr
     rows = {d["name"]: d for d in json.loads((out / "compare.json").read_text())["decoders"]}
     assert rows["both"]["kind"] == "ensemble" and rows["both"]["error"] is None and rows["first"]["error"] is None
+
+
+def test_the_embedder_given_or_a_relative_directory_is_saved_as_a_path_that_works_anywhere(members, embedder_dir,
+                                                                                          files, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(embedder_dir, tmp_path / "clip")
+    for name, options in (("given", ["--embedder", "clip"]), ("first", [])):
+        got = run("build", "ensemble", "--member", members[0], "--member", members[1], "--out", name, *options)
+        assert got.code == EXIT_OK, got.stderr
+    given = json.loads((tmp_path / "given" / "config.json").read_text())["config"]["embedder_spec"]
+    assert given == str((tmp_path / "clip").resolve())  # the directory named, absolute: captions from any cwd
+    first = json.loads((members[0] / "config.json").read_text())["config"]["embedder_spec"]
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["config"]["embedder_spec"] == first
+    monkeypatch.chdir(files[0].parent)
+    assert cli_captions(tmp_path / "given", files[:2]) == cli_captions(tmp_path / "first", files[:2])
+
+
+def test_overwrite_leaves_nothing_of_the_decoder_it_replaces(members, tmp_path):
+    out = tmp_path / "was-capdec"
+    shutil.copytree(members[0], out)
+    got = run("build", "ensemble", "--member", members[0], "--member", members[1], "--out", out, "--overwrite")
+    assert got.code == EXIT_OK, got.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "members", "substitutes.json"]

@@ -83,7 +83,8 @@ def trained_here(item: str, kind: str) -> str:
 
     if decoder_class(kind).wraps_base or kind == "ensemble":
         how = f"unembed train {kind} --base DIR" if kind != "ensemble" else "unembed build ensemble --member DIR ..."
-        raise BadInputError(item, f"a {kind} decoder is made from other decoders ({how}), not trained by compare: "
+        raise BadInputError(item, f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} decoder is made from other decoders "
+                                  f"({how}), not trained by compare: "
                                   "give its directory (NAME=DIR)")
     return kind
 

@@ -187,8 +187,9 @@ def cmd_build_ensemble(args) -> int:
     paths = [find_decoder(name)[0] for name in args.member]  # every name read before a model loads
     first = read_decoder_config(paths[0])
     embedder = load_embedder(args.embedder or resolve_embedder_spec(first["config"], paths[0]), args.device)
-    decoder = EnsembleDecoder.build([load_decoder(path, device=args.device, embedder=embedder) for path in paths])
-    decoder.save(args.out)
+    decoder = EnsembleDecoder.build([load_decoder(path, device=args.device, embedder=embedder) for path in paths],
+                                    embedder_spec=args.embedder)
+    decoder.save(args.out, replace=args.overwrite)  # --overwrite: nothing of the decoder it replaces stays
     log(f"ensemble of {len(paths)} decoders ({', '.join(decoder.config.member_kinds)}) saved to {args.out}")
     return EXIT_OK
 

@@ -54,6 +54,8 @@ class Decoder(torch.nn.Module):
     compare_recipe: ClassVar[dict] = {}          # `unembed compare`'s scenes-sized training options
     generation_options: ClassVar[tuple[str, ...]] = ()  # what decode(...) takes (unembed/generation.py)
     wraps_base: ClassVar[bool] = False           # trained over another decoder (the corrector), not by `train KIND`
+    candidate_score: ClassVar[str] = ""          # what `candidates` scores by ("": it writes none); an ensemble's
+                                                 # members must share it, since rerank adds the scores as they are
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -408,6 +410,7 @@ def model_card(decoder: "Decoder", metrics: dict) -> str:
 def _hub_id(name: str) -> str:
     """The hub repo id a model name refers to ("" for a local path or an open_clip tag)."""
     name = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
-    if not name or Path(name).exists() or name.startswith((".", "/")) or ":" in name or name.count("/") > 1:
+    if (not name or name == "bundle" or Path(name).exists() or name.startswith((".", "/")) or ":" in name
+            or name.count("/") > 1):  # "bundle": the shipped embedder's name (embedders.BUNDLED), no hub repo
         return ""
     return name

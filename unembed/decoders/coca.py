@@ -270,6 +270,7 @@ class CoCaDecoder(Decoder):
     config_class = CoCaConfig
     needs_tokens = True
     needs_embedder = True
+    candidate_score = "length-penalised beam score"
     generation_options = ("num_beams", "max_length", "min_length", "do_sample", "top_p", "temperature", "seed",
                           "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
     compare_recipe = {"arch": {"embed_dim": 64}, "max_steps": 300, "batch_size": 32, "warmup_steps": 30}

@@ -53,35 +53,24 @@ class EnsembleDecoder(Decoder):
         self.member_dirs: list[Path] = []
 
     @classmethod
-    def build(cls, members: list[Decoder]) -> "EnsembleDecoder":
-        """An ensemble of `members` (at least two, all built for one embedder); its embedder spec is the
-        first member's, its substitutes and edit margin the members' together (see the module doc)."""
-        from unembed.decoders.edits import OFF, margin_of
+    def build(cls, members: list[Decoder], embedder_spec: str | None = None) -> "EnsembleDecoder":
+        """An ensemble of `members` (at least two, all built for one embedder, their candidates scored on
+        one scale); its embedder spec is `embedder_spec` or the first member's, its substitutes and edit
+        margin the members' together (see the module doc)."""
         from unembed.decoders.base import resolve_embedder_spec
-        from unembed.embedders import same_embedder
+        from unembed.decoders.edits import OFF, margin_of
 
         check_member_count(len(members))
         first = members[0]
         for member in members:
-            name = getattr(member, "source_dir", member.kind)
-            if (type(member).candidates is Decoder.candidates or member.wraps_base or member.needs_tokens
-                    or isinstance(member, cls)):
-                # a corrector rewrites rather than writes candidates; coca reads image tokens, which the
-                # others' embedding pass does not make
-                raise BadInputError(name, f"an ensemble pools decoders of embedding vectors that write candidates, "
-                                          f"and a {member.kind} decoder is not one (members: retrieval, clipcap, "
-                                          "capdec, decap, viecap, iterative)")
-            if (member.config.embed_dim != first.config.embed_dim
-                    or not same_embedder(member.config.embedder_id, first.config.embedder_id)):
-                raise BadInputError(name, f"built for embedder {member.config.embedder_spec!r} (id "
-                                          f"{member.config.embedder_id}), not the first member's "
-                                          f"{first.config.embedder_spec!r} (id {first.config.embedder_id})")
+            check_member(member, first)
         where = getattr(first, "source_dir", None)
-        spec = portable_spec(resolve_embedder_spec(first.config.to_dict(), where) if where
-                             else first.config.embedder_spec)
+        spec = portable_spec(embedder_spec or (resolve_embedder_spec(first.config.to_dict(), where) if where
+                                               else first.config.embedder_spec))
         config = EnsembleConfig(embedder_spec=spec, embedder_id=first.config.embedder_id,
                                 embed_dim=first.config.embed_dim, member_kinds=[m.kind for m in members])
         ensemble = cls(config, members)
+        ensemble.device_anchor = ensemble.device_anchor.to(first.device_of())
         ensemble.substitutes = merged_substitutes([m.substitutes for m in members])
         margins = [margin_of(m.edit_margin_record) for m in members if m.edit_margin_record]
         if margins:
@@ -101,8 +90,19 @@ class EnsembleDecoder(Decoder):
         if not len(self.members) and self.member_dirs:
             from unembed.decoders import load_decoder
 
-            self.members.extend(load_decoder(d, device=str(self.device_of()), embedder=embedder)
-                                for d in self.member_dirs)
+            for directory, kind in zip(self.member_dirs, self.config.member_kinds):
+                try:
+                    member = load_decoder(directory, device=str(self.device_of()), embedder=embedder)
+                except ModelLoadError as e:  # name the member: a message of the loader may not
+                    raise (e if str(directory) in str(e) else ModelLoadError(f"{directory}: {e}")) from None
+                if member.kind != kind:
+                    raise ModelLoadError(f"{directory} is a {member.kind} decoder, but the ensemble's config.json "
+                                         f"lists a {kind} there")
+                try:
+                    check_member(member, self.members[0] if len(self.members) else member)
+                except BadInputError as e:  # a saved ensemble that build would have refused
+                    raise ModelLoadError(str(e)) from None
+                self.members.append(member)
         for member in self.members:
             member.attach_embedder(embedder)
 
@@ -128,7 +128,7 @@ class EnsembleDecoder(Decoder):
         """Each member's own caption (its best candidate), the embedder's pick among them."""
         from unembed.decoders.rerank import rerank
 
-        return rerank(self.embedder, embedded, self.candidates(embedded, 1, **options))
+        return rerank(self.embedder_for_rerank(), embedded, self.candidates(embedded, 1, **options))
 
     def candidates(self, embedded, n: int, **options) -> list[list[tuple[str, float]]]:
         """Every member's n candidates per row, in member order, each text once with its best score."""
@@ -154,9 +154,11 @@ class EnsembleDecoder(Decoder):
             member.save(path / MEMBERS_DIR / str(i))
 
     def load_extra(self, path: Path) -> None:
-        self.member_dirs = [path / MEMBERS_DIR / str(i) for i in range(len(self.config.member_kinds))]
-        if len(self.member_dirs) < 2:
-            raise ModelLoadError(f"{path}/config.json: an ensemble lists at least two member_kinds")
+        kinds = self.config.member_kinds
+        if not (isinstance(kinds, list) and len(kinds) >= 2 and all(isinstance(k, str) for k in kinds)):
+            raise ModelLoadError(f"{path}/config.json: an ensemble's member_kinds is a list of at least two decoder "
+                                 f"kinds (got {kinds!r})")
+        self.member_dirs = [path / MEMBERS_DIR / str(i) for i in range(len(kinds))]
         for directory in self.member_dirs:
             if not (directory / "config.json").is_file():
                 raise ModelLoadError(f"{directory} is missing: one of the ensemble's members")
@@ -175,14 +177,40 @@ class EnsembleDecoder(Decoder):
 
 
 def portable_spec(spec: str) -> str:
-    """`spec`, or "bundle" where it is the shipped bundle's embedder directory (a bundled member names it
-    "../embedder", beside itself): an ensemble of bundled decoders then names no folder of this machine."""
+    """`spec` as the saved ensemble can use it from anywhere: "bundle" where it is the shipped bundle's
+    embedder directory (a bundled member names it "../embedder", beside itself), a directory as an absolute
+    path (not one relative to where the ensemble was built), else as given (a pretrained name)."""
     from unembed.bundle import bundle_dir
     from unembed.embedders import BUNDLED
 
-    if spec and Path(spec).is_dir() and Path(spec).resolve() == (bundle_dir() / "embedder").resolve():
-        return BUNDLED
+    if spec and Path(spec).is_dir():
+        if Path(spec).resolve() == (bundle_dir() / "embedder").resolve():
+            return BUNDLED
+        return str(Path(spec).resolve())
     return spec
+
+
+def check_member(member: Decoder, first: Decoder) -> None:
+    """Refuse a member that writes no candidates to pool, or whose candidates another member's cannot be
+    compared with: built for another embedder, or scored on another scale (rerank adds the scores as
+    they are: an LM's mean log-probability beside retrieval's cosine would decide every pick)."""
+    from unembed.embedders import same_embedder
+
+    name = getattr(member, "source_dir", member.kind)
+    if not member.candidate_score or member.wraps_base or member.needs_tokens or isinstance(member, EnsembleDecoder):
+        # a corrector rewrites rather than writes candidates; coca reads image tokens, which the others'
+        # embedding pass does not make
+        raise BadInputError(name, f"an ensemble pools decoders of embedding vectors that write candidates, and a "
+                                  f"{member.kind} decoder is not one")
+    if member.candidate_score != first.candidate_score:
+        raise BadInputError(name, f"a {member.kind} decoder scores its candidates by {member.candidate_score}, the "
+                                  f"first member ({first.kind}) by {first.candidate_score}: an ensemble's members "
+                                  "score on one scale")
+    if (member.config.embed_dim != first.config.embed_dim
+            or not same_embedder(member.config.embedder_id, first.config.embedder_id)):
+        raise BadInputError(name, f"built for embedder {member.config.embedder_spec!r} (id "
+                                  f"{member.config.embedder_id}), not the first member's "
+                                  f"{first.config.embedder_spec!r} (id {first.config.embedder_id})")
 
 
 def check_member_count(count: int) -> None:

@@ -213,6 +213,7 @@ class IterativeDecoder(LMWeights, Decoder):
     summary = "MAGIC: an LM proposes next tokens, the embedder re-ranks them (training-free)"
     text_only = True  # training-free; its LM, if trained here, learns from captions alone
     needs_embedder = True       # re-ranks with the embedder's text tower
+    candidate_score = "mean MAGIC step score"
     # `unembed compare` trains a small scratch LM on the training captions, then packages it.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 50, "batch_size": 64, "max_steps": 250}

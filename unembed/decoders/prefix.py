@@ -146,6 +146,7 @@ class PrefixDecoder(LMWeights, Decoder):
     # does neither in training, so it declares MODEL_OPTIONS only.
     cli_options = MODEL_OPTIONS + BRIDGE_OPTIONS + TEXT_OPTIONS
     generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed", "no_repeat_ngram_size")
+    candidate_score = "mean token log-probability"
     # `unembed compare`'s scenes-sized recipe: a small scratch LM on a corpus BPE, trained for minutes.
     compare_recipe = {"lm": "scratch", "tokenizer": "corpus:4000", "lm_config": {"n_layer": 4, "n_embd": 256},
                       "lr": 1e-3, "warmup_steps": 100, "batch_size": 64, "max_steps": 600}

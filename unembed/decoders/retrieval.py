@@ -23,6 +23,7 @@ class RetrievalDecoder(Decoder):
     summary = "the nearest-caption baseline: a memory of caption embeddings"
     config_class = RetrievalConfig
     text_only = True
+    candidate_score = "cosine with the input"
 
     @classmethod
     def example(cls, embedder, captions, workdir) -> "RetrievalDecoder":
