@@ -258,3 +258,22 @@ def test_overwrite_leaves_nothing_of_the_decoder_it_replaces(members, tmp_path):
     got = run("build", "ensemble", "--member", members[0], "--member", members[1], "--out", out, "--overwrite")
     assert got.code == EXIT_OK, got.stderr
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "members", "substitutes.json"]
+
+
+def test_each_member_checks_the_options_its_own_files_decide(files, tmp_path):
+    """viecap refuses entity_merge where it changes nothing (no hard prompt); inside an ensemble too."""
+    from unembed.bundle import bundled_decoder
+
+    viecap = tmp_path / "viecap-no-prompt"
+    shutil.copytree(bundled_decoder("viecap"), viecap)
+    config = json.loads((viecap / "config.json").read_text())
+    config["config"]["hard_prompt"] = False
+    (viecap / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "both"
+    got = run("build", "ensemble", "--member", "capdec", "--member", viecap, "--embedder", "bundle", "--out", out)
+    assert got.code == EXIT_OK, got.stderr
+    refused = run("caption", files[0], "--decoder", out, "--device", "cpu", "--entity-merge", "0.5")
+    assert refused.code == EXIT_FAILED and refused.stderr.strip().splitlines() == [
+        "unembed: option entity_merge: changes nothing: this viecap decoder has no hard prompt (trained with "
+        "--no-hard-prompt)"]
+    assert len(cli_captions(out, files[:1], "--num-beams", "2")) == 1

@@ -112,11 +112,18 @@ class EnsembleDecoder(Decoder):
         options = super().check_options(generation)
         from unembed.generation import LOOP_OPTIONS
 
-        for name in set(options) - set(LOOP_OPTIONS):
+        for name in sorted(set(options) - set(LOOP_OPTIONS)):  # sorted: the same option named on every run
             if not any(name in m.takes() for m in self.loaded_members()):
                 raise BadInputError(f"option {name}", f"no member of this ensemble takes it (members: "
                                                       f"{', '.join(self.config.member_kinds)})")
+        for member in self.loaded_members():  # what each member's own files decide (viecap's entity_merge)
+            member.check_options(self.options_for(member, options))
         return options
+
+    @staticmethod
+    def options_for(member: Decoder, options: dict) -> dict:
+        """The decoding options `member`'s own search takes (rerank and edits are the ensemble's)."""
+        return {k: v for k, v in options.items() if k in member.generation_options}
 
     def loaded_members(self) -> list[Decoder]:
         if not len(self.members):
@@ -136,7 +143,7 @@ class EnsembleDecoder(Decoder):
 
         pooled: list[list[tuple[str, float]]] = [[] for _ in range(len(embedded))]
         for member in self.loaded_members():
-            theirs = member.candidates(embedded, n, **{k: v for k, v in options.items() if k in member.takes()})
+            theirs = member.candidates(embedded, n, **self.options_for(member, options))
             for row, more in zip(pooled, theirs):
                 row.extend(more[:n])  # a search may return more (MAGIC's beams); each kind lists its best first
         return [dedupe(row) for row in pooled]
