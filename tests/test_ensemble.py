@@ -142,6 +142,10 @@ def test_bad_members_and_options_are_refused_in_one_line(ensemble, members, embe
     assert one.code == EXIT_FAILED and one.stderr.strip().splitlines() == [
         "unembed: --member: an ensemble needs at least two decoders (got 1)"]
     assert not out.exists()
+    twice = run("build", "ensemble", "--member", members[0], "--member", f"{members[0]}/", "--out", out)
+    assert twice.code == EXIT_FAILED and twice.stderr.strip().splitlines() == [
+        f"unembed: {members[0]}/: is given twice: an ensemble of a decoder with itself pools the same candidates"]
+    assert not out.exists()
     missing = run("build", "ensemble", "--member", members[0], "--member", tmp_path / "nowhere", "--out", out)
     assert missing.code == EXIT_FAILED and len(missing.stderr.strip().splitlines()) == 1
     assert str(tmp_path / "nowhere") in missing.stderr and not out.exists()

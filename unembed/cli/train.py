@@ -181,10 +181,16 @@ def cmd_build_ensemble(args) -> int:
     from unembed.decoders import find_decoder, load_decoder, read_decoder_config, resolve_embedder_spec
     from unembed.decoders.ensemble import EnsembleDecoder, check_member_count
     from unembed.embedders import load_embedder
+    from unembed.errors import BadInputError
 
     check_out(args)
     check_member_count(len(args.member))
     paths = [find_decoder(name)[0] for name in args.member]  # every name read before a model loads
+    seen = set()
+    for name, path in zip(args.member, paths):
+        if path.resolve() in seen:
+            raise BadInputError(name, "is given twice: an ensemble of a decoder with itself pools the same candidates")
+        seen.add(path.resolve())
     first = read_decoder_config(paths[0])
     embedder = load_embedder(args.embedder or resolve_embedder_spec(first["config"], paths[0]), args.device)
     decoder = EnsembleDecoder.build([load_decoder(path, device=args.device, embedder=embedder) for path in paths],
