@@ -31,7 +31,7 @@ from pathlib import Path
 from entity_scenes import pairs_in_images
 from keep_best import LOOP, ROWS, paired_clipcap, split_scores
 from loop_scenes import BUNDLE, SEEDS, eval_splits, write
-from rerank_choice import RESULTS, as_trained_today
+from rerank_choice import RESULTS, SPLITS, as_trained_today, ciders, mean_pair
 
 MAIN_KINDS = ("viecap", "capdec", "clipcap")
 SMALL_KINDS = ("viecap checked", "capdec")
@@ -119,11 +119,9 @@ def measure_more_candidates(keep_best: Path, data: Path, result: dict, save) -> 
         if f"seed {seed}" not in rows:
             decoder = as_trained_today(keep_best / f"viecap-seed-{seed}", embedder)
             rows[f"seed {seed}"] = split_scores(decoder, embedder, splits, in_image, **MORE_CANDIDATES)
-            print("viecap alone, rerank 64", seed, {s: rows[f"seed {seed}"][s]["CIDEr"] for s in SPLITS_READ}, flush=True)
+            print("viecap alone, rerank 64", seed, {s: rows[f"seed {seed}"][s]["CIDEr"] for s in SPLITS}, flush=True)
             save()
 
-
-SPLITS_READ = ("test", "compositional")
 
 
 def members(world: str, kind: str) -> list[dict]:
@@ -196,10 +194,6 @@ def pair(scores: dict) -> str:
     return f"{100 * scores['test']['CIDEr']:.1f} / {100 * scores['compositional']['CIDEr']:.1f}"
 
 
-def mean_pair(rows: list[dict]) -> str:
-    return " / ".join(f"{100 * sum(r[split]['CIDEr'] for r in rows) / len(rows):.1f}" for split in ("test", "compositional"))
-
-
 def verdict(met: dict) -> str:
     missed = [goal for goal, ok in met.items() if not ok]
     return "meets every goal" if not missed else f"misses {', '.join(missed)}"
@@ -208,7 +202,7 @@ def verdict(met: dict) -> str:
 def sentence(result: dict) -> str:
     """The README's account of the main world's table."""
     main, met = result["main"], goals(result)["main"]
-    mean = lambda kind, read: mean_pair([m[read] for m in members("main", kind)])
+    mean = lambda kind, read: mean_pair([ciders(m[read]) for m in members("main", kind)])
     calls = lambda row: row["test"]["embedder_calls_per_caption"]
     alone = [m[LOOP] for m in members("main", "viecap")]
     return (f"Main world, mean of the three seeds and their ensemble (test / compositional CIDEr): viecap with "
@@ -225,7 +219,7 @@ def sentence(result: dict) -> str:
 def small_sentence(result: dict) -> str:
     """The README's account of the small world's rows."""
     small, met = result["small"], goals(result)["small"]
-    mean = lambda kind, read: mean_pair([m[read] for m in members("small", kind)])
+    mean = lambda kind, read: mean_pair([ciders(m[read]) for m in members("small", kind)])
     return (f"Small world, the same way: the checked viecap with `--rerank 32 --edits 1` {mean('viecap checked', LOOP)} "
             f"(mean of seeds) and {pair(small['viecap checked'][LOOP])} (ensemble); capdec's own captions "
             f"{mean('capdec', 'own')} and {pair(small['capdec']['own'])}. The goal there is to be level with capdec on "
@@ -249,9 +243,9 @@ def more_candidates_sentence(result: dict) -> str:
     more = [result["viecap alone, rerank 64, edits 1"][f"seed {s}"] for s in SEEDS]
     calls = lambda rows: sum(r["test"]["embedder_calls_per_caption"] for r in rows) / len(rows)
     return (f"Not only more candidates: each viecap seed alone with `--rerank 64 --edits 1` (rerank's most, twice "
-            f"the 32) averages {mean_pair(more)} ({sum(r['compositional']['names_heldout_pair'] for r in more) / 3:.0f} "
+            f"the 32) averages {mean_pair([ciders(r) for r in more])} ({sum(r['compositional']['names_heldout_pair'] for r in more) / 3:.0f} "
             f"held-out pairs, {calls(more):.1f} embedder calls per test caption), against "
-            f"{mean_pair([m[LOOP] for m in members('main', 'viecap')])} with 32 and {pair(result['main']['viecap'][LOOP])} "
+            f"{mean_pair([ciders(m[LOOP]) for m in members('main', 'viecap')])} with 32 and {pair(result['main']['viecap'][LOOP])} "
             f"for the ensemble of the three.")
 
 

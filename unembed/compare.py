@@ -81,11 +81,10 @@ def trained_here(item: str, kind: str) -> str:
     """`kind`, if compare trains it (train_job): not one made over other saved decoders."""
     from unembed.decoders import decoder_class
 
-    if decoder_class(kind).wraps_base or kind == "ensemble":
-        how = f"unembed train {kind} --base DIR" if kind != "ensemble" else "unembed build ensemble --member DIR ..."
+    how = decoder_class(kind).made_from_others
+    if how:
         raise BadInputError(item, f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} decoder is made from other decoders "
-                                  f"({how}), not trained by compare: "
-                                  "give its directory (NAME=DIR)")
+                                  f"({how}), not trained by compare: give its directory (NAME=DIR)")
     return kind
 
 

@@ -54,6 +54,9 @@ class Decoder(torch.nn.Module):
     compare_recipe: ClassVar[dict] = {}          # `unembed compare`'s scenes-sized training options
     generation_options: ClassVar[tuple[str, ...]] = ()  # what decode(...) takes (unembed/generation.py)
     wraps_base: ClassVar[bool] = False           # trained over another decoder (the corrector), not by `train KIND`
+    made_from_others: ClassVar[str] = ""         # the command that makes a kind from other saved decoders (the
+                                                 # corrector, an ensemble): no member of an ensemble, never
+                                                 # trained by compare
     candidate_score: ClassVar[str] = ""          # what `candidates` scores by ("": it writes none); an ensemble's
                                                  # members must share it, since rerank adds the scores as they are
 
@@ -129,15 +132,20 @@ class Decoder(torch.nn.Module):
             from unembed.decoders import check_embedder
             from unembed.embedders import load_embedder
 
-            where = getattr(self, "source_dir", None)
-            spec = resolve_embedder_spec(self.config.to_dict(), where) if where else self.config.embedder_spec
+            spec = self.recorded_embedder_spec()
             if not spec:
                 raise MismatchError(f"rerank scores with the {self.kind} decoder's embedder, and it names none: "
                                     "call attach_embedder(embedder) first")
             embedder = load_embedder(spec, str(self.device_of()))
-            check_embedder(self.config.to_dict(), embedder, where or self.kind)
+            check_embedder(self.config.to_dict(), embedder, getattr(self, "source_dir", None) or self.kind)
             self._embedder = embedder
         return self._embedder
+
+    def recorded_embedder_spec(self) -> str:
+        """The embedder its config records; a relative directory read beside the directory it was loaded
+        from (resolve_embedder_spec)."""
+        where = getattr(self, "source_dir", None)
+        return resolve_embedder_spec(self.config.to_dict(), where) if where else self.config.embedder_spec
 
     def device_of(self) -> torch.device:
         first = next(iter(self.parameters()), None)

@@ -60,6 +60,7 @@ class CorrectorDecoder(PrefixDecoder):
     text_only = True
     needs_embedder = True  # embeds every hypothesis
     wraps_base = True      # trained over a base decoder by `unembed train corrector --base DIR`
+    made_from_others = "unembed train corrector --base DIR"
     cli_options = ("lm_config", "mapper", "prefix_length", "noise_variance", "clean_share", "correct", "margin", "edits")
     generation_options = ("correct", "num_beams", "max_length", "margin", "edits")
     train_defaults = dict(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=100)

@@ -43,6 +43,7 @@ class EnsembleDecoder(Decoder):
     summary = "ensemble: several decoders of one embedder write candidates, the embedder picks (unembed build ensemble)"
     config_class = EnsembleConfig
     needs_embedder = True  # it picks among the members' captions
+    made_from_others = "unembed build ensemble --member DIR ..."
     # what decode takes besides rerank and edits: every prefix-LM option (viecap's entity_merge too);
     # each member is given those it takes, and one no member takes is refused (check_options)
     generation_options = ("num_beams", "max_length", "do_sample", "top_p", "temperature", "seed",
@@ -60,16 +61,13 @@ class EnsembleDecoder(Decoder):
         """An ensemble of `members` (at least two, all built for one embedder, their candidates scored on
         one scale); its embedder spec is `embedder_spec` or the first member's, its substitutes and edit
         margin the members' together (see the module doc)."""
-        from unembed.decoders.base import resolve_embedder_spec
         from unembed.decoders.edits import OFF, margin_of
 
         check_member_count(len(members))
         first = members[0]
         for member in members:
             check_member(member, first)
-        where = getattr(first, "source_dir", None)
-        spec = portable_spec(embedder_spec or (resolve_embedder_spec(first.config.to_dict(), where) if where
-                                               else first.config.embedder_spec))
+        spec = portable_spec(embedder_spec or first.recorded_embedder_spec())
         config = EnsembleConfig(embedder_spec=spec, embedder_id=first.config.embedder_id,
                                 embed_dim=first.config.embed_dim, member_kinds=[m.kind for m in members])
         ensemble = cls(config, members)
@@ -207,7 +205,7 @@ def check_member(member: Decoder, first: Decoder) -> None:
     from unembed.embedders import same_embedder
 
     name = getattr(member, "source_dir", member.kind)
-    if not member.candidate_score or member.wraps_base or member.needs_tokens or isinstance(member, EnsembleDecoder):
+    if not member.candidate_score or member.made_from_others or member.needs_tokens:
         # a corrector rewrites rather than writes candidates; coca reads image tokens, which the others'
         # embedding pass does not make
         raise BadInputError(name, f"an ensemble pools decoders of embedding vectors that write candidates, and a "
